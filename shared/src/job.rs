@@ -1,0 +1,426 @@
+//! Jobs: what a user asks for (`JobSpec`), the states a task moves through and the
+//! pure rules for moving between them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// What to run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// An argv, executed directly.
+    Argv(Vec<String>),
+    /// A script, run through `/bin/sh -c`.
+    Script(String),
+}
+
+impl Command {
+    /// The argv the executor runs.
+    pub fn argv(&self) -> Vec<String> {
+        match self {
+            Command::Argv(v) => v.clone(),
+            Command::Script(s) => vec!["/bin/sh".into(), "-c".into(), s.clone()],
+        }
+    }
+}
+
+/// Which executor runs a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Executor {
+    /// A child process in the slot workspace, in its own process group.
+    #[default]
+    Process,
+    /// A container from `image`, the slot workspace bind-mounted at `/workspace`.
+    Docker { image: String, network: Option<String> },
+}
+
+/// Resources a task needs on its worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Resources {
+    /// CPUs in thousandths (1000 = one CPU); 0 means "no reservation".
+    pub millicpus: u32,
+    pub mem_mib: u64,
+    pub gpus: u32,
+    pub gpu_model: Option<String>,
+    pub min_vram_mib: Option<u64>,
+}
+
+/// An inclusive range of array indices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrayRange {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl ArrayRange {
+    pub fn len(&self) -> u64 {
+        u64::from(self.end - self.start) + 1
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// The largest array one submission may hold.
+pub const MAX_ARRAY_TASKS: u64 = 10_000_000;
+
+impl FromStr for ArrayRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid array range `{s}`: use START-END, e.g. 1-1000");
+        let (a, b) = s.trim().split_once('-').ok_or_else(bad)?;
+        let start: u32 = a.trim().parse().map_err(|_| bad())?;
+        let end: u32 = b.trim().parse().map_err(|_| bad())?;
+        if end < start {
+            return Err(format!("invalid array range `{s}`: the end is before the start"));
+        }
+        let r = ArrayRange { start, end };
+        if r.len() > MAX_ARRAY_TASKS {
+            return Err(format!("array range `{s}` has {} tasks; the most one submission may hold is {MAX_ARRAY_TASKS}", r.len()));
+        }
+        Ok(r)
+    }
+}
+
+/// Everything a submission asks for. The coordinator stores it once per job (an
+/// array stores one spec for all its tasks).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: Option<String>,
+    pub command: Command,
+    pub env: Vec<(String, String)>,
+    /// `(VAR, NAME)`: set `VAR` in the job from the worker's secret `NAME` at run time.
+    pub secrets: Vec<(String, String)>,
+    pub resources: Resources,
+    pub executor: Executor,
+    pub max_runtime_ms: Option<u64>,
+    pub max_attempts: u32,
+    pub priority: i32,
+    pub account: Option<String>,
+    pub labels: Vec<(String, String)>,
+    pub pools: Vec<String>,
+    pub array: Option<ArrayRange>,
+}
+
+impl JobSpec {
+    /// A spec running `command` with every other field at its default.
+    pub fn new(command: Command) -> Self {
+        JobSpec {
+            name: None,
+            command,
+            env: Vec::new(),
+            secrets: Vec::new(),
+            resources: Resources::default(),
+            executor: Executor::Process,
+            max_runtime_ms: None,
+            max_attempts: 3,
+            priority: 0,
+            account: None,
+            labels: Vec::new(),
+            pools: Vec::new(),
+            array: None,
+        }
+    }
+
+    /// Checks what a coordinator must refuse whatever the client said.
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.command {
+            Command::Argv(v) if v.is_empty() => return Err("the command is empty: give CMD ARGS after --, or a script".into()),
+            Command::Argv(v) if v[0].is_empty() => return Err("the command's program name is empty".into()),
+            Command::Script(s) if s.trim().is_empty() => return Err("the script is empty".into()),
+            _ => {}
+        }
+        if self.max_attempts == 0 {
+            return Err("attempts must be at least 1".into());
+        }
+        if self.max_attempts > 100 {
+            return Err(format!("attempts {} is more than the limit of 100", self.max_attempts));
+        }
+        for (k, _) in &self.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(format!("invalid environment variable name `{k}`"));
+            }
+        }
+        if let Some(r) = self.array {
+            if r.end < r.start || r.len() > MAX_ARRAY_TASKS {
+                return Err(format!("invalid array range {}-{}", r.start, r.end));
+            }
+        }
+        if self.max_runtime_ms == Some(0) {
+            return Err("max runtime must be more than zero".into());
+        }
+        Ok(())
+    }
+
+    /// How many tasks this submission holds.
+    pub fn task_count(&self) -> u64 {
+        self.array.map_or(1, |r| r.len())
+    }
+}
+
+/// The state of a task, or (aggregated) of a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub enum JobState {
+    PendingApproval,
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+    Rejected,
+    Frozen,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 9] = [
+        JobState::PendingApproval,
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::TimedOut,
+        JobState::Rejected,
+        JobState::Frozen,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::PendingApproval => "pending_approval",
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+            JobState::Rejected => "rejected",
+            JobState::Frozen => "frozen",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobState::PendingApproval | JobState::Queued | JobState::Running)
+    }
+
+    /// Whether the state machine allows `self → to`. A lost lease takes `running`
+    /// back to `queued`; everything else moves forward only.
+    pub fn can_move_to(self, to: JobState) -> bool {
+        use JobState::*;
+        matches!(
+            (self, to),
+            (PendingApproval, Queued | Rejected | Cancelled)
+                | (Queued, Running | Cancelled | Failed)
+                | (Running, Queued | Succeeded | Failed | Cancelled | TimedOut | Frozen)
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+                format!("unknown state `{s}`: use one of {}", names.join(", "))
+            })
+    }
+}
+
+/// Task counts per state; an array's aggregate state follows from them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub pending_approval: u64,
+    pub queued: u64,
+    pub running: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub timed_out: u64,
+    pub rejected: u64,
+    pub frozen: u64,
+}
+
+impl Counts {
+    pub fn get(&self, s: JobState) -> u64 {
+        match s {
+            JobState::PendingApproval => self.pending_approval,
+            JobState::Queued => self.queued,
+            JobState::Running => self.running,
+            JobState::Succeeded => self.succeeded,
+            JobState::Failed => self.failed,
+            JobState::Cancelled => self.cancelled,
+            JobState::TimedOut => self.timed_out,
+            JobState::Rejected => self.rejected,
+            JobState::Frozen => self.frozen,
+        }
+    }
+
+    pub fn slot(&mut self, s: JobState) -> &mut u64 {
+        match s {
+            JobState::PendingApproval => &mut self.pending_approval,
+            JobState::Queued => &mut self.queued,
+            JobState::Running => &mut self.running,
+            JobState::Succeeded => &mut self.succeeded,
+            JobState::Failed => &mut self.failed,
+            JobState::Cancelled => &mut self.cancelled,
+            JobState::TimedOut => &mut self.timed_out,
+            JobState::Rejected => &mut self.rejected,
+            JobState::Frozen => &mut self.frozen,
+        }
+    }
+
+    /// Moves `n` tasks from one state to another.
+    pub fn shift(&mut self, from: JobState, to: JobState, n: u64) {
+        let f = self.slot(from);
+        *f = f.saturating_sub(n);
+        *self.slot(to) += n;
+    }
+
+    pub fn total(&self) -> u64 {
+        JobState::ALL.iter().map(|s| self.get(*s)).sum()
+    }
+
+    pub fn unfinished(&self) -> u64 {
+        self.pending_approval + self.queued + self.running
+    }
+
+    /// The state of a whole job from its tasks: waiting states first, then the worst
+    /// outcome among finished tasks.
+    pub fn aggregate(&self) -> JobState {
+        if self.running > 0 {
+            JobState::Running
+        } else if self.queued > 0 {
+            if self.terminal() > 0 {
+                JobState::Running
+            } else {
+                JobState::Queued
+            }
+        } else if self.pending_approval > 0 {
+            JobState::PendingApproval
+        } else if self.failed > 0 {
+            JobState::Failed
+        } else if self.timed_out > 0 {
+            JobState::TimedOut
+        } else if self.rejected > 0 {
+            JobState::Rejected
+        } else if self.cancelled > 0 {
+            JobState::Cancelled
+        } else if self.frozen > 0 {
+            JobState::Frozen
+        } else {
+            JobState::Succeeded
+        }
+    }
+
+    fn terminal(&self) -> u64 {
+        self.total() - self.unfinished()
+    }
+}
+
+/// How an attempt ended, as its worker saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The exit code, with 128 + N for a process killed by signal N.
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// Ended because the coordinator told the worker to kill it.
+    pub killed: bool,
+    pub runtime_ms: u64,
+    /// Why the attempt could not run or ended abnormally (spawn failure, ...).
+    pub error: Option<String>,
+}
+
+impl Outcome {
+    /// The state a task ends in when its attempt ends with this outcome.
+    pub fn final_state(&self) -> JobState {
+        if self.timed_out {
+            JobState::TimedOut
+        } else if self.error.is_none() && self.exit_code == Some(0) {
+            JobState::Succeeded
+        } else {
+            JobState::Failed
+        }
+    }
+}
+
+/// One append-only entry of a task's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub time: DateTime<Utc>,
+    pub index: Option<u32>,
+    pub state: JobState,
+    pub attempt: u32,
+    pub worker: Option<String>,
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_round_trip() {
+        for s in JobState::ALL {
+            assert_eq!(s.as_str().parse::<JobState>(), Ok(s));
+        }
+        assert!("done".parse::<JobState>().is_err());
+    }
+
+    #[test]
+    fn transitions() {
+        use JobState::*;
+        assert!(Queued.can_move_to(Running));
+        assert!(Running.can_move_to(Queued));
+        assert!(!Succeeded.can_move_to(Running));
+        assert!(!Cancelled.can_move_to(Succeeded));
+        for s in JobState::ALL.into_iter().filter(|s| s.is_terminal()) {
+            for t in JobState::ALL {
+                assert!(!s.can_move_to(t), "{s} is terminal");
+            }
+        }
+    }
+
+    #[test]
+    fn aggregate_state() {
+        let mut c = Counts { queued: 3, ..Default::default() };
+        assert_eq!(c.aggregate(), JobState::Queued);
+        c.shift(JobState::Queued, JobState::Running, 1);
+        assert_eq!(c.aggregate(), JobState::Running);
+        c.shift(JobState::Running, JobState::Succeeded, 1);
+        assert_eq!(c.aggregate(), JobState::Running);
+        c.shift(JobState::Queued, JobState::Succeeded, 1);
+        c.shift(JobState::Queued, JobState::Failed, 1);
+        assert_eq!(c.aggregate(), JobState::Failed);
+        assert_eq!(c.total(), 3);
+    }
+
+    #[test]
+    fn array_ranges() {
+        assert_eq!("1-1000".parse::<ArrayRange>().map(|r| r.len()), Ok(1000));
+        assert_eq!("0-0".parse::<ArrayRange>().map(|r| r.len()), Ok(1));
+        assert!("5-1".parse::<ArrayRange>().is_err());
+        assert!("a-b".parse::<ArrayRange>().is_err());
+        assert!("0-4294967295".parse::<ArrayRange>().is_err());
+    }
+
+    #[test]
+    fn outcome_states() {
+        let ok = Outcome { exit_code: Some(0), signal: None, timed_out: false, killed: false, runtime_ms: 1, error: None };
+        assert_eq!(ok.final_state(), JobState::Succeeded);
+        let failed = Outcome { exit_code: Some(7), ..ok.clone() };
+        assert_eq!(failed.final_state(), JobState::Failed);
+        let late = Outcome { timed_out: true, ..ok };
+        assert_eq!(late.final_state(), JobState::TimedOut);
+    }
+}

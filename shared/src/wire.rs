@@ -1,0 +1,303 @@
+//! The wire protocol between client, worker and coordinator. These are wire types,
+//! not actor messages: each side converts at the connection. A change to any shape
+//! here is a protocol change: bump `PROTOCOL_VERSION` and update the golden bytes.
+//!
+//! Connection layout: the peer opens a bi stream and sends `Hello`; the coordinator
+//! answers `HelloReply`. A client then opens one bi stream per `Request` and reads
+//! `Response` frames until the stream ends. A worker keeps the hello stream as its
+//! control stream (`WorkerMsg` up, `CoordMsg` down) and opens one uni stream per
+//! running attempt for output (`OutputFrame`).
+
+use crate::ids::{JobId, JobSelector, LeaseId};
+use crate::job::{Counts, Event, JobSpec, JobState, Outcome};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever a message shape changes.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The ALPN token of protocol version 1.
+pub const ALPN: &[u8] = b"berth/1";
+/// Frames larger than this are refused and close the connection.
+pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+/// The most output bytes one chunk carries.
+pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
+
+/// What a connecting peer wants to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerKind {
+    Client,
+    Worker,
+    /// A worker without a certificate yet, enrolling with a join token.
+    Enrol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    pub software: String,
+    pub kind: PeerKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    Welcome {
+        protocol: u32,
+        coordinator: String,
+        /// Who the coordinator thinks you are (from your certificate).
+        identity: String,
+        role: Role,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+/// Roles carried in certificates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    Admin,
+    Approver,
+    Submitter,
+    Worker,
+    /// A peer without a certificate (enrolment only).
+    Anonymous,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Approver => "approver",
+            Role::Submitter => "submitter",
+            Role::Worker => "worker",
+            Role::Anonymous => "anonymous",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "approver" => Some(Role::Approver),
+            "submitter" => Some(Role::Submitter),
+            "worker" => Some(Role::Worker),
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- client requests
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Submit a job or an array. The idempotency key makes a retried submission
+    /// return the job the first one made.
+    Submit { spec: JobSpec, idempotency_key: uuid::Uuid },
+    Status { job: JobSelector },
+    List { state: Option<JobState>, limit: u32 },
+    /// Output of one task (the first task of an array when no index is given).
+    Logs { job: JobSelector, attempt: Option<u32>, follow: bool },
+    Cancel { job: JobSelector, reason: Option<String> },
+    /// Stream `Progress` until every task of the job has ended, then `Finished`.
+    Watch { job: JobSelector },
+    Workers,
+    Drain { worker: String, drain: bool },
+    /// Enrol a worker: only on an `Enrol` connection.
+    Enrol { token: String, name: String, csr_pem: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Bad input: the request names something invalid (exit 2).
+    Invalid,
+    /// Refused by the budget or by authorisation (exit 3).
+    Refused,
+    /// No such job (exit 5).
+    NotFound,
+    /// The prefix matches several jobs (exit 2).
+    Ambiguous,
+    /// Something broke on the coordinator (exit 1).
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError { kind, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: JobId,
+    pub name: Option<String>,
+    pub state: JobState,
+    pub counts: Counts,
+    pub tasks: u64,
+    pub account: Option<String>,
+    pub owner: String,
+    pub submitted_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// Why a queued job is not running, when the coordinator knows.
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub index: Option<u32>,
+    pub state: JobState,
+    pub attempt: u32,
+    pub worker: Option<String>,
+    pub exit_code: Option<i32>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub runtime_ms: Option<u64>,
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub summary: JobSummary,
+    pub spec: JobSpec,
+    /// The selected task (for an array with `:INDEX`), or the single job's task.
+    pub task: Option<TaskStatus>,
+    pub events: Vec<Event>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OutStream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub connected: bool,
+    pub slots: u32,
+    pub running: u32,
+    pub drained: bool,
+    pub pool: String,
+    pub labels: Vec<(String, String)>,
+    pub host: HostInfo,
+    pub leases: Vec<LeaseId>,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Submitted { job: JobId, tasks: u64, duplicate: bool },
+    Status(Box<JobStatus>),
+    List(Vec<JobSummary>),
+    Output { stream: OutStream, data: Vec<u8> },
+    Progress { counts: Counts },
+    /// Every task has ended; `exit_code` is the single job's code, or for an
+    /// array 0 when every task succeeded and the first failing code otherwise.
+    Finished { state: JobState, counts: Counts, exit_code: Option<i32> },
+    Cancelled { job: JobId, tasks: u64 },
+    Workers(Vec<WorkerInfo>),
+    Drained { worker: String, drained: bool },
+    Enrolled { cert_pem: String },
+    /// The end of a stream of responses.
+    End,
+    Error(ApiError),
+}
+
+// ---------------------------------------------------------------- worker protocol
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub vram_mib: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub hostname: String,
+    pub cpus: u32,
+    pub mem_mib: u64,
+    pub gpus: Vec<GpuInfo>,
+    pub docker: bool,
+    pub kvm: bool,
+    pub executors: Vec<String>,
+}
+
+/// Worker → coordinator on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerMsg {
+    Register {
+        name: String,
+        slots: u32,
+        pool: String,
+        labels: Vec<(String, String)>,
+        host: HostInfo,
+        /// Leases of attempts still alive on this worker (after a reconnect).
+        held: Vec<LeaseId>,
+    },
+    /// The worker can take `n` more tasks than it has asked for so far.
+    Want { n: u32 },
+    /// The attempt's process started.
+    Started { lease: LeaseId },
+    /// The attempt ended; every output chunk up to `stdout_chunks`/`stderr_chunks`
+    /// has been acknowledged already.
+    Finished { lease: LeaseId, outcome: Outcome },
+    /// Renew these leases.
+    Heartbeat { leases: Vec<LeaseId> },
+}
+
+/// One task handed to a worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub lease: LeaseId,
+    pub job: JobId,
+    pub index: Option<u32>,
+    pub attempt: u32,
+    pub spec: JobSpec,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KillReason {
+    Cancelled,
+    /// The lease is no longer valid (expired, re-queued elsewhere, unknown).
+    StaleLease,
+    TimedOut,
+}
+
+/// Coordinator → worker on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CoordMsg {
+    Registered {
+        lease_ttl_ms: u64,
+        /// Of the leases the worker reported, those it must kill.
+        stale: Vec<LeaseId>,
+    },
+    Assign(Vec<Assignment>),
+    Kill { lease: LeaseId, reason: KillReason },
+    /// Output chunks up to and including `seq` of that stream are durable.
+    OutputAck { lease: LeaseId, stream: OutStream, seq: u64 },
+    /// The result was recorded (`accepted`), or rejected because the lease is stale.
+    FinishedAck { lease: LeaseId, accepted: bool },
+    HeartbeatAck { stale: Vec<LeaseId> },
+    Refused { reason: String },
+}
+
+/// Frames on an attempt's output stream: one `Open`, then chunks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutputFrame {
+    Open { lease: LeaseId },
+    /// `seq` counts from 1 per stream per attempt; duplicates are dropped.
+    Chunk { stream: OutStream, seq: u64, data: Vec<u8> },
+}
