@@ -1,1 +1,154 @@
-//! placeholder
+//! berth-coordinator: the job store, lease recovery, budget, worker registry and log
+//! store actors, and the QUIC endpoint that serves clients and workers.
+
+pub mod actors;
+pub mod client_api;
+pub mod config;
+pub mod datadir;
+pub mod lease;
+pub mod server;
+pub mod store;
+pub mod worker_conn;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use berth_shared::profile::Profile;
+use berth_shared::wire::Role;
+use chrono::Utc;
+
+use crate::actors::{budget::Budget, job_store::JobStore, lease_recovery::LeaseRecovery, log_store::LogStore, reader::StoreReader, registry::WorkerRegistry, Actors};
+use crate::config::RunConfig;
+use crate::datadir::{DataDir, DataDirError};
+use crate::store::sqlite::{create_token, SqliteReader};
+use crate::store::{SqliteStore, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}")]
+    Bind { addr: SocketAddr, #[source] source: std::io::Error },
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot write {path}")]
+    Write { path: String, #[source] source: berth_shared::profile::ProfileError },
+}
+
+/// A started coordinator: actors running, endpoint bound, not yet serving.
+pub struct Coordinator {
+    endpoint: quinn::Endpoint,
+    shared: Arc<server::Shared>,
+    addr: SocketAddr,
+}
+
+impl Coordinator {
+    /// Opens the store, starts the actors and binds the endpoint. Must run inside an
+    /// actix system.
+    pub async fn start(cfg: &RunConfig) -> Result<Coordinator, CoordError> {
+        let dir = DataDir::new(&cfg.data_dir);
+        let ca = dir.ca()?;
+        let ca_pem = dir.ca_pem()?;
+        let server_cert = dir.server()?;
+        let db = dir.database();
+        let store = store::spawn_writer(SqliteStore::open(&db)?);
+        let readers: Vec<SqliteReader> = (0..2).map(|_| SqliteReader::open(&db)).collect::<Result<_, _>>()?;
+        let readers = std::sync::Mutex::new(readers);
+        let reader = SyncArbiter::start(2, move || {
+            // Each arbiter thread takes one of the connections opened above.
+            let conn = readers.lock().ok().and_then(|mut v| v.pop());
+            StoreReader::new(conn.unwrap_or_else(|| SqliteReader::open(&db).unwrap_or_else(|e| panic!("cannot open a read connection: {e}"))))
+        });
+        let job_store = JobStore::new(store.clone(), cfg.lease_ttl).start();
+        // No lease expires before its worker had a full TTL to reconnect to us.
+        let renewed = job_store.send(actors::job_store::RestartLeases {}).await.map_err(|_| StoreError::Stopped)??;
+        if renewed > 0 {
+            tracing::info!(leases = renewed, ttl = ?cfg.lease_ttl, "running leases get a full TTL after the restart");
+        }
+        let every = (cfg.lease_ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let actors = Actors {
+            lease_recovery: LeaseRecovery::new(job_store.clone(), every).start(),
+            log_store: LogStore::new(job_store.clone(), store.notices.clone()).start(),
+            registry: WorkerRegistry::default().start(),
+            budget: Budget.start(),
+            reader,
+            job_store,
+        };
+        let endpoint = server::bind(cfg.listen, &ca_pem, &server_cert).map_err(|source| CoordError::Bind { addr: cfg.listen, source })?;
+        let addr = endpoint.local_addr().map_err(|source| CoordError::Bind { addr: cfg.listen, source })?;
+        let shared = Arc::new(server::Shared::new(actors, store, cfg.lease_ttl, cfg.name.clone(), ca));
+        let _ = std::fs::write(dir.addr_file(), format!("{addr}\n"));
+        Ok(Coordinator { endpoint, shared, addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn actors(&self) -> Actors {
+        self.shared.actors.clone()
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        server::serve(self.endpoint.clone(), self.shared, shutdown).await;
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// `berth-coordinator init`.
+pub fn init(data_dir: &Path, names: &[String]) -> Result<bool, CoordError> {
+    for n in names {
+        if n.trim().is_empty() {
+            return Err(CoordError::Usage("--name must not be empty".into()));
+        }
+    }
+    let dir = DataDir::new(data_dir);
+    let made = dir.init(names)?;
+    // Create the database too, so `token create` works before the first `run`.
+    SqliteStore::open(&dir.database())?;
+    Ok(made)
+}
+
+/// `berth-coordinator token create`.
+pub fn token_create(data_dir: &Path, role: &str, ttl: Duration) -> Result<String, CoordError> {
+    if role != "worker" {
+        return Err(CoordError::Usage(format!("join tokens are for role worker, not `{role}`; users get a profile from `user add`")));
+    }
+    let dir = DataDir::new(data_dir);
+    dir.ca_pem()?;
+    let conn = store::sqlite::open_connection(&dir.database())?;
+    store::sqlite::migrate(&conn)?;
+    Ok(create_token(&conn, role, ttl, Utc::now())?)
+}
+
+/// `berth-coordinator user add`: issues a certificate and writes a client profile.
+pub fn user_add(data_dir: &Path, name: &str, role: &str, coordinators: Vec<String>, server_name: &str, out: &Path) -> Result<Profile, CoordError> {
+    let parsed = match Role::parse(role) {
+        Some(Role::Worker) | None => {
+            return Err(CoordError::Usage(format!("unknown user role `{role}`: use admin, approver or submitter")));
+        }
+        Some(r) => r,
+    };
+    let dir = DataDir::new(data_dir);
+    let ca = dir.ca()?;
+    let coordinators = if coordinators.is_empty() { vec![dir.last_addr().unwrap_or_else(|| "127.0.0.1:7447".into())] } else { coordinators };
+    let id = ca.issue_client(name, parsed).map_err(|e| CoordError::Usage(e.to_string()))?;
+    let profile = Profile {
+        user: name.to_string(),
+        role: role.to_string(),
+        coordinators,
+        server_name: server_name.to_string(),
+        ca: ca.cert_pem().to_string(),
+        cert: id.cert_pem,
+        key: id.key_pem,
+    };
+    profile.write(out).map_err(|source| CoordError::Write { path: out.display().to_string(), source })?;
+    Ok(profile)
+}

@@ -2,6 +2,7 @@
 //! that the coordinator, the worker and the client agree on. No I/O policy, no actors.
 
 pub mod codec;
+pub mod dial;
 pub mod duration;
 pub mod ids;
 pub mod job;

@@ -96,8 +96,9 @@ pub enum Request {
     /// Output of one task (the first task of an array when no index is given).
     Logs { job: JobSelector, attempt: Option<u32>, follow: bool },
     Cancel { job: JobSelector, reason: Option<String> },
-    /// Stream `Progress` until every task of the job has ended, then `Finished`.
-    Watch { job: JobSelector },
+    /// Stream `Progress` until every task of the job has ended, then `Finished`;
+    /// with `tasks`, also a `TaskDone` as each task ends.
+    Watch { job: JobSelector, tasks: bool },
     Workers,
     Drain { worker: String, drain: bool },
     /// Enrol a worker: only on an `Enrol` connection.
@@ -202,6 +203,8 @@ pub enum Response {
     List(Vec<JobSummary>),
     Output { stream: OutStream, data: Vec<u8> },
     Progress { counts: Counts },
+    /// One task ended (its output is complete).
+    TaskDone { index: Option<u32>, attempt: u32, state: JobState },
     /// Every task has ended; `exit_code` is the single job's code, or for an
     /// array 0 when every task succeeded and the first failing code otherwise.
     Finished { state: JobState, counts: Counts, exit_code: Option<i32> },

@@ -1,0 +1,205 @@
+//! WorkerRegistry: the connected workers, their slots, capabilities, leases,
+//! heartbeats and drain flags; and the route to each worker's control stream.
+
+use std::collections::{BTreeMap, HashSet};
+
+use actix::prelude::*;
+use berth_shared::ids::LeaseId;
+use berth_shared::wire::{CoordMsg, HostInfo, KillReason, WorkerInfo};
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc::UnboundedSender;
+
+struct Entry {
+    conn_id: u64,
+    conn: Option<quinn::Connection>,
+    tx: Option<UnboundedSender<CoordMsg>>,
+    slots: u32,
+    pool: String,
+    labels: Vec<(String, String)>,
+    host: HostInfo,
+    leases: HashSet<LeaseId>,
+    last_heartbeat: Option<DateTime<Utc>>,
+    drained: bool,
+}
+
+#[derive(Default)]
+pub struct WorkerRegistry {
+    workers: BTreeMap<String, Entry>,
+}
+
+impl Actor for WorkerRegistry {
+    type Context = Context<Self>;
+}
+
+/// A worker's control stream is up.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Connect {
+    pub name: String,
+    pub conn_id: u64,
+    pub conn: quinn::Connection,
+    pub tx: UnboundedSender<CoordMsg>,
+    pub slots: u32,
+    pub pool: String,
+    pub labels: Vec<(String, String)>,
+    pub host: HostInfo,
+    pub leases: Vec<LeaseId>,
+    pub drained: bool,
+}
+
+impl Handler<Connect> for WorkerRegistry {
+    type Result = ();
+    fn handle(&mut self, m: Connect, _: &mut Self::Context) {
+        if let Some(old) = self.workers.get(&m.name) {
+            if let Some(conn) = &old.conn {
+                if old.conn_id != m.conn_id {
+                    conn.close(0u32.into(), b"replaced by a newer connection of the same worker");
+                }
+            }
+        }
+        self.workers.insert(
+            m.name,
+            Entry {
+                conn_id: m.conn_id,
+                conn: Some(m.conn),
+                tx: Some(m.tx),
+                slots: m.slots,
+                pool: m.pool,
+                labels: m.labels,
+                host: m.host,
+                leases: m.leases.into_iter().collect(),
+                last_heartbeat: Some(Utc::now()),
+                drained: m.drained,
+            },
+        );
+    }
+}
+
+/// A worker's connection ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnect {
+    pub name: String,
+    pub conn_id: u64,
+}
+
+impl Handler<Disconnect> for WorkerRegistry {
+    type Result = ();
+    fn handle(&mut self, m: Disconnect, _: &mut Self::Context) {
+        if let Some(e) = self.workers.get_mut(&m.name) {
+            if e.conn_id == m.conn_id {
+                e.conn = None;
+                e.tx = None;
+            }
+        }
+    }
+}
+
+/// Leases handed to (`added`) or ended on (`removed`) a worker; renews its heartbeat.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leases {
+    pub name: String,
+    pub added: Vec<LeaseId>,
+    pub removed: Vec<LeaseId>,
+    pub heartbeat: bool,
+}
+
+impl Handler<Leases> for WorkerRegistry {
+    type Result = ();
+    fn handle(&mut self, m: Leases, _: &mut Self::Context) {
+        if let Some(e) = self.workers.get_mut(&m.name) {
+            e.leases.extend(m.added);
+            for l in m.removed {
+                e.leases.remove(&l);
+            }
+            if m.heartbeat {
+                e.last_heartbeat = Some(Utc::now());
+            }
+        }
+    }
+}
+
+/// Tell a worker to kill an attempt.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Kill {
+    pub worker: String,
+    pub lease: LeaseId,
+    pub reason: KillReason,
+}
+
+impl Handler<Kill> for WorkerRegistry {
+    type Result = bool;
+    fn handle(&mut self, m: Kill, _: &mut Self::Context) -> bool {
+        match self.workers.get(&m.worker).and_then(|e| e.tx.as_ref()) {
+            Some(tx) => tx.send(CoordMsg::Kill { lease: m.lease, reason: m.reason }).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Record a drain flag change (the store holds the durable one).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetDrained {
+    pub name: String,
+    pub drained: bool,
+}
+
+impl Handler<SetDrained> for WorkerRegistry {
+    type Result = ();
+    fn handle(&mut self, m: SetDrained, _: &mut Self::Context) {
+        if let Some(e) = self.workers.get_mut(&m.name) {
+            e.drained = m.drained;
+        }
+    }
+}
+
+/// Every worker known since start, connected or not, plus enrolled ones never seen.
+#[derive(Message)]
+#[rtype(result = "Vec<WorkerInfo>")]
+pub struct List {
+    /// Enrolled workers from the store, with their drain flags.
+    pub enrolled: Vec<(String, bool)>,
+}
+
+impl Handler<List> for WorkerRegistry {
+    type Result = MessageResult<List>;
+    fn handle(&mut self, m: List, _: &mut Self::Context) -> Self::Result {
+        let mut out: Vec<WorkerInfo> = self
+            .workers
+            .iter()
+            .map(|(name, e)| WorkerInfo {
+                name: name.clone(),
+                connected: e.tx.is_some(),
+                slots: e.slots,
+                running: e.leases.len() as u32,
+                drained: e.drained,
+                pool: e.pool.clone(),
+                labels: e.labels.clone(),
+                host: e.host.clone(),
+                leases: e.leases.iter().copied().collect(),
+                last_heartbeat: e.last_heartbeat,
+            })
+            .collect();
+        for (name, drained) in m.enrolled {
+            if !self.workers.contains_key(&name) {
+                out.push(WorkerInfo {
+                    name,
+                    connected: false,
+                    slots: 0,
+                    running: 0,
+                    drained,
+                    pool: String::new(),
+                    labels: Vec::new(),
+                    host: HostInfo::default(),
+                    leases: Vec::new(),
+                    last_heartbeat: None,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        MessageResult(out)
+    }
+}

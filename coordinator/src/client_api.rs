@@ -1,0 +1,239 @@
+//! The client API: one request per bi stream, answered with one or more responses.
+//! Authorisation is by the role in the caller's certificate.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_shared::codec::{read_frame, write_frame};
+use berth_shared::ids::JobSelector;
+use berth_shared::tls::validate_name;
+use berth_shared::wire::{ApiError, ErrorKind, KillReason, OutStream, Request, Response, Role};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::actors::reader::query;
+use crate::actors::{budget, job_store, log_store, registry};
+use crate::server::{close_for, Shared};
+use crate::store::{Notice, Reader, StoreError};
+
+pub async fn serve(conn: quinn::Connection, shared: Arc<Shared>, who: String, role: Role) {
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let shared = shared.clone();
+        let who = who.clone();
+        let conn = conn.clone();
+        actix_rt::spawn(async move { request(conn, send, recv, shared, who, role).await });
+    }
+}
+
+fn api(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Api(a) => a,
+        other => {
+            tracing::error!(error = %other, "store error");
+            ApiError::new(ErrorKind::Internal, format!("the coordinator failed: {other}"))
+        }
+    }
+}
+
+fn mailbox<T>(_: T) -> ApiError {
+    ApiError::new(ErrorKind::Internal, "the coordinator is shutting down")
+}
+
+fn allowed(role: Role, req: &Request) -> Result<(), ApiError> {
+    let ok = match req {
+        Request::Enrol { .. } => role == Role::Anonymous,
+        Request::Drain { .. } => role == Role::Admin,
+        _ => matches!(role, Role::Admin | Role::Approver | Role::Submitter),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorKind::Refused, format!("role {} may not do this", role.as_str())))
+    }
+}
+
+async fn request(conn: quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream, shared: Arc<Shared>, who: String, role: Role) {
+    let req: Request = match read_frame(&mut recv).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => return close_for(&conn, &e),
+    };
+    let result = match allowed(role, &req) {
+        Err(e) => Err(e),
+        Ok(()) => answer(req, &mut send, &shared, &who, role).await,
+    };
+    if let Err(e) = result {
+        let _ = write_frame(&mut send, &Response::Error(e)).await;
+    }
+    let _ = send.finish();
+}
+
+async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who: &str, role: Role) -> Result<(), ApiError> {
+    let a = &shared.actors;
+    let out: Response = match req {
+        Request::Submit { spec, idempotency_key } => {
+            spec.validate().map_err(|m| ApiError::new(ErrorKind::Invalid, m))?;
+            a.budget.send(budget::Admit { spec: spec.clone(), owner: who.to_string() }).await.map_err(mailbox)??;
+            let s = a
+                .job_store
+                .send(job_store::Submit { spec, owner: who.to_string(), idempotency_key })
+                .await
+                .map_err(mailbox)?
+                .map_err(api)?;
+            Response::Submitted { job: s.job, tasks: s.tasks, duplicate: s.duplicate }
+        }
+        Request::Status { job } => {
+            let st = query(&a.reader, move |r| r.status(&job)).await.map_err(api)?;
+            Response::Status(Box::new(st))
+        }
+        Request::List { state, limit } => {
+            let limit = limit.clamp(1, 10_000);
+            Response::List(query(&a.reader, move |r| r.list(state, limit)).await.map_err(api)?)
+        }
+        Request::Cancel { job, reason } => {
+            let status = {
+                let sel = job.clone();
+                query(&a.reader, move |r| r.status(&sel)).await.map_err(api)?
+            };
+            if role != Role::Admin && status.summary.owner != who {
+                return Err(ApiError::new(
+                    ErrorKind::Refused,
+                    format!("job {} belongs to {}; only its owner or an admin may cancel it", status.summary.id, status.summary.owner),
+                ));
+            }
+            let reason = reason.unwrap_or_else(|| format!("cancelled by {who}"));
+            let (id, n, kills) = a.job_store.send(job_store::Cancel { job, reason }).await.map_err(mailbox)?.map_err(api)?;
+            for k in kills {
+                a.registry.do_send(registry::Kill { worker: k.worker, lease: k.lease, reason: KillReason::Cancelled });
+            }
+            Response::Cancelled { job: id, tasks: n }
+        }
+        Request::Logs { job, attempt, follow } => return logs(shared, send, job, attempt, follow).await,
+        Request::Watch { job, tasks } => return watch(shared, send, job, tasks).await,
+        Request::Workers => {
+            let enrolled = query(&a.reader, |r| r.workers()).await.map_err(api)?;
+            Response::Workers(a.registry.send(registry::List { enrolled }).await.map_err(mailbox)?)
+        }
+        Request::Drain { worker, drain } => {
+            let drained = a.job_store.send(job_store::SetDrain { worker: worker.clone(), drained: drain }).await.map_err(mailbox)?.map_err(api)?;
+            a.registry.do_send(registry::SetDrained { name: worker.clone(), drained });
+            if !drained {
+                // Undrained: it may claim again.
+                shared.store.work.send_modify(|g| *g += 1);
+            }
+            Response::Drained { worker, drained }
+        }
+        Request::Enrol { token, name, csr_pem } => {
+            validate_name(&name).map_err(|e| ApiError::new(ErrorKind::Invalid, e.to_string()))?;
+            let cert_pem = shared
+                .ca
+                .sign_csr(&csr_pem, &name, Role::Worker)
+                .map_err(|e| ApiError::new(ErrorKind::Invalid, format!("cannot sign the CSR: {e}")))?;
+            a.job_store.send(job_store::UseToken { token, worker: name.clone() }).await.map_err(mailbox)?.map_err(api)?;
+            tracing::info!(worker = %name, "worker enrolled");
+            Response::Enrolled { cert_pem }
+        }
+    };
+    write_frame(send, &out).await.map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
+}
+
+async fn send_frame(send: &mut quinn::SendStream, r: &Response) -> Result<(), ApiError> {
+    write_frame(send, r).await.map_err(|e| ApiError::new(ErrorKind::Internal, format!("client went away: {e}")))
+}
+
+/// Streams progress until every task has ended.
+async fn watch(shared: &Shared, send: &mut quinn::SendStream, job: JobSelector, tasks: bool) -> Result<(), ApiError> {
+    let a = &shared.actors;
+    let mut rx = a.log_store.send(log_store::Follow).await.map_err(mailbox)?;
+    let (seq, id) = {
+        let sel = job.clone();
+        query(&a.reader, move |r| r.resolve(&sel)).await.map_err(api)?
+    };
+    let mut last_sent = tokio::time::Instant::now() - Duration::from_secs(1);
+    let mut counts = query(&a.reader, move |r| r.summary(seq)).await.map_err(api)?.counts;
+    loop {
+        if counts.unfinished() == 0 {
+            let exit_code = query(&a.reader, move |r| r.exit_code(seq)).await.map_err(api)?;
+            send_frame(send, &Response::Finished { state: counts.aggregate(), counts, exit_code }).await?;
+            return Ok(());
+        }
+        if last_sent.elapsed() >= Duration::from_millis(100) {
+            send_frame(send, &Response::Progress { counts }).await?;
+            last_sent = tokio::time::Instant::now();
+        }
+        let wait = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+        match wait {
+            Ok(Ok(n)) => match &*n {
+                Notice::Job { job, counts: c, .. } if *job == id => counts = *c,
+                Notice::TaskEnded { job, index, attempt, state } if tasks && *job == id => {
+                    send_frame(send, &Response::TaskDone { index: *index, attempt: *attempt, state: *state }).await?;
+                }
+                _ => {}
+            },
+            Ok(Err(RecvError::Lagged(_))) | Err(_) => {
+                counts = query(&a.reader, move |r| r.summary(seq)).await.map_err(api)?.counts;
+            }
+            Ok(Err(RecvError::Closed)) => return Err(ApiError::new(ErrorKind::Internal, "the coordinator is shutting down")),
+        }
+    }
+}
+
+/// Sends one attempt's output; with `follow`, keeps sending until the attempt ends.
+async fn logs(shared: &Shared, send: &mut quinn::SendStream, job: JobSelector, attempt: Option<u32>, follow: bool) -> Result<(), ApiError> {
+    let a = &shared.actors;
+    let mut rx = a.log_store.send(log_store::Follow).await.map_err(mailbox)?;
+    let index = job.index;
+    let (seq, id, first) = {
+        let sel = job.clone();
+        query(&a.reader, move |r| {
+            let (seq, id) = r.resolve(&sel)?;
+            let st = r.status(&sel)?;
+            let first = st.spec.array.map(|r| r.start);
+            Ok((seq, id, first))
+        })
+        .await
+        .map_err(api)?
+    };
+    // An array without `:INDEX` shows its first task.
+    let index = index.or(first);
+    let mut after: HashMap<OutStream, u64> = HashMap::new();
+    let mut attempt = attempt;
+    loop {
+        let pos = (after.get(&OutStream::Stdout).copied().unwrap_or(0), after.get(&OutStream::Stderr).copied().unwrap_or(0));
+        let read = query(&a.reader, move |r| r.logs(seq, index, attempt, pos)).await.map_err(api)?;
+        attempt = Some(read.attempt);
+        let full = read.chunks.len() >= 512;
+        for (stream, s, data) in read.chunks {
+            after.insert(stream, s);
+            send_frame(send, &Response::Output { stream, data }).await?;
+        }
+        if full {
+            continue;
+        }
+        if read.ended || !follow {
+            send_frame(send, &Response::End).await?;
+            return Ok(());
+        }
+        // Wait for something about this task, then read again.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+                Ok(Ok(n)) => {
+                    let relevant = match &*n {
+                        Notice::Output { job, index: i, .. } | Notice::TaskEnded { job, index: i, .. } => *job == id && *i == index,
+                        Notice::Job { job, state, .. } => *job == id && state.is_terminal(),
+                    };
+                    if relevant {
+                        break;
+                    }
+                }
+                Ok(Err(RecvError::Closed)) => return Err(ApiError::new(ErrorKind::Internal, "the coordinator is shutting down")),
+                // Lagged or quiet: re-read to be safe.
+                _ => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! The coordinator's configuration: a TOML file (`--config`), overridden by flags.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_shared::duration::parse_duration;
+
+/// `coordinator.toml`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub lease_ttl: Option<String>,
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("config {path} is invalid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl ConfigFile {
+    pub fn from_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let c: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.into(),
+            message: e.message().split_whitespace().collect::<Vec<_>>().join(" "),
+        })?;
+        if let Some(l) = &c.listen {
+            l.parse::<SocketAddr>().map_err(|_| ConfigError::Invalid { path: path.into(), message: format!("listen `{l}` is not HOST:PORT") })?;
+        }
+        if let Some(t) = &c.lease_ttl {
+            parse_duration(t).map_err(|message| ConfigError::Invalid { path: path.into(), message })?;
+        }
+        Ok(c)
+    }
+}
+
+/// Everything `run` needs.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub lease_ttl: Duration,
+    /// A name for logs and hellos.
+    pub name: String,
+}

@@ -1,0 +1,188 @@
+//! `berth-coordinator`: parse flags, start tracing, call the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use berth_coordinator::config::{ConfigFile, RunConfig};
+use berth_shared::duration::parse_duration;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "berth-coordinator", version, about = "The berth coordinator: job store, leases, budget, workers and logs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Make the CA and the server certificate in a new data directory.
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// A host name or address clients use to reach this coordinator (repeatable).
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+    /// Join tokens for workers.
+    Token {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+    /// Client users.
+    User {
+        #[command(subcommand)]
+        command: UserCmd,
+    },
+    /// Serve clients and workers.
+    Run {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// How long a lease lives without a heartbeat.
+        #[arg(long, value_parser = parse_duration)]
+        lease_ttl: Option<Duration>,
+        /// A coordinator.toml; flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Print a one-time join token alone on stdout.
+    Create {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Issue a certificate for a user and write their profile.
+    Add {
+        name: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Coordinator address for the profile (repeatable; default: where the last `run` listened).
+        #[arg(long = "coordinator")]
+        coordinators: Vec<String>,
+        /// The name the coordinator's certificate is checked against.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn fail(e: berth_coordinator::CoordError) -> (u8, String) {
+    let code = if matches!(e, berth_coordinator::CoordError::Usage(_)) { 2 } else { 1 };
+    (code, chain(&e))
+}
+
+fn real_main(cli: Cli) -> Result<(), (u8, String)> {
+    match cli.command {
+        Cmd::Init { data_dir, names } => {
+            let made = berth_coordinator::init(&data_dir, &names).map_err(fail)?;
+            if made {
+                println!("initialised {}: CA certificate at {}", data_dir.display(), data_dir.join("ca.pem").display());
+            } else {
+                println!("{} is already initialised; nothing changed", data_dir.display());
+            }
+            Ok(())
+        }
+        Cmd::Token { command: TokenCmd::Create { data_dir, role, ttl } } => {
+            let token = berth_coordinator::token_create(&data_dir, &role, ttl).map_err(fail)?;
+            println!("{token}");
+            Ok(())
+        }
+        Cmd::User { command: UserCmd::Add { name, role, data_dir, out, coordinators, server_name } } => {
+            let p = berth_coordinator::user_add(&data_dir, &name, &role, coordinators, &server_name, &out).map_err(fail)?;
+            eprintln!("wrote {} for {} (role {}, coordinator {})", out.display(), p.user, p.role, p.coordinators.join(", "));
+            Ok(())
+        }
+        Cmd::Run { data_dir, listen, lease_ttl, config } => {
+            let file = match &config {
+                Some(p) => ConfigFile::from_file(p).map_err(|e| (2, chain(&e)))?,
+                None => ConfigFile::default(),
+            };
+            let data_dir = data_dir.or(file.data_dir).ok_or((2, "--data-dir is required (or data_dir in --config)".to_string()))?;
+            let listen = match (listen, file.listen) {
+                (Some(l), _) => l,
+                (None, Some(l)) => l.parse().map_err(|_| (2, format!("listen `{l}` is not HOST:PORT")))?,
+                (None, None) => "0.0.0.0:7447".parse().map_err(|_| (2, "bad default".to_string()))?,
+            };
+            let lease_ttl = match (lease_ttl, file.lease_ttl) {
+                (Some(t), _) => t,
+                (None, Some(t)) => parse_duration(&t).map_err(|e| (2, e))?,
+                (None, None) => Duration::from_secs(30),
+            };
+            if lease_ttl < Duration::from_millis(500) {
+                return Err((2, "--lease-ttl must be at least 500ms".into()));
+            }
+            let name = hostname();
+            let cfg = RunConfig { data_dir, listen, lease_ttl, name };
+            let system = actix_rt::System::new();
+            system.block_on(async move {
+                let coord = berth_coordinator::Coordinator::start(&cfg).await.map_err(fail)?;
+                println!("ready addr={}", coord.local_addr());
+                tracing::info!(addr = %coord.local_addr(), data_dir = %cfg.data_dir.display(), "coordinator ready");
+                coord.serve(shutdown_signal()).await;
+                tracing::info!("coordinator stopped");
+                Ok(())
+            })
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "coordinator".into())
+}

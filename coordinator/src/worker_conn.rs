@@ -1,0 +1,329 @@
+//! A worker's session: registration and lease reconciliation, claims pushed to the
+//! worker as soon as it has free capacity and work exists (no polling: the store's
+//! work signal wakes idle sessions), results, heartbeats, and one output stream per
+//! running attempt with acknowledgements once chunks are durable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_shared::codec::{read_frame, write_frame};
+use berth_shared::ids::LeaseId;
+use berth_shared::wire::{Assignment, CoordMsg, KillReason, OutputFrame, WorkerMsg, MAX_CHUNK_BYTES};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::actors::{job_store, log_store, registry};
+use crate::server::{close_for, Shared, CLOSE_PROTOCOL, CLOSE_REFUSED};
+use crate::store::{ChunkVerdict, FinishVerdict, LogChunk, StoreError, WorkerCaps};
+
+enum Event {
+    Frame(WorkerMsg),
+    Claimed { asked: u32, result: Result<Vec<Assignment>, StoreError> },
+    Finished { lease: LeaseId, result: Result<FinishVerdict, StoreError> },
+    Renewed(Result<Vec<LeaseId>, StoreError>),
+    Closed(String),
+}
+
+pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream, shared: Arc<Shared>, name: String, conn_id: u64) {
+    let span = tracing::info_span!("worker", worker = %name);
+    async move {
+        let register = match tokio::time::timeout(Duration::from_secs(10), read_frame::<_, WorkerMsg>(&mut recv)).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Err(e)) => return close_for(&conn, &e),
+            _ => {
+                conn.close(CLOSE_PROTOCOL.into(), b"expected Register");
+                return;
+            }
+        };
+        let WorkerMsg::Register { name: claimed, slots, pool, labels, host, held } = register else {
+            conn.close(CLOSE_PROTOCOL.into(), b"the first worker message must be Register");
+            return;
+        };
+        if claimed != name {
+            let reason = format!("worker calls itself `{claimed}` but its certificate says `{name}`");
+            let _ = write_frame(&mut send, &CoordMsg::Refused { reason: reason.clone() }).await;
+            conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
+            return;
+        }
+        let a = shared.actors.clone();
+        let reconciled = match a.job_store.send(job_store::Reconcile { worker: name.clone(), held: held.clone() }).await {
+            Ok(Ok(r)) => r,
+            _ => {
+                conn.close(CLOSE_REFUSED.into(), b"the coordinator cannot reach its store");
+                return;
+            }
+        };
+        for l in &reconciled.stale {
+            tracing::warn!(lease = %l, "worker reported a lease that is not valid; telling it to kill that attempt");
+        }
+        if reconciled.lost > 0 {
+            tracing::warn!(lost = reconciled.lost, "worker came back without attempts it held; they were re-queued");
+        }
+        let ttl_ms = shared.lease_ttl.as_millis() as u64;
+        if write_frame(&mut send, &CoordMsg::Registered { lease_ttl_ms: ttl_ms, stale: reconciled.stale.clone() }).await.is_err() {
+            return;
+        }
+        let drained = crate::actors::reader::query(&a.reader, {
+            let n = name.clone();
+            move |r| crate::store::Reader::is_drained(r, &n)
+        })
+        .await
+        .unwrap_or(false);
+        let (ctrl_tx, mut ctrl_rx) = mpsc::unbounded_channel::<CoordMsg>();
+        let valid: Vec<LeaseId> = held.iter().filter(|l| !reconciled.stale.contains(l)).copied().collect();
+        a.registry.do_send(registry::Connect {
+            name: name.clone(),
+            conn_id,
+            conn: conn.clone(),
+            tx: ctrl_tx.clone(),
+            slots,
+            pool,
+            labels,
+            host: host.clone(),
+            leases: valid,
+            drained,
+        });
+        tracing::info!(slots, "worker connected");
+        let caps = Arc::new(WorkerCaps { executors: host.executors.clone(), cpus: host.cpus, mem_mib: host.mem_mib, gpus: host.gpus.len() as u32 });
+
+        let (ev_tx, mut ev) = mpsc::unbounded_channel::<Event>();
+        // Control frames, read by their own task (reads are not cancellation-safe).
+        {
+            let ev_tx = ev_tx.clone();
+            let conn = conn.clone();
+            actix_rt::spawn(async move {
+                loop {
+                    match read_frame::<_, WorkerMsg>(&mut recv).await {
+                        Ok(Some(m)) => {
+                            if ev_tx.send(Event::Frame(m)).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {
+                            let _ = ev_tx.send(Event::Closed("control stream ended".into()));
+                            return;
+                        }
+                        Err(e) => {
+                            close_for(&conn, &e);
+                            let _ = ev_tx.send(Event::Closed(e.to_string()));
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        // Output streams.
+        {
+            let conn = conn.clone();
+            let shared = shared.clone();
+            let name = name.clone();
+            let ctrl_tx = ctrl_tx.clone();
+            actix_rt::spawn(async move {
+                while let Ok(stream) = conn.accept_uni().await {
+                    actix_rt::spawn(output_stream(stream, shared.clone(), name.clone(), ctrl_tx.clone(), conn.clone()));
+                }
+            });
+        }
+
+        let mut work = shared.store.work.subscribe();
+        let mut wanted: u32 = 0;
+        let mut claiming = false;
+        let mut hint = true;
+        loop {
+            if wanted > 0 && !claiming && hint {
+                claiming = true;
+                hint = false;
+                let store = a.job_store.clone();
+                let (worker, caps, ev_tx, asked) = (name.clone(), caps.clone(), ev_tx.clone(), wanted);
+                actix_rt::spawn(async move {
+                    let result = store.send(job_store::Claim { worker, n: asked, caps }).await.unwrap_or(Err(StoreError::Stopped));
+                    let _ = ev_tx.send(Event::Claimed { asked, result });
+                });
+            }
+            let event = tokio::select! {
+                e = ev.recv() => match e { Some(e) => e, None => break },
+                m = ctrl_rx.recv() => {
+                    let Some(m) = m else { break };
+                    if write_frame(&mut send, &m).await.is_err() { break }
+                    continue;
+                }
+                changed = work.changed() => {
+                    if changed.is_err() { break }
+                    hint = true;
+                    continue;
+                }
+            };
+            let out = match event {
+                Event::Closed(why) => {
+                    tracing::info!(reason = %why, "worker disconnected");
+                    break;
+                }
+                Event::Frame(WorkerMsg::Want { n }) => {
+                    wanted = wanted.saturating_add(n).min(100_000);
+                    hint = true;
+                    None
+                }
+                Event::Frame(WorkerMsg::Started { lease }) => {
+                    a.job_store.do_send(job_store::Started { worker: name.clone(), lease });
+                    None
+                }
+                Event::Frame(WorkerMsg::Finished { lease, outcome }) => {
+                    let (store, worker, ev_tx) = (a.job_store.clone(), name.clone(), ev_tx.clone());
+                    actix_rt::spawn(async move {
+                        let result = store.send(job_store::Finish { worker, lease, outcome }).await.unwrap_or(Err(StoreError::Stopped));
+                        let _ = ev_tx.send(Event::Finished { lease, result });
+                    });
+                    None
+                }
+                Event::Frame(WorkerMsg::Heartbeat { leases }) => {
+                    let (store, worker, ev_tx) = (a.job_store.clone(), name.clone(), ev_tx.clone());
+                    actix_rt::spawn(async move {
+                        let r = store.send(job_store::Heartbeat { worker, leases }).await.unwrap_or(Err(StoreError::Stopped));
+                        let _ = ev_tx.send(Event::Renewed(r));
+                    });
+                    None
+                }
+                Event::Frame(WorkerMsg::Register { .. }) => {
+                    conn.close(CLOSE_PROTOCOL.into(), b"Register sent twice");
+                    break;
+                }
+                Event::Claimed { asked, result } => {
+                    claiming = false;
+                    match result {
+                        Ok(got) => {
+                            if got.len() as u32 == asked {
+                                hint = true;
+                            }
+                            wanted = wanted.saturating_sub(got.len() as u32);
+                            if got.is_empty() {
+                                None
+                            } else {
+                                a.registry.do_send(registry::Leases { name: name.clone(), added: got.iter().map(|g| g.lease).collect(), removed: vec![], heartbeat: false });
+                                Some(CoordMsg::Assign(got))
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "claim failed");
+                            None
+                        }
+                    }
+                }
+                Event::Finished { lease, result } => {
+                    a.registry.do_send(registry::Leases { name: name.clone(), added: vec![], removed: vec![lease], heartbeat: false });
+                    match result {
+                        Ok(FinishVerdict::Stale) => {
+                            tracing::warn!(lease = %lease, "rejected a result carrying a stale lease");
+                            let _ = write_frame(&mut send, &CoordMsg::FinishedAck { lease, accepted: false }).await;
+                            Some(CoordMsg::Kill { lease, reason: KillReason::StaleLease })
+                        }
+                        Ok(_) => Some(CoordMsg::FinishedAck { lease, accepted: true }),
+                        Err(e) => {
+                            // Not acknowledged: the worker resends after a reconnect.
+                            tracing::error!(error = %e, lease = %lease, "cannot record a result");
+                            None
+                        }
+                    }
+                }
+                Event::Renewed(r) => {
+                    a.registry.do_send(registry::Leases { name: name.clone(), added: vec![], removed: vec![], heartbeat: true });
+                    match r {
+                        Ok(stale) => {
+                            for l in &stale {
+                                tracing::warn!(lease = %l, "heartbeat for a lease this worker does not hold; telling it to kill that attempt");
+                            }
+                            Some(CoordMsg::HeartbeatAck { stale })
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot renew leases");
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(m) = out {
+                if write_frame(&mut send, &m).await.is_err() {
+                    break;
+                }
+            }
+        }
+        a.registry.do_send(registry::Disconnect { name: name.clone(), conn_id });
+    }
+    .instrument(span)
+    .await
+}
+
+/// One attempt's output stream: `Open`, then chunks, stored in batches (whatever
+/// arrived while the previous batch was being committed) and acknowledged when durable.
+async fn output_stream(mut recv: quinn::RecvStream, shared: Arc<Shared>, worker: String, ctrl: mpsc::UnboundedSender<CoordMsg>, conn: quinn::Connection) {
+    let lease = match read_frame::<_, OutputFrame>(&mut recv).await {
+        Ok(Some(OutputFrame::Open { lease })) => lease,
+        Ok(Some(_)) => {
+            conn.close(CLOSE_PROTOCOL.into(), b"an output stream must start with Open");
+            return;
+        }
+        Ok(None) => return,
+        Err(e) => return close_for(&conn, &e),
+    };
+    let (tx, mut rx) = mpsc::channel::<LogChunk>(64);
+    let reader = {
+        let conn = conn.clone();
+        actix_rt::spawn(async move {
+            loop {
+                match read_frame::<_, OutputFrame>(&mut recv).await {
+                    Ok(Some(OutputFrame::Chunk { stream, seq, data })) => {
+                        if data.len() > MAX_CHUNK_BYTES {
+                            conn.close(CLOSE_PROTOCOL.into(), b"output chunk over the size limit");
+                            return;
+                        }
+                        if tx.send(LogChunk { lease, stream, seq, data }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(OutputFrame::Open { .. })) => {
+                        conn.close(CLOSE_PROTOCOL.into(), b"Open sent twice on one output stream");
+                        return;
+                    }
+                    Ok(None) => return,
+                    Err(e) => return close_for(&conn, &e),
+                }
+            }
+        })
+    };
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(c) = rx.try_recv() {
+            batch.push(c);
+        }
+        let keys: Vec<_> = batch.iter().map(|c| (c.stream, c.seq)).collect();
+        let verdicts = match shared.actors.log_store.send(log_store::Append { worker: worker.clone(), chunks: batch }).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, lease = %lease, "cannot store output; the worker will resend it");
+                break;
+            }
+            Err(_) => break,
+        };
+        let mut acks: Vec<(berth_shared::wire::OutStream, u64)> = Vec::new();
+        for ((stream, seq), v) in keys.into_iter().zip(verdicts) {
+            match v {
+                ChunkVerdict::Stored | ChunkVerdict::Duplicate => match acks.iter_mut().find(|(s, _)| *s == stream) {
+                    Some(a) => a.1 = a.1.max(seq),
+                    None => acks.push((stream, seq)),
+                },
+                ChunkVerdict::StaleLease => {
+                    tracing::warn!(lease = %lease, "rejected output carrying a stale lease; telling the worker to kill that attempt");
+                    let _ = ctrl.send(CoordMsg::Kill { lease, reason: KillReason::StaleLease });
+                    reader.abort();
+                    return;
+                }
+                ChunkVerdict::OutOfOrder { expected } => {
+                    tracing::warn!(lease = %lease, seq, expected, "dropped an out-of-order output chunk");
+                }
+            }
+        }
+        for (stream, seq) in acks {
+            let _ = ctrl.send(CoordMsg::OutputAck { lease, stream, seq });
+        }
+    }
+    reader.abort();
+}

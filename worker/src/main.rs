@@ -1,0 +1,128 @@
+//! `berth-worker`: parse flags, start tracing, run the worker until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use berth_worker::WorkerConfig;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "berth-worker", version, about = "A berth worker: claims jobs and runs them in slots")]
+struct Cli {
+    /// Coordinator address HOST:PORT (repeatable, or comma-separated, for failover).
+    #[arg(long = "coordinator", value_delimiter = ',', required_unless_present = "print_host")]
+    coordinators: Vec<String>,
+    /// The coordinator's CA certificate (its data dir's ca.pem).
+    #[arg(long, required_unless_present = "print_host")]
+    ca: Option<PathBuf>,
+    /// One-time join token, needed only the first time (`berth-coordinator token create`).
+    #[arg(long, env = "BERTH_JOIN_TOKEN")]
+    join_token: Option<String>,
+    /// Where the certificate, slot workspaces and output spool live.
+    #[arg(long, required_unless_present = "print_host")]
+    work_dir: Option<PathBuf>,
+    /// How many tasks run at once (default: one per GPU on GPU hosts, else one per CPU).
+    #[arg(long)]
+    slots: Option<usize>,
+    /// Claimed tasks held ready beyond the free slots, so a slot that frees starts its next task at once.
+    #[arg(long, default_value_t = 2)]
+    prefetch: usize,
+    /// The pool this worker belongs to.
+    #[arg(long, default_value = "default")]
+    pool: String,
+    /// A label KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// The worker's name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Executors offered (comma-separated): process.
+    #[arg(long = "executor", value_delimiter = ',', default_value = "process")]
+    executors: Vec<String>,
+    /// The name the coordinator's certificate is checked against (default: the address's host).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Print what this host has and exit.
+    #[arg(long)]
+    print_host: bool,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("invalid label `{s}`: use KEY=VALUE")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn real_main(cli: Cli) -> Result<(), (u8, String)> {
+    for e in &cli.executors {
+        if e != "process" {
+            return Err((2, format!("unknown executor `{e}`: this worker offers `process`")));
+        }
+    }
+    let host = berth_worker::host::detect(&cli.executors);
+    if cli.print_host {
+        println!("{}", serde_json::to_string_pretty(&host).map_err(|e| (1, e.to_string()))?);
+        return Ok(());
+    }
+    let (Some(ca), Some(work_dir)) = (cli.ca, cli.work_dir) else {
+        return Err((2, "--ca and --work-dir are required".into()));
+    };
+    let ca_pem = std::fs::read_to_string(&ca).map_err(|e| (2, format!("cannot read --ca {}: {e}", ca.display())))?;
+    let slots = cli.slots.unwrap_or(if host.gpus.is_empty() { host.cpus as usize } else { host.gpus.len() });
+    if slots == 0 || slots > 4096 {
+        return Err((2, format!("--slots {slots} is out of range: use 1 to 4096")));
+    }
+    let name = cli.name.unwrap_or_else(berth_worker::host::hostname);
+    berth_shared::tls::validate_name(&name).map_err(|e| (2, format!("--name: {e}")))?;
+    let cfg = WorkerConfig {
+        coordinators: cli.coordinators,
+        ca_pem,
+        join_token: cli.join_token,
+        work_dir,
+        name,
+        slots,
+        prefetch: cli.prefetch.min(1024),
+        pool: cli.pool,
+        labels: cli.labels,
+        executors: cli.executors,
+        server_name: cli.server_name,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| (1, format!("cannot start the runtime: {e}")))?;
+    rt.block_on(berth_worker::run(cfg, shutdown_signal())).map_err(|e| (1, chain(&e)))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else { return std::future::pending().await };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

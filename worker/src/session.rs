@@ -1,0 +1,534 @@
+//! The worker's run loop. Attempts live in `State` and outlive connections: when the
+//! coordinator is unreachable they keep running, their output keeps going to the
+//! spool, and after a reconnect the worker reports the leases it holds, kills the
+//! ones the coordinator calls stale, resends unacknowledged output and results.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_shared::codec::{read_frame, write_frame};
+use berth_shared::dial::{client_endpoint, dial, Dialed};
+use berth_shared::ids::LeaseId;
+use berth_shared::job::Outcome;
+use berth_shared::tls::client_config;
+use berth_shared::wire::{Assignment, CoordMsg, HostInfo, KillReason, OutputFrame, PeerKind, WorkerMsg};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::executor::{process, Launch};
+use crate::slot::{to_request, SlotTable};
+use crate::spool::Spool;
+use crate::{identity, WorkerConfig, WorkerError};
+
+enum Phase {
+    Queued,
+    Running,
+    Done(Outcome),
+}
+
+struct Attempt {
+    a: Assignment,
+    spool: Arc<Spool>,
+    kill: watch::Sender<Option<KillReason>>,
+    phase: Phase,
+    slot: Option<usize>,
+    finish_sent: bool,
+    stale: bool,
+}
+
+enum RunEvent {
+    Started(LeaseId),
+    Exited(LeaseId, Outcome),
+}
+
+/// What the current connection carries.
+struct Link {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    /// Tasks asked for on this connection and not yet assigned.
+    asked: usize,
+    senders: HashMap<LeaseId, JoinHandle<()>>,
+}
+
+impl Link {
+    async fn send(&mut self, m: &WorkerMsg) -> bool {
+        write_frame(&mut self.send, m).await.is_ok()
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        for (_, h) in self.senders.drain() {
+            h.abort();
+        }
+    }
+}
+
+struct State {
+    cfg: WorkerConfig,
+    host: HostInfo,
+    attempts: HashMap<LeaseId, Attempt>,
+    queue: VecDeque<LeaseId>,
+    slots: SlotTable,
+    ev_tx: mpsc::UnboundedSender<RunEvent>,
+}
+
+impl State {
+    fn running(&self) -> usize {
+        self.attempts.values().filter(|a| matches!(a.phase, Phase::Running)).count()
+    }
+
+    fn task_name(a: &Assignment) -> String {
+        match a.index {
+            Some(i) => format!("{}:{i}", a.job),
+            None => a.job.to_string(),
+        }
+    }
+
+    /// Leases the worker holds: everything not known to be stale.
+    fn held(&self) -> Vec<LeaseId> {
+        self.attempts.iter().filter(|(_, a)| !a.stale).map(|(l, _)| *l).collect()
+    }
+
+    async fn want_more(&mut self, link: &mut Option<Link>) {
+        let Some(l) = link.as_mut() else { return };
+        let n = to_request(self.slots.len(), self.cfg.prefetch, self.running(), self.queue.len(), l.asked);
+        if n > 0 {
+            l.asked += n as usize;
+            l.send(&WorkerMsg::Want { n }).await;
+        }
+    }
+
+    fn assign(&mut self, list: Vec<Assignment>, link: &mut Option<Link>) {
+        if let Some(l) = link.as_mut() {
+            l.asked = l.asked.saturating_sub(list.len());
+        }
+        for a in list {
+            let lease = a.lease;
+            let path = self.cfg.work_dir.join("spool").join(format!("{lease}.spool"));
+            let spool = match Spool::create(&path) {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    tracing::error!(error = %e, path = %path.display(), "cannot create a spool file; the lease will expire and the task run elsewhere");
+                    continue;
+                }
+            };
+            let (kill, _) = watch::channel(None);
+            self.attempts.insert(lease, Attempt { a, spool, kill, phase: Phase::Queued, slot: None, finish_sent: false, stale: false });
+            self.queue.push_back(lease);
+        }
+    }
+
+    /// Starts queued attempts while slots are free.
+    fn start_queued(&mut self, link: &mut Option<Link>) {
+        while self.slots.free() > 0 {
+            let Some(lease) = self.queue.pop_front() else { break };
+            let Some(slot) = self.slots.acquire() else { break };
+            let cfg = &self.cfg;
+            let Some(at) = self.attempts.get_mut(&lease) else {
+                self.slots.release(slot);
+                continue;
+            };
+            at.slot = Some(slot);
+            at.phase = Phase::Running;
+            let workspace = cfg.work_dir.join("slots").join(slot.to_string());
+            let prepared = prepare_workspace(&workspace);
+            let env = job_env(&at.a, slot, &workspace, &cfg.name);
+            let launch = Launch {
+                argv: at.a.spec.command.argv(),
+                env: env.as_ref().map(|e| e.clone()).unwrap_or_default(),
+                workspace,
+                max_runtime: at.a.spec.max_runtime_ms.map(Duration::from_millis),
+                grace: Duration::from_secs(2),
+            };
+            let spool = at.spool.clone();
+            let kill = at.kill.subscribe();
+            let ev = self.ev_tx.clone();
+            let span = tracing::info_span!("attempt", task = %Self::task_name(&at.a), attempt = at.a.attempt, lease = %lease);
+            let setup_error = match (prepared, env) {
+                (Err(e), _) => Some(format!("cannot prepare the slot workspace: {e}")),
+                (_, Err(e)) => Some(e),
+                _ => None,
+            };
+            tokio::spawn(
+                async move {
+                    let outcome = match setup_error {
+                        Some(error) => {
+                            spool.close();
+                            Outcome { exit_code: None, signal: None, timed_out: false, killed: false, runtime_ms: 0, error: Some(error) }
+                        }
+                        None => {
+                            let ev2 = ev.clone();
+                            process::run(launch, spool, kill, move |_| {
+                                let _ = ev2.send(RunEvent::Started(lease));
+                            })
+                            .await
+                        }
+                    };
+                    tracing::debug!(exit = ?outcome.exit_code, "attempt ended");
+                    let _ = ev.send(RunEvent::Exited(lease, outcome));
+                }
+                .instrument(span),
+            );
+            if let Some(l) = link.as_mut() {
+                start_sender(l, lease, self.attempts.get(&lease).map(|a| a.spool.clone()));
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: RunEvent, link: &mut Option<Link>) {
+        match ev {
+            RunEvent::Started(lease) => {
+                if let Some(l) = link.as_mut() {
+                    l.send(&WorkerMsg::Started { lease }).await;
+                }
+            }
+            RunEvent::Exited(lease, outcome) => {
+                let Some(at) = self.attempts.get_mut(&lease) else { return };
+                if let Some(slot) = at.slot.take() {
+                    let _ = std::fs::remove_dir_all(self.cfg.work_dir.join("slots").join(slot.to_string()));
+                    self.slots.release(slot);
+                }
+                if at.stale {
+                    at.spool.remove();
+                    self.attempts.remove(&lease);
+                } else {
+                    at.phase = Phase::Done(outcome);
+                }
+                self.start_queued(link);
+                self.want_more(link).await;
+                self.maybe_finish(lease, link).await;
+            }
+        }
+    }
+
+    /// Sends the result once every output chunk is acknowledged.
+    async fn maybe_finish(&mut self, lease: LeaseId, link: &mut Option<Link>) {
+        let Some(l) = link.as_mut() else { return };
+        let Some(at) = self.attempts.get_mut(&lease) else { return };
+        if at.finish_sent || at.stale || !at.spool.settled() {
+            return;
+        }
+        if let Phase::Done(o) = &at.phase {
+            at.finish_sent = l.send(&WorkerMsg::Finished { lease, outcome: o.clone() }).await;
+        }
+    }
+
+    /// Kills an attempt; a stale one is forgotten without a result.
+    fn kill(&mut self, lease: LeaseId, reason: KillReason) {
+        let Some(at) = self.attempts.get_mut(&lease) else { return };
+        if reason == KillReason::StaleLease {
+            at.stale = true;
+        }
+        match at.phase {
+            Phase::Queued => {
+                self.queue.retain(|l| *l != lease);
+                at.spool.close();
+                if at.stale {
+                    at.spool.remove();
+                    self.attempts.remove(&lease);
+                } else {
+                    at.phase = Phase::Done(Outcome { exit_code: None, signal: None, timed_out: false, killed: true, runtime_ms: 0, error: None });
+                }
+            }
+            Phase::Running => {
+                tracing::info!(lease = %lease, ?reason, "killing attempt");
+                let _ = at.kill.send(Some(reason));
+            }
+            Phase::Done(_) => {
+                if at.stale {
+                    at.spool.remove();
+                    self.attempts.remove(&lease);
+                }
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, m: CoordMsg, link: &mut Option<Link>) -> Result<(), WorkerError> {
+        match m {
+            CoordMsg::Assign(list) => {
+                self.assign(list, link);
+                self.start_queued(link);
+            }
+            CoordMsg::Kill { lease, reason } => {
+                self.kill(lease, reason);
+                self.maybe_finish(lease, link).await;
+            }
+            CoordMsg::OutputAck { lease, stream, seq } => {
+                if let Some(at) = self.attempts.get(&lease) {
+                    at.spool.ack(stream, seq);
+                }
+                self.maybe_finish(lease, link).await;
+            }
+            CoordMsg::FinishedAck { lease, accepted } => {
+                if !accepted {
+                    tracing::warn!(lease = %lease, "the coordinator rejected this attempt's result (its lease was no longer valid)");
+                }
+                if let Some(at) = self.attempts.remove(&lease) {
+                    at.spool.remove();
+                }
+                if let Some(h) = link.as_mut().and_then(|l| l.senders.remove(&lease)) {
+                    h.abort();
+                }
+            }
+            CoordMsg::HeartbeatAck { stale } => {
+                for lease in stale {
+                    tracing::warn!(lease = %lease, "the coordinator says this lease is stale; killing the attempt");
+                    self.kill(lease, KillReason::StaleLease);
+                }
+            }
+            CoordMsg::Registered { .. } => {}
+            CoordMsg::Refused { reason } => return Err(WorkerError::Refused(reason)),
+        }
+        Ok(())
+    }
+
+    async fn kill_all(&mut self) {
+        for at in self.attempts.values() {
+            let _ = at.kill.send(Some(KillReason::Cancelled));
+        }
+    }
+}
+
+fn prepare_workspace(dir: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(dir)
+}
+
+/// The job's environment on top of the worker's: its own variables, secrets
+/// resolved here (never sent or stored), and BERTH_* facts.
+fn job_env(a: &Assignment, slot: usize, workspace: &std::path::Path, worker: &str) -> Result<Vec<(String, String)>, String> {
+    let mut env: Vec<(String, String)> = a.spec.env.clone();
+    for (var, name) in &a.spec.secrets {
+        match std::env::var(name) {
+            Ok(v) => env.push((var.clone(), v)),
+            Err(_) => return Err(format!("secret `{name}` is not set on worker {worker} (export it in the worker's environment)")),
+        }
+    }
+    env.push(("BERTH_JOB_ID".into(), a.job.to_string()));
+    env.push(("BERTH_ATTEMPT".into(), a.attempt.to_string()));
+    env.push(("BERTH_SLOT".into(), slot.to_string()));
+    env.push(("BERTH_WORKER".into(), worker.to_string()));
+    env.push(("BERTH_WORKSPACE".into(), workspace.display().to_string()));
+    if let Some(i) = a.index {
+        env.push(("BERTH_ARRAY_INDEX".into(), i.to_string()));
+    }
+    Ok(env)
+}
+
+/// Streams an attempt's spooled output on its own uni stream, from the first chunk
+/// not yet acknowledged. No stream is opened for an attempt that prints nothing.
+fn start_sender(link: &mut Link, lease: LeaseId, spool: Option<Arc<Spool>>) {
+    let Some(spool) = spool else { return };
+    if link.senders.contains_key(&lease) {
+        return;
+    }
+    let conn = link.conn.clone();
+    let h = tokio::spawn(async move {
+        let mut next = spool.first_unacked();
+        let mut stream: Option<quinn::SendStream> = None;
+        loop {
+            let notified = spool.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            loop {
+                let chunk = match spool.read(next) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the spool");
+                        return;
+                    }
+                };
+                if stream.is_none() {
+                    let Ok(mut s) = conn.open_uni().await else { return };
+                    if write_frame(&mut s, &OutputFrame::Open { lease }).await.is_err() {
+                        return;
+                    }
+                    stream = Some(s);
+                }
+                let Some(s) = stream.as_mut() else { return };
+                if write_frame(s, &OutputFrame::Chunk { stream: chunk.stream, seq: chunk.seq, data: chunk.data }).await.is_err() {
+                    return;
+                }
+                next += 1;
+            }
+            if spool.is_closed() && next >= spool.len() {
+                if let Some(mut s) = stream.take() {
+                    let _ = s.finish();
+                }
+                return;
+            }
+            notified.await;
+        }
+    });
+    link.senders.insert(lease, h);
+}
+
+/// How one connection ended.
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+/// Runs the worker until `shutdown` resolves.
+pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    let id = identity::load_or_enrol(&cfg).await?;
+    for d in ["spool", "slots"] {
+        let p = cfg.work_dir.join(d);
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).map_err(|source| WorkerError::WorkDir { path: p.clone(), source })?;
+    }
+    let host = crate::host::detect(&cfg.executors);
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let mut state = State { slots: SlotTable::new(cfg.slots), cfg, host, attempts: HashMap::new(), queue: VecDeque::new(), ev_tx };
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(100);
+    let endpoint = {
+        let tls = client_config(&state.cfg.ca_pem, Some(&id)).map_err(|e| WorkerError::Setup(format!("--ca or certificate: {e}")))?;
+        client_endpoint(tls, false).map_err(|source| WorkerError::WorkDir { path: state.cfg.work_dir.clone(), source })?
+    };
+    loop {
+        let dialed = tokio::select! {
+            d = dial(&endpoint, &state.cfg.coordinators, state.cfg.server_name.as_deref(), PeerKind::Worker, Duration::from_secs(5)) => Some(d),
+            _ = &mut shutdown => None,
+        };
+        match dialed {
+            None => break,
+            Some(Ok(d)) => {
+                let addr = d.addr.clone();
+                tracing::info!(coordinator = %addr, "connected");
+                match session(&mut state, d, &mut ev_rx, &mut shutdown).await {
+                    Ok(Ended::Shutdown) => break,
+                    Ok(Ended::Lost(why)) => {
+                        tracing::warn!(coordinator = %addr, reason = %why, "lost the coordinator; attempts keep running, reconnecting");
+                        backoff = Duration::from_millis(100);
+                    }
+                    Err(e) => {
+                        state.kill_all().await;
+                        return Err(e);
+                    }
+                }
+            }
+            Some(Err(e @ berth_shared::dial::DialError::Refused { .. })) => {
+                state.kill_all().await;
+                return Err(e.into());
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach a coordinator"),
+        }
+        // Wait before the next try, still looking after running attempts.
+        let jitter = Duration::from_millis(rand_jitter(backoff.as_millis() as u64 / 4));
+        let sleep = tokio::time::sleep(backoff + jitter);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                Some(ev) = ev_rx.recv() => state.on_event(ev, &mut None).await,
+                _ = &mut shutdown => {
+                    state.kill_all().await;
+                    return Ok(());
+                }
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    state.kill_all().await;
+    Ok(())
+}
+
+fn rand_jitter(max: u64) -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0);
+    if max == 0 {
+        0
+    } else {
+        nanos % max
+    }
+}
+
+async fn session(
+    state: &mut State,
+    d: Dialed,
+    ev_rx: &mut mpsc::UnboundedReceiver<RunEvent>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Ended, WorkerError> {
+    let Dialed { conn, mut send, mut recv, .. } = d;
+    let register = WorkerMsg::Register {
+        name: state.cfg.name.clone(),
+        slots: state.cfg.slots as u32,
+        pool: state.cfg.pool.clone(),
+        labels: state.cfg.labels.clone(),
+        host: state.host.clone(),
+        held: state.held(),
+    };
+    if write_frame(&mut send, &register).await.is_err() {
+        return Ok(Ended::Lost("cannot register".into()));
+    }
+    let ttl = match tokio::time::timeout(Duration::from_secs(10), read_frame::<_, CoordMsg>(&mut recv)).await {
+        Ok(Ok(Some(CoordMsg::Registered { lease_ttl_ms, stale }))) => {
+            for lease in stale {
+                tracing::warn!(lease = %lease, "the coordinator no longer knows this attempt; killing it");
+                state.kill(lease, KillReason::StaleLease);
+            }
+            Duration::from_millis(lease_ttl_ms.max(300))
+        }
+        Ok(Ok(Some(CoordMsg::Refused { reason }))) => return Err(WorkerError::Refused(reason)),
+        other => return Ok(Ended::Lost(format!("no registration answer ({})", if other.is_err() { "timed out".into() } else { format!("{other:?}") }))),
+    };
+    let (frames_tx, mut frames) = mpsc::unbounded_channel::<CoordMsg>();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(m)) = read_frame::<_, CoordMsg>(&mut recv).await {
+            if frames_tx.send(m).is_err() {
+                break;
+            }
+        }
+    });
+    let mut link = Some(Link { conn: conn.clone(), send, asked: 0, senders: HashMap::new() });
+    // Resend what the coordinator has not acknowledged.
+    let leases: Vec<LeaseId> = state.attempts.keys().copied().collect();
+    for lease in leases {
+        let Some(at) = state.attempts.get_mut(&lease) else { continue };
+        at.finish_sent = false;
+        if !matches!(at.phase, Phase::Queued) {
+            let spool = at.spool.clone();
+            if let Some(l) = link.as_mut() {
+                start_sender(l, lease, Some(spool));
+            }
+        }
+        state.maybe_finish(lease, &mut link).await;
+    }
+    state.start_queued(&mut link);
+    state.want_more(&mut link).await;
+    let mut beat = tokio::time::interval(ttl / 3);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ended = loop {
+        tokio::select! {
+            m = frames.recv() => match m {
+                Some(m) => state.on_frame(m, &mut link).await?,
+                None => break Ended::Lost(conn.close_reason().map(|r| berth_shared::dial::describe(&r)).unwrap_or_else(|| "control stream closed".into())),
+            },
+            Some(ev) = ev_rx.recv() => state.on_event(ev, &mut link).await,
+            _ = beat.tick() => {
+                let leases = state.held();
+                if let Some(l) = link.as_mut() {
+                    if !l.send(&WorkerMsg::Heartbeat { leases }).await {
+                        break Ended::Lost("cannot send a heartbeat".into());
+                    }
+                }
+            }
+            _ = shutdown.as_mut() => break Ended::Shutdown,
+        }
+    };
+    reader.abort();
+    drop(link);
+    if matches!(ended, Ended::Shutdown) {
+        conn.close(0u32.into(), b"worker shutting down");
+    }
+    Ok(ended)
+}

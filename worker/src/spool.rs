@@ -1,0 +1,171 @@
+//! The output spool: every chunk an attempt prints is appended to a file in the
+//! worker's spool directory before it is sent, and kept until the coordinator
+//! acknowledges it, so a reconnect loses nothing. Records are self-describing
+//! (`stream u8, seq u64, len u32, data`) so a restarted worker can read them back.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use berth_shared::wire::OutStream;
+use tokio::sync::Notify;
+
+const HEADER: usize = 13;
+
+#[derive(Clone, Copy, Debug)]
+struct ChunkMeta {
+    stream: OutStream,
+    seq: u64,
+    offset: u64,
+    len: u32,
+}
+
+#[derive(Default)]
+struct Inner {
+    chunks: Vec<ChunkMeta>,
+    next_seq: [u64; 2],
+    acked: [u64; 2],
+    closed: bool,
+    end: u64,
+}
+
+pub struct Spool {
+    path: PathBuf,
+    file: Mutex<File>,
+    inner: Mutex<Inner>,
+    /// Woken when a chunk is appended or the spool is closed.
+    pub notify: Notify,
+}
+
+fn idx(s: OutStream) -> usize {
+    match s {
+        OutStream::Stdout => 0,
+        OutStream::Stderr => 1,
+    }
+}
+
+/// One chunk read back for sending.
+pub struct Chunk {
+    pub stream: OutStream,
+    pub seq: u64,
+    pub data: Vec<u8>,
+}
+
+impl Spool {
+    pub fn create(path: &Path) -> std::io::Result<Spool> {
+        let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(path)?;
+        Ok(Spool { path: path.to_path_buf(), file: Mutex::new(file), inner: Mutex::new(Inner::default()), notify: Notify::new() })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock only means another thread panicked mid-update of plain
+        // counters; the data is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends a chunk; returns its sequence number.
+    pub fn append(&self, stream: OutStream, data: &[u8]) -> std::io::Result<u64> {
+        let mut inner = self.lock();
+        let seq = inner.next_seq[idx(stream)] + 1;
+        let mut rec = Vec::with_capacity(HEADER + data.len());
+        rec.push(idx(stream) as u8);
+        rec.extend_from_slice(&seq.to_be_bytes());
+        rec.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        rec.extend_from_slice(data);
+        {
+            let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            f.write_all(&rec)?;
+        }
+        let offset = inner.end + HEADER as u64;
+        inner.end += rec.len() as u64;
+        inner.next_seq[idx(stream)] = seq;
+        inner.chunks.push(ChunkMeta { stream, seq, offset, len: data.len() as u32 });
+        drop(inner);
+        self.notify.notify_one();
+        Ok(seq)
+    }
+
+    /// No more chunks will come.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.notify.notify_one();
+    }
+
+    pub fn ack(&self, stream: OutStream, seq: u64) {
+        let mut inner = self.lock();
+        let i = idx(stream);
+        if seq > inner.acked[i] && seq <= inner.next_seq[i] {
+            inner.acked[i] = seq;
+        }
+    }
+
+    /// Closed and every chunk acknowledged.
+    pub fn settled(&self) -> bool {
+        let inner = self.lock();
+        inner.closed && inner.acked == inner.next_seq
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// The position of the first chunk not yet acknowledged (where a resend starts).
+    pub fn first_unacked(&self) -> usize {
+        let inner = self.lock();
+        inner.chunks.iter().position(|c| c.seq > inner.acked[idx(c.stream)]).unwrap_or(inner.chunks.len())
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().chunks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads chunk `i` back from the file.
+    pub fn read(&self, i: usize) -> std::io::Result<Option<Chunk>> {
+        let meta = match self.lock().chunks.get(i) {
+            Some(m) => *m,
+            None => return Ok(None),
+        };
+        let mut data = vec![0u8; meta.len as usize];
+        let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        f.read_exact_at(&mut data, meta.offset)?;
+        Ok(Some(Chunk { stream: meta.stream, seq: meta.seq, data }))
+    }
+
+    /// Deletes the spool file.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_read_ack_settle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Spool::create(&dir.path().join("x.spool")).expect("create");
+        assert_eq!(s.append(OutStream::Stdout, b"one").expect("append"), 1);
+        assert_eq!(s.append(OutStream::Stderr, b"two").expect("append"), 1);
+        assert_eq!(s.append(OutStream::Stdout, b"three").expect("append"), 2);
+        let c = s.read(2).expect("read").expect("exists");
+        assert_eq!((c.stream, c.seq, c.data.as_slice()), (OutStream::Stdout, 2, &b"three"[..]));
+        s.ack(OutStream::Stdout, 1);
+        assert_eq!(s.first_unacked(), 1);
+        s.close();
+        assert!(!s.settled());
+        s.ack(OutStream::Stderr, 1);
+        s.ack(OutStream::Stdout, 2);
+        assert!(s.settled());
+        assert_eq!(s.first_unacked(), 3);
+        // An ack past what was sent is ignored.
+        s.ack(OutStream::Stdout, 99);
+        assert!(s.settled());
+    }
+}
