@@ -1,1 +1,200 @@
-fn main(){}
+//! `berth`: the submit client. Parse flags, find the profile, call the coordinator;
+//! exit codes follow DESIGN.md (0 ok, 2 usage, 3 refused, 4 unreachable, 5 not found).
+
+mod api;
+mod dev;
+mod exit;
+mod show;
+mod submit;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use berth_shared::ids::JobSelector;
+use berth_shared::job::JobState;
+use berth_shared::wire::{Request, Response};
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::api::{unexpected, Client};
+use crate::exit::{Fail, EXIT_USAGE};
+use crate::show::Style;
+
+#[derive(Parser)]
+#[command(name = "berth", version, about = "Submit and follow batch jobs on a berth cluster")]
+struct Cli {
+    /// The profile to use (default: $BERTH_PROFILE, then $XDG_CONFIG_HOME/berth/profile.toml).
+    #[arg(long, global = true)]
+    profile: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+fn job_selector(s: &str) -> Result<JobSelector, String> {
+    s.parse()
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Submit a job or an array: `berth submit [OPTIONS] -- CMD ARGS...` or `berth submit job.toml`.
+    Submit(submit::SubmitArgs),
+    /// Show a job (or JOB:INDEX, one task of an array) and its history.
+    Status {
+        #[arg(value_parser = job_selector)]
+        job: JobSelector,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs, newest first.
+    List {
+        #[arg(long, value_parser = |s: &str| s.parse::<JobState>())]
+        state: Option<JobState>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a task's output (stdout to stdout, stderr to stderr).
+    Logs {
+        #[arg(value_parser = job_selector)]
+        job: JobSelector,
+        /// Keep printing as the task prints, until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Which attempt (default: the latest).
+        #[arg(long)]
+        attempt: Option<u32>,
+    },
+    /// Cancel a job, or one task of an array (JOB:INDEX); running tasks are killed.
+    Cancel {
+        #[arg(value_parser = job_selector)]
+        job: JobSelector,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// List workers, or drain/undrain one.
+    Workers {
+        #[command(subcommand)]
+        command: Option<WorkersCmd>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+    /// Run a coordinator and a local worker in the foreground.
+    Dev(dev::DevArgs),
+}
+
+#[derive(Subcommand)]
+enum WorkersCmd {
+    /// Stop new claims on a worker; running jobs finish.
+    Drain { name: String },
+    /// Let a drained worker claim again.
+    Undrain { name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                let _ = e.print();
+                return ExitCode::from(if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { EXIT_USAGE } else { 0 });
+            }
+            let first = e.to_string().lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string();
+            eprintln!("error: {first} (see `berth --help`)");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<u8, Fail> {
+    match cli.command {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "berth", &mut std::io::stdout());
+            Ok(0)
+        }
+        Cmd::Dev(args) => dev::run(args),
+        command => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Fail::new(1, e.to_string()))?;
+            rt.block_on(async move {
+                let client = Client::connect(cli.profile.as_deref()).await?;
+                let code = command_main(&client, command).await;
+                client.close();
+                code
+            })
+        }
+    }
+}
+
+async fn command_main(client: &Client, command: Cmd) -> Result<u8, Fail> {
+    let style = Style::detect();
+    match command {
+        Cmd::Submit(a) => submit::submit(client, &a, style).await,
+        Cmd::Status { job, json } => {
+            let r = client.call(&Request::Status { job }).await?;
+            let Response::Status(st) = r else { return Err(unexpected(r)) };
+            if json {
+                println!("{}", show::status_json(&st));
+            } else {
+                print!("{}", show::status_text(style, &st));
+            }
+            Ok(0)
+        }
+        Cmd::List { state, limit, json } => {
+            let r = client.call(&Request::List { state, limit }).await?;
+            let Response::List(jobs) = r else { return Err(unexpected(r)) };
+            if json {
+                println!("{}", serde_json::Value::Array(jobs.iter().map(show::summary_json).collect()));
+            } else {
+                print!("{}", show::list_text(style, &jobs));
+            }
+            Ok(0)
+        }
+        Cmd::Logs { job, follow, attempt } => {
+            submit::print_logs(client, job, attempt, follow, None).await?;
+            Ok(0)
+        }
+        Cmd::Cancel { job, reason } => {
+            let r = client.call(&Request::Cancel { job, reason }).await?;
+            let Response::Cancelled { job, tasks } = r else { return Err(unexpected(r)) };
+            eprintln!("cancelled {job} ({tasks} task{})", if tasks == 1 { "" } else { "s" });
+            Ok(0)
+        }
+        Cmd::Workers { command, json } => match command {
+            None => {
+                let r = client.call(&Request::Workers).await?;
+                let Response::Workers(ws) = r else { return Err(unexpected(r)) };
+                if json {
+                    println!("{}", show::workers_json(&ws));
+                } else {
+                    print!("{}", show::workers_text(style, &ws));
+                }
+                Ok(0)
+            }
+            Some(WorkersCmd::Drain { name }) | Some(WorkersCmd::Undrain { name }) if name.is_empty() => Err(Fail::usage("a worker name is required")),
+            Some(c) => {
+                let (worker, drain) = match c {
+                    WorkersCmd::Drain { name } => (name, true),
+                    WorkersCmd::Undrain { name } => (name, false),
+                };
+                let r = client.call(&Request::Drain { worker, drain }).await?;
+                let Response::Drained { worker, drained } = r else { return Err(unexpected(r)) };
+                eprintln!("{worker}: {}", if drained { "drained (running jobs finish, no new claims)" } else { "undrained" });
+                Ok(0)
+            }
+        },
+        Cmd::Completions { .. } | Cmd::Dev(_) => Ok(0),
+    }
+}

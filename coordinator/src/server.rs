@@ -65,8 +65,13 @@ pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, shutdown: imp
     endpoint.close(CLOSE_DONE.into(), b"coordinator shutting down");
 }
 
-/// Closes a connection because of a frame it sent.
+/// Closes a connection because of a frame it sent. A stream that failed because the
+/// connection went away is not the peer's fault and is only logged.
 pub fn close_for(conn: &quinn::Connection, e: &CodecError) {
+    if matches!(e, CodecError::Io(_)) || conn.close_reason().is_some() {
+        tracing::debug!(error = %e, "stream ended with the connection");
+        return;
+    }
     let reason = format!("protocol error: {e}");
     tracing::warn!(reason = %reason, "closing connection");
     conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());

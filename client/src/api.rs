@@ -1,0 +1,114 @@
+//! Talking to the coordinator: find the profile, connect, send requests.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_shared::codec::{read_frame, write_frame};
+use berth_shared::dial::{client_endpoint, dial, DialError};
+use berth_shared::profile::Profile;
+use berth_shared::tls::client_config;
+use berth_shared::wire::{ApiError, ErrorKind, PeerKind, Request, Response};
+
+use crate::exit::{Fail, EXIT_AUTH, EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_USAGE};
+
+/// Where the profile is: `--profile`, then `$BERTH_PROFILE`, then
+/// `$XDG_CONFIG_HOME/berth/profile.toml` (or `~/.config/berth/profile.toml`).
+pub fn profile_path(flag: Option<&Path>) -> Result<PathBuf, Fail> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("BERTH_PROFILE").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|p| !p.is_empty()) {
+        Some(x) => PathBuf::from(x),
+        None => match std::env::var_os("HOME") {
+            Some(h) => PathBuf::from(h).join(".config"),
+            None => return Err(Fail::new(EXIT_AUTH, "no profile: pass --profile PATH or set BERTH_PROFILE")),
+        },
+    };
+    Ok(base.join("berth").join("profile.toml"))
+}
+
+pub struct Client {
+    conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Client {
+    pub async fn connect(profile_flag: Option<&Path>) -> Result<Client, Fail> {
+        let path = profile_path(profile_flag)?;
+        let profile = Profile::from_file(&path).map_err(|e| {
+            Fail::new(EXIT_AUTH, format!("{e} (make one with `berth-coordinator user add`, or run `berth dev`)"))
+        })?;
+        Self::with_profile(&profile).await
+    }
+
+    pub async fn with_profile(profile: &Profile) -> Result<Client, Fail> {
+        let tls = client_config(&profile.ca, Some(&profile.identity())).map_err(|e| Fail::new(EXIT_AUTH, format!("profile for {}: {e}", profile.user)))?;
+        let v6 = profile.coordinators.first().is_some_and(|a| a.starts_with('['));
+        let endpoint = client_endpoint(tls, v6).map_err(|e| Fail::new(EXIT_FAILURE, format!("cannot open a UDP socket: {e}")))?;
+        let d = dial(&endpoint, &profile.coordinators, Some(&profile.server_name), PeerKind::Client, Duration::from_secs(5))
+            .await
+            .map_err(|e| match e {
+                DialError::Refused { .. } => Fail::new(EXIT_AUTH, e.to_string()),
+                other => Fail::new(EXIT_AUTH, other.to_string()),
+            })?;
+        let _ = d.send;
+        Ok(Client { conn: d.conn, _endpoint: endpoint })
+    }
+
+    /// Sends a request; the returned stream yields its responses.
+    pub async fn open(&self, req: &Request) -> Result<Responses, Fail> {
+        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| Fail::new(EXIT_AUTH, format!("lost the coordinator: {e}")))?;
+        write_frame(&mut send, req).await.map_err(|e| Fail::new(EXIT_AUTH, format!("cannot send the request: {e}")))?;
+        let _ = send.finish();
+        Ok(Responses { recv, conn: self.conn.clone() })
+    }
+
+    /// Sends a request that has exactly one answer.
+    pub async fn call(&self, req: &Request) -> Result<Response, Fail> {
+        let mut r = self.open(req).await?;
+        match r.next().await? {
+            Some(resp) => Ok(resp),
+            None => Err(Fail::new(EXIT_FAILURE, "the coordinator sent no answer")),
+        }
+    }
+
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"bye");
+    }
+}
+
+pub struct Responses {
+    recv: quinn::RecvStream,
+    conn: quinn::Connection,
+}
+
+impl Responses {
+    /// The next response; an `Error` response becomes a `Fail` with its exit code.
+    pub async fn next(&mut self) -> Result<Option<Response>, Fail> {
+        match read_frame::<_, Response>(&mut self.recv).await {
+            Ok(Some(Response::Error(e))) => Err(api_fail(e)),
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let why = self.conn.close_reason().map(|r| berth_shared::dial::describe(&r)).unwrap_or_else(|| e.to_string());
+                Err(Fail::new(EXIT_AUTH, format!("lost the coordinator: {why}")))
+            }
+        }
+    }
+}
+
+pub fn api_fail(e: ApiError) -> Fail {
+    let code = match e.kind {
+        ErrorKind::Invalid | ErrorKind::Ambiguous => EXIT_USAGE,
+        ErrorKind::Refused => EXIT_REFUSED,
+        ErrorKind::NotFound => EXIT_NOT_FOUND,
+        ErrorKind::Internal => EXIT_FAILURE,
+    };
+    Fail::new(code, e.message)
+}
+
+pub fn unexpected(r: Response) -> Fail {
+    Fail::new(EXIT_FAILURE, format!("unexpected answer from the coordinator: {r:?}"))
+}

@@ -1,0 +1,311 @@
+//! Output for people and scripts: aligned, coloured tables (colour off with NO_COLOR
+//! or when not a terminal) and JSON with stable field names.
+
+use std::io::IsTerminal;
+
+use berth_shared::duration::format_duration;
+use berth_shared::job::{Command, Counts, Event, JobState};
+use berth_shared::wire::{JobStatus, JobSummary, WorkerInfo};
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+
+#[derive(Clone, Copy)]
+pub struct Style {
+    pub color: bool,
+}
+
+impl Style {
+    /// Colour when stdout is a terminal and NO_COLOR is unset.
+    pub fn detect() -> Style {
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        Style { color: !no_color && std::io::stdout().is_terminal() }
+    }
+
+    fn paint(&self, code: &str, s: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+
+    pub fn state(&self, s: JobState) -> String {
+        let code = match s {
+            JobState::Succeeded => "32",
+            JobState::Failed | JobState::TimedOut => "31",
+            JobState::Running => "36",
+            JobState::Queued | JobState::PendingApproval => "33",
+            JobState::Cancelled | JobState::Rejected => "35",
+            JobState::Frozen => "34",
+        };
+        self.paint(code, s.as_str())
+    }
+
+    pub fn bold(&self, s: &str) -> String {
+        self.paint("1", s)
+    }
+
+    pub fn dim(&self, s: &str) -> String {
+        self.paint("2", s)
+    }
+}
+
+fn visible_width(s: &str) -> usize {
+    let mut w = 0;
+    let mut in_esc = false;
+    for c in s.chars() {
+        match (in_esc, c) {
+            (false, '\x1b') => in_esc = true,
+            (true, 'm') => in_esc = false,
+            (true, _) => {}
+            (false, _) => w += 1,
+        }
+    }
+    w
+}
+
+/// Left-aligned columns, two spaces apart.
+pub fn table(style: Style, headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(visible_width(c));
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let n = cells.len();
+        let mut out = String::new();
+        for (i, c) in cells.into_iter().enumerate() {
+            out.push_str(&c);
+            if i + 1 < n {
+                out.push_str(&" ".repeat(widths[i] - visible_width(&c) + 2));
+            }
+        }
+        out.trim_end().to_string()
+    };
+    let mut out = line(headers.iter().map(|h| style.bold(h)).collect());
+    out.push('\n');
+    for r in rows {
+        out.push_str(&line(r.clone()));
+        out.push('\n');
+    }
+    out
+}
+
+pub fn time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+pub fn counts_text(c: &Counts) -> String {
+    let parts: Vec<String> = JobState::ALL
+        .iter()
+        .filter(|s| c.get(**s) > 0)
+        .map(|s| format!("{} {}", c.get(*s), s.as_str()))
+        .collect();
+    parts.join(", ")
+}
+
+pub fn command_text(c: &Command) -> String {
+    match c {
+        Command::Argv(v) => v.iter().map(|a| if a.contains(' ') || a.is_empty() { format!("'{a}'") } else { a.clone() }).collect::<Vec<_>>().join(" "),
+        Command::Script(s) => format!("sh -c '{}'", s.replace('\n', "; ")),
+    }
+}
+
+fn counts_json(c: &Counts) -> Value {
+    let mut m = serde_json::Map::new();
+    for s in JobState::ALL {
+        m.insert(s.as_str().into(), json!(c.get(s)));
+    }
+    Value::Object(m)
+}
+
+fn event_json(e: &Event) -> Value {
+    json!({
+        "time": e.time.to_rfc3339(),
+        "index": e.index,
+        "state": e.state.as_str(),
+        "attempt": e.attempt,
+        "worker": e.worker,
+        "reason": e.reason,
+    })
+}
+
+pub fn summary_json(s: &JobSummary) -> Value {
+    json!({
+        "id": s.id.to_string(),
+        "name": s.name,
+        "state": s.state.as_str(),
+        "tasks": s.tasks,
+        "counts": counts_json(&s.counts),
+        "owner": s.owner,
+        "account": s.account,
+        "submitted_at": s.submitted_at.to_rfc3339(),
+        "ended_at": s.ended_at.map(|t| t.to_rfc3339()),
+    })
+}
+
+pub fn status_json(st: &JobStatus) -> Value {
+    let mut v = summary_json(&st.summary);
+    let t = st.task.as_ref();
+    if let Value::Object(m) = &mut v {
+        if let Some(t) = t {
+            m.insert("state".into(), json!(t.state.as_str()));
+            m.insert("index".into(), json!(t.index));
+        }
+        m.insert("exit_code".into(), json!(t.and_then(|t| t.exit_code)));
+        m.insert("attempts".into(), json!(t.map(|t| t.attempt)));
+        m.insert("worker".into(), json!(t.and_then(|t| t.worker.clone())));
+        m.insert("started_at".into(), json!(t.and_then(|t| t.started_at).map(|x| x.to_rfc3339())));
+        m.insert("task_ended_at".into(), json!(t.and_then(|t| t.ended_at).map(|x| x.to_rfc3339())));
+        m.insert("runtime_ms".into(), json!(t.and_then(|t| t.runtime_ms)));
+        m.insert("reason".into(), json!(t.and_then(|t| t.reason.clone())));
+        m.insert("command".into(), json!(command_text(&st.spec.command)));
+        m.insert("events".into(), Value::Array(st.events.iter().map(event_json).collect()));
+    }
+    v
+}
+
+pub fn status_text(style: Style, st: &JobStatus) -> String {
+    let s = &st.summary;
+    let mut rows: Vec<(&str, String)> = vec![("job", s.id.to_string())];
+    if let Some(n) = &s.name {
+        rows.push(("name", n.clone()));
+    }
+    let state = st.task.as_ref().map(|t| t.state).unwrap_or(s.state);
+    rows.push(("state", style.state(state)));
+    if let Some(t) = &st.task {
+        if let Some(i) = t.index {
+            rows.push(("task", i.to_string()));
+        }
+        rows.push(("attempt", format!("{} of {}", t.attempt, st.spec.max_attempts)));
+        if let Some(w) = &t.worker {
+            rows.push(("worker", w.clone()));
+        }
+        if let Some(c) = t.exit_code {
+            rows.push(("exit code", c.to_string()));
+        }
+        if let Some(r) = &t.reason {
+            rows.push(("reason", r.clone()));
+        }
+        if let Some(x) = t.started_at {
+            rows.push(("started", time(x)));
+        }
+        if let Some(x) = t.ended_at {
+            rows.push(("ended", time(x)));
+        }
+        if let Some(ms) = t.runtime_ms {
+            rows.push(("runtime", format_duration(std::time::Duration::from_millis(ms))));
+        }
+    } else {
+        rows.push(("tasks", format!("{} ({})", s.tasks, counts_text(&s.counts))));
+    }
+    rows.push(("command", command_text(&st.spec.command)));
+    rows.push(("owner", s.owner.clone()));
+    rows.push(("submitted", time(s.submitted_at)));
+    if let (Some(e), None) = (s.ended_at, &st.task) {
+        rows.push(("ended", time(e)));
+    }
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("{}  {}\n", style.bold(&format!("{k:<9}")), v));
+    }
+    if !st.events.is_empty() {
+        out.push('\n');
+        let ev: Vec<Vec<String>> = st
+            .events
+            .iter()
+            .map(|e| {
+                vec![
+                    time(e.time),
+                    e.index.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                    style.state(e.state),
+                    e.attempt.to_string(),
+                    e.worker.clone().unwrap_or_else(|| "-".into()),
+                    e.reason.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(style, &["TIME", "TASK", "STATE", "ATTEMPT", "WORKER", "REASON"], &ev));
+    }
+    out
+}
+
+pub fn list_text(style: Style, jobs: &[JobSummary]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            let progress = if j.tasks == 1 { "1".to_string() } else { format!("{}/{}", j.counts.succeeded, j.tasks) };
+            vec![
+                j.id.short(),
+                j.name.clone().unwrap_or_else(|| style.dim("-")),
+                style.state(j.state),
+                progress,
+                j.owner.clone(),
+                time(j.submitted_at),
+            ]
+        })
+        .collect();
+    table(style, &["ID", "NAME", "STATE", "TASKS", "OWNER", "SUBMITTED"], &rows)
+}
+
+pub fn workers_text(style: Style, ws: &[WorkerInfo]) -> String {
+    let rows: Vec<Vec<String>> = ws
+        .iter()
+        .map(|w| {
+            let state = match (w.connected, w.drained) {
+                (true, false) => style.paint("32", "up"),
+                (true, true) => style.paint("33", "draining"),
+                (false, true) => style.dim("down, drained"),
+                (false, false) => style.dim("down"),
+            };
+            vec![
+                w.name.clone(),
+                state,
+                format!("{}/{}", w.running, w.slots),
+                w.pool.clone(),
+                format!("{} cpu, {} MiB, {} gpu", w.host.cpus, w.host.mem_mib, w.host.gpus.len()),
+                w.last_heartbeat.map(time).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(style, &["NAME", "STATE", "LEASES/SLOTS", "POOL", "HOST", "LAST HEARTBEAT"], &rows)
+}
+
+pub fn workers_json(ws: &[WorkerInfo]) -> Value {
+    Value::Array(
+        ws.iter()
+            .map(|w| {
+                json!({
+                    "name": w.name,
+                    "connected": w.connected,
+                    "drained": w.drained,
+                    "slots": w.slots,
+                    "running": w.running,
+                    "pool": w.pool,
+                    "labels": w.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                    "host": w.host,
+                    "leases": w.leases.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
+                    "last_heartbeat": w.last_heartbeat.map(|t| t.to_rfc3339()),
+                })
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_on_visible_width() {
+        let st = Style { color: true };
+        let t = table(st, &["A", "B"], &[vec![st.state(JobState::Succeeded), "x".into()], vec!["q".into(), "y".into()]]);
+        let plain: Vec<String> = t.lines().map(|l| l.replace("\x1b[32m", "").replace("\x1b[0m", "").replace("\x1b[1m", "")).collect();
+        assert_eq!(plain[1].find('x'), plain[2].find('y'));
+        let off = Style { color: false };
+        assert!(!table(off, &["A"], &[vec![off.state(JobState::Failed)]]).contains('\x1b'));
+    }
+}
