@@ -3,7 +3,6 @@
 //! wait for it or follow its output.
 
 use std::io::{IsTerminal, Write};
-use std::path::Path;
 use std::time::Duration;
 
 use berth_shared::duration::{parse_duration, parse_size_mib};
@@ -73,17 +72,24 @@ pub struct SubmitArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-    /// `-- CMD ARGS...`, or a job.toml.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD | JOB.toml")]
+    /// A job.toml describing the job (flags override its fields).
+    #[arg(value_name = "JOB.toml")]
+    pub job_file: Option<std::path::PathBuf>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
 
 /// The spec from a job file or the command line; flags override the file.
 pub fn build_spec(a: &SubmitArgs) -> Result<JobSpec, Fail> {
-    let mut spec = match a.command.as_slice() {
-        [] => return Err(Fail::usage("nothing to run: give `-- CMD ARGS...` or a job.toml")),
-        [one] if one.ends_with(".toml") => berth_shared::jobfile::load(Path::new(one)).map_err(Fail::usage)?,
-        argv => JobSpec::new(Command::Argv(argv.to_vec())),
+    let mut spec = match (&a.job_file, a.command.as_slice()) {
+        (None, []) => return Err(Fail::usage("nothing to run: give `-- CMD ARGS...` or a job.toml")),
+        (Some(_), [_, ..]) => return Err(Fail::usage("give either a job.toml or `-- CMD ARGS...`, not both")),
+        (Some(f), []) if f.extension().is_some_and(|e| e == "toml") => berth_shared::jobfile::load(f).map_err(Fail::usage)?,
+        (Some(f), []) => {
+            return Err(Fail::usage(format!("`{}` is not a job.toml: put the command after `--`, as in `berth submit -- CMD ARGS`", f.display())))
+        }
+        (None, argv) => JobSpec::new(Command::Argv(argv.to_vec())),
     };
     if a.name.is_some() {
         spec.name = a.name.clone();

@@ -17,6 +17,8 @@ pub enum DialError {
     Timeout { addr: String, secs: u64 },
     #[error("the coordinator at {addr} refused: {reason}")]
     Refused { addr: String, reason: String },
+    #[error("cannot authenticate to the coordinator at {addr}: {message}")]
+    Auth { addr: String, message: String },
     #[error("protocol error talking to {addr}: {source}")]
     Protocol { addr: String, #[source] source: CodecError },
     #[error("no coordinator address given")]
@@ -65,7 +67,7 @@ pub async fn dial(endpoint: &quinn::Endpoint, addrs: &[String], server_name: Opt
         match dial_one(endpoint, addr, server_name, kind, timeout).await {
             Ok(d) => return Ok(d),
             // A refusal is an answer: trying the next coordinator will not change it.
-            Err(e @ DialError::Refused { .. }) => return Err(e),
+            Err(e @ (DialError::Refused { .. } | DialError::Auth { .. })) => return Err(e),
             Err(e) => last = e,
         }
     }
@@ -79,8 +81,8 @@ async fn dial_one(endpoint: &quinn::Endpoint, addr: &str, server_name: Option<&s
     for sock in sockets {
         let attempt = async {
             let connecting = endpoint.connect(sock, name).map_err(|e| DialError::Connect { addr: addr.into(), message: e.to_string() })?;
-            let conn = connecting.await.map_err(|e| DialError::Connect { addr: addr.into(), message: describe(&e) })?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| DialError::Connect { addr: addr.into(), message: describe(&e) })?;
+            let conn = connecting.await.map_err(|e| connect_error(addr, &e))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| connect_error(addr, &e))?;
             let hello = Hello { protocol: PROTOCOL_VERSION, software: crate::VERSION.into(), kind };
             write_frame(&mut send, &hello).await.map_err(|source| connect_or_protocol(addr, &conn, source))?;
             match read_frame::<_, HelloReply>(&mut recv).await {
@@ -94,7 +96,7 @@ async fn dial_one(endpoint: &quinn::Endpoint, addr: &str, server_name: Option<&s
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(d)) => return Ok(d),
-            Ok(Err(e @ DialError::Refused { .. })) => return Err(e),
+            Ok(Err(e @ (DialError::Refused { .. } | DialError::Auth { .. }))) => return Err(e),
             Ok(Err(e)) => last = e,
             Err(_) => last = DialError::Timeout { addr: addr.into(), secs: timeout.as_secs().max(1) },
         }
@@ -102,16 +104,30 @@ async fn dial_one(endpoint: &quinn::Endpoint, addr: &str, server_name: Option<&s
     Err(last)
 }
 
+/// A TLS failure is an answer (this certificate or CA is wrong), not an outage.
+fn connect_error(addr: &str, e: &quinn::ConnectionError) -> DialError {
+    let crypto = match e {
+        quinn::ConnectionError::TransportError(t) => is_crypto(t.code),
+        quinn::ConnectionError::ConnectionClosed(c) => is_crypto(c.error_code),
+        _ => false,
+    };
+    if crypto {
+        DialError::Auth { addr: addr.into(), message: describe(e) }
+    } else {
+        DialError::Connect { addr: addr.into(), message: describe(e) }
+    }
+}
+
 fn closed(addr: &str, conn: &quinn::Connection) -> DialError {
     match conn.close_reason() {
-        Some(r) => DialError::Connect { addr: addr.into(), message: describe(&r) },
+        Some(r) => connect_error(addr, &r),
         None => DialError::Connect { addr: addr.into(), message: "the connection closed during the hello".into() },
     }
 }
 
 fn connect_or_protocol(addr: &str, conn: &quinn::Connection, source: CodecError) -> DialError {
     match (conn.close_reason(), &source) {
-        (Some(r), _) => DialError::Connect { addr: addr.into(), message: describe(&r) },
+        (Some(r), _) => connect_error(addr, &r),
         (None, CodecError::Io(_)) => closed(addr, conn),
         _ => DialError::Protocol { addr: addr.into(), source },
     }

@@ -1,1 +1,6 @@
-//! e2e
+//! End-to-end tests: the real `berth-coordinator`, `berth-worker` and `berth`
+//! binaries on loopback, used as a person would. One test binary, modules inside.
+
+mod bad_input;
+mod jobs;
+mod security;

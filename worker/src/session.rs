@@ -417,7 +417,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     }
                 }
             }
-            Some(Err(e @ berth_shared::dial::DialError::Refused { .. })) => {
+            Some(Err(e @ (berth_shared::dial::DialError::Refused { .. } | berth_shared::dial::DialError::Auth { .. }))) => {
                 state.kill_all().await;
                 return Err(e.into());
             }
