@@ -32,7 +32,8 @@ pub fn profile_path(flag: Option<&Path>) -> Result<PathBuf, Fail> {
 
 pub struct Client {
     conn: quinn::Connection,
-    _endpoint: quinn::Endpoint,
+    endpoint: quinn::Endpoint,
+    profile: Profile,
 }
 
 impl Client {
@@ -48,20 +49,51 @@ impl Client {
         let tls = client_config(&profile.ca, Some(&profile.identity())).map_err(|e| Fail::new(EXIT_AUTH, format!("profile for {}: {e}", profile.user)))?;
         let v6 = profile.coordinators.first().is_some_and(|a| a.starts_with('['));
         let endpoint = client_endpoint(tls, v6).map_err(|e| Fail::new(EXIT_FAILURE, format!("cannot open a UDP socket: {e}")))?;
-        let d = dial(&endpoint, &profile.coordinators, Some(&profile.server_name), PeerKind::Client, Duration::from_secs(5))
+        let conn = Self::dial(&endpoint, profile).await?;
+        Ok(Client { conn, endpoint, profile: profile.clone() })
+    }
+
+    /// Connects to the first of the profile's coordinators that answers.
+    async fn dial(endpoint: &quinn::Endpoint, profile: &Profile) -> Result<quinn::Connection, Fail> {
+        let d = dial(endpoint, &profile.coordinators, Some(&profile.server_name), PeerKind::Client, Duration::from_secs(5))
             .await
             .map_err(|e| match e {
-                DialError::Refused { .. } => Fail::new(EXIT_AUTH, e.to_string()),
-                other => Fail::new(EXIT_AUTH, other.to_string()),
+                DialError::Refused { .. } | DialError::Auth { .. } => Fail::new(EXIT_AUTH, e.to_string()),
+                other => Fail::lost(other.to_string()),
             })?;
-        let _ = d.send;
-        Ok(Client { conn: d.conn, _endpoint: endpoint })
+        Ok(d.conn)
+    }
+
+    /// Sends a request that is safe to repeat (it carries an idempotency key): when the
+    /// coordinator is lost or does not answer in time, reconnects — to the next
+    /// coordinator in the profile if that one is down — and sends it again, for up to
+    /// `patience`.
+    pub async fn call_idempotent(&mut self, req: &Request, patience: Duration) -> Result<Response, Fail> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let r = match tokio::time::timeout(Duration::from_secs(15), self.call(req)).await {
+                Ok(r) => r,
+                Err(_) => Err(Fail::lost("the coordinator did not answer within 15s")),
+            };
+            match r {
+                Err(f) if f.lost && tokio::time::Instant::now() + backoff < deadline => {
+                    tracing::debug!(error = %f.message, "request lost; sending it again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    if let Ok(conn) = Self::dial(&self.endpoint, &self.profile).await {
+                        self.conn = conn;
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Sends a request; the returned stream yields its responses.
     pub async fn open(&self, req: &Request) -> Result<Responses, Fail> {
-        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| Fail::new(EXIT_AUTH, format!("lost the coordinator: {e}")))?;
-        write_frame(&mut send, req).await.map_err(|e| Fail::new(EXIT_AUTH, format!("cannot send the request: {e}")))?;
+        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| Fail::lost(format!("lost the coordinator: {e}")))?;
+        write_frame(&mut send, req).await.map_err(|e| Fail::lost(format!("cannot send the request: {e}")))?;
         let _ = send.finish();
         Ok(Responses { recv, conn: self.conn.clone() })
     }
@@ -93,7 +125,7 @@ impl Responses {
             Ok(r) => Ok(r),
             Err(e) => {
                 let why = self.conn.close_reason().map(|r| berth_shared::dial::describe(&r)).unwrap_or_else(|| e.to_string());
-                Err(Fail::new(EXIT_AUTH, format!("lost the coordinator: {why}")))
+                Err(Fail::lost(format!("lost the coordinator: {why}")))
             }
         }
     }

@@ -11,11 +11,17 @@ pub const EXIT_NOT_FOUND: u8 = 5;
 pub struct Fail {
     pub code: u8,
     pub message: String,
+    /// The coordinator was lost mid-request: an idempotent request may be sent again.
+    pub lost: bool,
 }
 
 impl Fail {
     pub fn new(code: u8, message: impl Into<String>) -> Fail {
-        Fail { code, message: message.into() }
+        Fail { code, message: message.into(), lost: false }
+    }
+    /// The connection to the coordinator broke (or timed out) during a request.
+    pub fn lost(message: impl Into<String>) -> Fail {
+        Fail { code: EXIT_AUTH, message: message.into(), lost: true }
     }
     pub fn usage(message: impl Into<String>) -> Fail {
         Fail::new(EXIT_USAGE, message)

@@ -129,8 +129,8 @@ fn real_main(cli: Cli) -> Result<u8, Fail> {
         command => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Fail::new(1, e.to_string()))?;
             rt.block_on(async move {
-                let client = Client::connect(cli.profile.as_deref()).await?;
-                let code = command_main(&client, command).await;
+                let mut client = Client::connect(cli.profile.as_deref()).await?;
+                let code = command_main(&mut client, command).await;
                 client.close();
                 code
             })
@@ -138,7 +138,7 @@ fn real_main(cli: Cli) -> Result<u8, Fail> {
     }
 }
 
-async fn command_main(client: &Client, command: Cmd) -> Result<u8, Fail> {
+async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
     let style = Style::detect();
     match command {
         Cmd::Submit(a) => submit::submit(client, &a, style).await,

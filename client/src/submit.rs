@@ -72,6 +72,11 @@ pub struct SubmitArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// The submission's idempotency key (default: a new random one). Submitting again
+    /// with the same key returns the first job instead of making another; the client
+    /// itself resends with its key when the coordinator is lost mid-submit.
+    #[arg(long, value_name = "UUID")]
+    pub idempotency_key: Option<uuid::Uuid>,
     /// A job.toml describing the job (flags override its fields).
     #[arg(value_name = "JOB.toml")]
     pub job_file: Option<std::path::PathBuf>,
@@ -130,11 +135,11 @@ pub fn build_spec(a: &SubmitArgs) -> Result<JobSpec, Fail> {
     Ok(spec)
 }
 
-pub async fn submit(client: &Client, a: &SubmitArgs, style: Style) -> Result<u8, Fail> {
+pub async fn submit(client: &mut Client, a: &SubmitArgs, style: Style) -> Result<u8, Fail> {
     let spec = build_spec(a)?;
     let is_array = spec.array.is_some();
-    let key = uuid::Uuid::new_v4();
-    let resp = client.call(&Request::Submit { spec, idempotency_key: key }).await?;
+    let key = a.idempotency_key.unwrap_or_else(uuid::Uuid::new_v4);
+    let resp = client.call_idempotent(&Request::Submit { spec, idempotency_key: key }, Duration::from_secs(60)).await?;
     let Response::Submitted { job, tasks, .. } = resp else { return Err(unexpected(resp)) };
     if !a.wait && !a.follow {
         if a.json {
