@@ -14,7 +14,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::actors::reader::query;
 use crate::actors::{budget, job_store, log_store, registry};
 use crate::server::{close_for, Shared};
-use crate::store::{Notice, Reader, StoreError};
+use crate::store::{Notice, StoreError};
 
 pub async fn serve(conn: quinn::Connection, shared: Arc<Shared>, who: String, role: Role) {
     loop {

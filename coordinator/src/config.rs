@@ -14,6 +14,9 @@ pub struct ConfigFile {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
     pub lease_ttl: Option<String>,
+    /// The job store: `postgres://…` to share one database among coordinators;
+    /// absent for the embedded SQLite file in the data dir.
+    pub store: Option<String>,
     #[serde(default)]
     pub names: Vec<String>,
 }
@@ -49,6 +52,8 @@ pub struct RunConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub lease_ttl: Duration,
+    /// `--store`: None for the embedded SQLite file.
+    pub store: Option<String>,
     /// A name for logs and hellos.
     pub name: String,
 }

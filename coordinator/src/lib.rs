@@ -24,8 +24,8 @@ use chrono::Utc;
 use crate::actors::{budget::Budget, job_store::JobStore, lease_recovery::LeaseRecovery, log_store::LogStore, reader::StoreReader, registry::WorkerRegistry, Actors};
 use crate::config::RunConfig;
 use crate::datadir::{DataDir, DataDirError};
-use crate::store::sqlite::{create_token, SqliteReader};
-use crate::store::{SqliteStore, StoreError};
+use crate::store::engine::create_token;
+use crate::store::{Location, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {
@@ -56,14 +56,14 @@ impl Coordinator {
         let ca = dir.ca()?;
         let ca_pem = dir.ca_pem()?;
         let server_cert = dir.server()?;
-        let db = dir.database();
-        let store = store::spawn_writer(SqliteStore::open(&db)?);
-        let readers: Vec<SqliteReader> = (0..2).map(|_| SqliteReader::open(&db)).collect::<Result<_, _>>()?;
+        let location = Location::parse(cfg.store.as_deref(), &dir.database()).map_err(CoordError::Usage)?;
+        let store = location.writer()?;
+        let readers: Vec<_> = (0..2).map(|_| location.reader()).collect::<Result<_, _>>()?;
         let readers = std::sync::Mutex::new(readers);
         let reader = SyncArbiter::start(2, move || {
             // Each arbiter thread takes one of the connections opened above.
             let conn = readers.lock().ok().and_then(|mut v| v.pop());
-            StoreReader::new(conn.unwrap_or_else(|| SqliteReader::open(&db).unwrap_or_else(|e| panic!("cannot open a read connection: {e}"))))
+            StoreReader::new(conn.unwrap_or_else(|| location.reader().unwrap_or_else(|e| panic!("cannot open a read connection: {e}"))))
         });
         let job_store = JobStore::new(store.clone(), cfg.lease_ttl).start();
         // No lease expires before its worker had a full TTL to reconnect to us.
@@ -112,20 +112,20 @@ pub fn init(data_dir: &Path, names: &[String]) -> Result<bool, CoordError> {
     let dir = DataDir::new(data_dir);
     let made = dir.init(names)?;
     // Create the database too, so `token create` works before the first `run`.
-    SqliteStore::open(&dir.database())?;
+    Location::Sqlite(dir.database()).connect()?;
     Ok(made)
 }
 
 /// `berth-coordinator token create`.
-pub fn token_create(data_dir: &Path, role: &str, ttl: Duration) -> Result<String, CoordError> {
+pub fn token_create(data_dir: &Path, store: Option<&str>, role: &str, ttl: Duration) -> Result<String, CoordError> {
     if role != "worker" {
         return Err(CoordError::Usage(format!("join tokens are for role worker, not `{role}`; users get a profile from `user add`")));
     }
     let dir = DataDir::new(data_dir);
     dir.ca_pem()?;
-    let conn = store::sqlite::open_connection(&dir.database())?;
-    store::sqlite::migrate(&conn)?;
-    Ok(create_token(&conn, role, ttl, Utc::now())?)
+    let location = Location::parse(store, &dir.database()).map_err(CoordError::Usage)?;
+    let mut db = location.connect()?;
+    Ok(create_token(db.as_mut(), role, ttl, Utc::now())?)
 }
 
 /// `berth-coordinator user add`: issues a certificate and writes a client profile.

@@ -46,6 +46,10 @@ enum Cmd {
         /// How long a lease lives without a heartbeat.
         #[arg(long, value_parser = parse_duration)]
         lease_ttl: Option<Duration>,
+        /// The job store: `postgres://USER@HOST/DB` to share one database among
+        /// several coordinators (default: the embedded SQLite file in the data dir).
+        #[arg(long, env = "BERTH_STORE", hide_env_values = true)]
+        store: Option<String>,
         /// A coordinator.toml; flags override it.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -62,6 +66,9 @@ enum TokenCmd {
         role: String,
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
+        /// The job store, as for `run --store`.
+        #[arg(long, env = "BERTH_STORE", hide_env_values = true)]
+        store: Option<String>,
     },
 }
 
@@ -127,8 +134,8 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
             }
             Ok(())
         }
-        Cmd::Token { command: TokenCmd::Create { data_dir, role, ttl } } => {
-            let token = berth_coordinator::token_create(&data_dir, &role, ttl).map_err(fail)?;
+        Cmd::Token { command: TokenCmd::Create { data_dir, role, ttl, store } } => {
+            let token = berth_coordinator::token_create(&data_dir, store.as_deref(), &role, ttl).map_err(fail)?;
             println!("{token}");
             Ok(())
         }
@@ -137,7 +144,7 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
             eprintln!("wrote {} for {} (role {}, coordinator {})", out.display(), p.user, p.role, p.coordinators.join(", "));
             Ok(())
         }
-        Cmd::Run { data_dir, listen, lease_ttl, config } => {
+        Cmd::Run { data_dir, listen, lease_ttl, store, config } => {
             let file = match &config {
                 Some(p) => ConfigFile::from_file(p).map_err(|e| (2, chain(&e)))?,
                 None => ConfigFile::default(),
@@ -157,7 +164,7 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
                 return Err((2, "--lease-ttl must be at least 500ms".into()));
             }
             let name = hostname();
-            let cfg = RunConfig { data_dir, listen, lease_ttl, name };
+            let cfg = RunConfig { data_dir, listen, lease_ttl, store: store.or(file.store), name };
             let system = actix_rt::System::new();
             system.block_on(async move {
                 let coord = berth_coordinator::Coordinator::start(&cfg).await.map_err(fail)?;

@@ -3,15 +3,14 @@
 
 use actix::prelude::*;
 
-use crate::store::sqlite::SqliteReader;
-use crate::store::StoreError;
+use crate::store::{Reader, StoreError};
 
 pub struct StoreReader {
-    conn: SqliteReader,
+    conn: Box<dyn Reader + Send>,
 }
 
 impl StoreReader {
-    pub fn new(conn: SqliteReader) -> Self {
+    pub fn new(conn: Box<dyn Reader + Send>) -> Self {
         StoreReader { conn }
     }
 }
@@ -21,7 +20,7 @@ impl Actor for StoreReader {
 }
 
 /// Runs a read on one of the reader connections.
-pub struct Query<R>(pub Box<dyn FnOnce(&SqliteReader) -> Result<R, StoreError> + Send>);
+pub struct Query<R>(pub Box<dyn FnOnce(&mut dyn Reader) -> Result<R, StoreError> + Send>);
 
 impl<R: 'static> Message for Query<R> {
     type Result = Result<R, StoreError>;
@@ -30,14 +29,14 @@ impl<R: 'static> Message for Query<R> {
 impl<R: Send + 'static> Handler<Query<R>> for StoreReader {
     type Result = Result<R, StoreError>;
     fn handle(&mut self, q: Query<R>, _: &mut Self::Context) -> Self::Result {
-        (q.0)(&self.conn)
+        (q.0)(&mut *self.conn)
     }
 }
 
 /// Sends a read and waits for it.
 pub async fn query<R: Send + 'static>(
     addr: &Addr<StoreReader>,
-    f: impl FnOnce(&SqliteReader) -> Result<R, StoreError> + Send + 'static,
+    f: impl FnOnce(&mut dyn Reader) -> Result<R, StoreError> + Send + 'static,
 ) -> Result<R, StoreError> {
     addr.send(Query(Box::new(f))).await.map_err(|_| StoreError::Stopped)?
 }

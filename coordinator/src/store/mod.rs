@@ -6,7 +6,10 @@
 //! After every commit the store publishes what changed (`Notice`) so watchers, log
 //! followers and idle workers learn of it without polling.
 
-pub mod sqlite;
+pub mod engine;
+pub mod schema;
+#[macro_use]
+pub mod sql;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,21 +20,48 @@ use berth_shared::wire::{Assignment, ApiError, JobStatus, JobSummary, OutStream}
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, oneshot, watch};
 
-pub use sqlite::SqliteStore;
+pub use engine::{ReadView, Store};
+pub use sql::{Db, PgDb, SqliteDb};
+
+pub type SqliteStore = Store<SqliteDb>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error")]
+    #[error("database error: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("database error: {}", sql::pg_message(.0))]
+    Pg(#[from] postgres::Error),
     #[error("stored job {job} does not decode")]
     Corrupt { job: String },
+    #[error("an expected row is missing")]
+    Missing,
     #[error("{0}")]
     Api(ApiError),
     #[error("the job store has stopped")]
     Stopped,
-    #[error("cannot open the store at {path}")]
-    Open { path: String, #[source] source: rusqlite::Error },
+    #[error("cannot open the store at {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("conflict with another coordinator: {0}")]
+    Retry(String),
 }
+
+impl StoreError {
+    /// Whether the database asks for the transaction to be run again (PostgreSQL
+    /// deadlock or serialisation failure; SQLite busy).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Retry(_) => true,
+            StoreError::Pg(e) => e.code().is_some_and(|c| {
+                *c == postgres::error::SqlState::T_R_DEADLOCK_DETECTED || *c == postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+            }),
+            StoreError::Db(rusqlite::Error::SqliteFailure(e, _)) => e.code == rusqlite::ErrorCode::DatabaseBusy,
+            _ => false,
+        }
+    }
+}
+
+/// Where an operation's answer goes (taken when the answer is sent).
+pub type Tx<T> = Option<oneshot::Sender<Result<T, StoreError>>>;
 
 impl From<ApiError> for StoreError {
     fn from(e: ApiError) -> Self {
@@ -128,19 +158,19 @@ pub struct Reconciled {
 
 /// The write operations. Each is applied inside the batch transaction.
 pub enum Op {
-    Submit { spec: Box<JobSpec>, owner: String, idempotency_key: uuid::Uuid, now: DateTime<Utc>, reply: oneshot::Sender<Result<Submitted, StoreError>> },
-    Claim { worker: String, n: u32, caps: Arc<WorkerCaps>, now: DateTime<Utc>, ttl: Duration, reply: oneshot::Sender<Result<Vec<Assignment>, StoreError>> },
+    Submit { spec: Box<JobSpec>, owner: String, idempotency_key: uuid::Uuid, now: DateTime<Utc>, reply: Tx<Submitted> },
+    Claim { worker: String, n: u32, caps: Arc<WorkerCaps>, now: DateTime<Utc>, ttl: Duration, reply: Tx<Vec<Assignment>> },
     Started { worker: String, lease: LeaseId, now: DateTime<Utc> },
-    Finish { worker: String, lease: LeaseId, outcome: Outcome, now: DateTime<Utc>, reply: oneshot::Sender<Result<FinishVerdict, StoreError>> },
-    Heartbeat { worker: String, leases: Vec<LeaseId>, now: DateTime<Utc>, ttl: Duration, reply: oneshot::Sender<Result<Vec<LeaseId>, StoreError>> },
-    Reconcile { worker: String, held: Vec<LeaseId>, now: DateTime<Utc>, ttl: Duration, reply: oneshot::Sender<Result<Reconciled, StoreError>> },
-    AppendLogs { worker: String, chunks: Vec<LogChunk>, reply: oneshot::Sender<Result<Vec<ChunkVerdict>, StoreError>> },
-    Cancel { job: JobSelector, reason: String, now: DateTime<Utc>, reply: oneshot::Sender<Result<(JobId, u64, Vec<KillOrder>), StoreError>> },
-    ExpireLeases { now: DateTime<Utc>, reply: oneshot::Sender<Result<Vec<Expired>, StoreError>> },
+    Finish { worker: String, lease: LeaseId, outcome: Outcome, now: DateTime<Utc>, reply: Tx<FinishVerdict> },
+    Heartbeat { worker: String, leases: Vec<LeaseId>, now: DateTime<Utc>, ttl: Duration, reply: Tx<Vec<LeaseId>> },
+    Reconcile { worker: String, held: Vec<LeaseId>, now: DateTime<Utc>, ttl: Duration, reply: Tx<Reconciled> },
+    AppendLogs { worker: String, chunks: Vec<LogChunk>, reply: Tx<Vec<ChunkVerdict>> },
+    Cancel { job: JobSelector, reason: String, now: DateTime<Utc>, reply: Tx<(JobId, u64, Vec<KillOrder>)> },
+    ExpireLeases { now: DateTime<Utc>, reply: Tx<Vec<Expired>> },
     /// Coordinator start: every running lease gets a full TTL from now.
-    RestartLeases { now: DateTime<Utc>, ttl: Duration, reply: oneshot::Sender<Result<u64, StoreError>> },
-    UseToken { token: String, worker: String, now: DateTime<Utc>, reply: oneshot::Sender<Result<(), StoreError>> },
-    SetDrain { worker: String, drained: bool, reply: oneshot::Sender<Result<bool, StoreError>> },
+    RestartLeases { now: DateTime<Utc>, ttl: Duration, reply: Tx<u64> },
+    UseToken { token: String, worker: String, now: DateTime<Utc>, reply: Tx<()> },
+    SetDrain { worker: String, drained: bool, reply: Tx<bool> },
 }
 
 /// What the store tells the rest of the coordinator after a commit.
@@ -156,16 +186,16 @@ pub enum Notice {
 
 /// Read queries, answered from a read connection.
 pub trait Reader {
-    fn resolve(&self, sel: &JobSelector) -> Result<(i64, JobId), StoreError>;
-    fn status(&self, sel: &JobSelector) -> Result<JobStatus, StoreError>;
-    fn list(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobSummary>, StoreError>;
-    fn summary(&self, job_seq: i64) -> Result<JobSummary, StoreError>;
+    fn resolve(&mut self, sel: &JobSelector) -> Result<(i64, JobId), StoreError>;
+    fn status(&mut self, sel: &JobSelector) -> Result<JobStatus, StoreError>;
+    fn list(&mut self, state: Option<JobState>, limit: u32) -> Result<Vec<JobSummary>, StoreError>;
+    fn summary(&mut self, job_seq: i64) -> Result<JobSummary, StoreError>;
     /// Output of one attempt after the given per-stream sequence numbers, in arrival order.
-    fn logs(&self, job_seq: i64, index: Option<u32>, attempt: Option<u32>, after: (u64, u64)) -> Result<LogRead, StoreError>;
+    fn logs(&mut self, job_seq: i64, index: Option<u32>, attempt: Option<u32>, after: (u64, u64)) -> Result<LogRead, StoreError>;
     /// For `--wait`: the exit code of a finished job (the first failing task's for an array).
-    fn exit_code(&self, job_seq: i64) -> Result<Option<i32>, StoreError>;
-    fn workers(&self) -> Result<Vec<(String, bool)>, StoreError>;
-    fn is_drained(&self, worker: &str) -> Result<bool, StoreError>;
+    fn exit_code(&mut self, job_seq: i64) -> Result<Option<i32>, StoreError>;
+    fn workers(&mut self) -> Result<Vec<(String, bool)>, StoreError>;
+    fn is_drained(&mut self, worker: &str) -> Result<bool, StoreError>;
 }
 
 /// Output read back, and whether the attempt has ended (so a follower may stop).
@@ -192,15 +222,15 @@ impl StoreHandle {
     }
 
     /// Sends an operation built around a reply channel and waits for its answer.
-    pub async fn call<T>(&self, build: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
+    pub async fn call<T>(&self, build: impl FnOnce(Tx<T>) -> Op) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.send(build(tx))?;
+        self.send(build(Some(tx)))?;
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 }
 
 /// Starts the writer thread over `store`.
-pub fn spawn_writer(mut store: SqliteStore) -> StoreHandle {
+pub fn spawn_writer<D: Db + 'static>(mut store: Store<D>) -> StoreHandle {
     let (tx, rx) = std::sync::mpsc::channel::<Op>();
     let (notices, _) = broadcast::channel(8192);
     let (work, _) = watch::channel(0u64);
@@ -242,4 +272,67 @@ pub struct BatchOutcome {
     pub work_available: bool,
     /// Answers, sent only after the commit.
     pub replies: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+/// Where the job store lives: the embedded SQLite file, or a PostgreSQL database that
+/// several coordinators share.
+#[derive(Clone, Debug)]
+pub enum Location {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    /// `--store`: a `postgres://` (or `postgresql://`) URL, `sqlite:PATH`, or nothing
+    /// for the data dir's `berth.db`.
+    pub fn parse(flag: Option<&str>, default_db: &std::path::Path) -> Result<Location, String> {
+        match flag.map(str::trim) {
+            None | Some("") => Ok(Location::Sqlite(default_db.to_path_buf())),
+            Some(s) if s.starts_with("postgres://") || s.starts_with("postgresql://") => {
+                s.parse::<postgres::Config>().map_err(|e| format!("--store `{}` is not a valid PostgreSQL URL: {e}", sql::redact(s)))?;
+                Ok(Location::Postgres(s.to_string()))
+            }
+            Some(s) => match s.strip_prefix("sqlite:") {
+                Some(path) if !path.is_empty() => Ok(Location::Sqlite(path.into())),
+                _ => Err(format!("--store `{}` is neither postgres://USER@HOST/DB nor sqlite:PATH", sql::redact(s))),
+            },
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sqlite(p) => format!("sqlite:{}", p.display()),
+            Location::Postgres(u) => sql::redact(u),
+        }
+    }
+
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Location::Postgres(_))
+    }
+
+    /// A connection with the schema in place.
+    pub fn connect(&self) -> Result<Box<dyn Db>, StoreError> {
+        let mut db: Box<dyn Db> = match self {
+            Location::Sqlite(p) => Box::new(SqliteDb::open(p)?),
+            Location::Postgres(u) => Box::new(PgDb::connect(u)?),
+        };
+        schema::migrate(db.as_mut())?;
+        Ok(db)
+    }
+
+    /// Starts the group-commit writer.
+    pub fn writer(&self) -> Result<StoreHandle, StoreError> {
+        Ok(match self {
+            Location::Sqlite(p) => spawn_writer(Store::new(SqliteDb::open(p)?)?),
+            Location::Postgres(u) => spawn_writer(Store::new(PgDb::connect(u)?)?),
+        })
+    }
+
+    /// A read connection.
+    pub fn reader(&self) -> Result<Box<dyn Reader + Send>, StoreError> {
+        Ok(match self {
+            Location::Sqlite(p) => Box::new(ReadView::new(SqliteDb::open(p)?)),
+            Location::Postgres(u) => Box::new(ReadView::new(PgDb::connect(u)?)),
+        })
+    }
 }

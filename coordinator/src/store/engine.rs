@@ -1,0 +1,1048 @@
+//! The store's logic, written once over the `Db` seam and run on SQLite (embedded, one
+//! file, WAL, `synchronous=FULL`) or PostgreSQL (several coordinators on one database).
+//!
+//! Writes arrive as batches of `Op`s from the writer thread and are applied in one
+//! transaction with a savepoint per operation, so one failing operation does not undo
+//! the others. Task counts are kept on the job row; a batch collects their changes and
+//! applies them at the end as increments, in job order, so two coordinators never lose
+//! each other's updates. When PostgreSQL reports a deadlock or a serialisation failure
+//! the whole batch is rolled back and applied again; the callers never see it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_shared::ids::{JobId, JobSelector, LeaseId};
+use berth_shared::job::{Counts, Event, JobSpec, JobState, Outcome};
+use berth_shared::wire::{ApiError, Assignment, ErrorKind, JobStatus, JobSummary, OutStream, TaskStatus};
+use chrono::{DateTime, Utc};
+
+use super::sql::{p, Db, Row, Val};
+use super::*;
+use crate::lease::{self, Expiry};
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(v).unwrap_or_default()
+}
+
+fn invalid(msg: impl Into<String>) -> StoreError {
+    StoreError::Api(ApiError::new(ErrorKind::Invalid, msg))
+}
+
+fn not_found(sel: &JobSelector) -> StoreError {
+    StoreError::Api(ApiError::new(
+        ErrorKind::NotFound,
+        format!("no job matches `{}`: `berth list` shows the jobs", sel.prefix),
+    ))
+}
+
+fn stream_code(s: OutStream) -> i64 {
+    match s {
+        OutStream::Stdout => 0,
+        OutStream::Stderr => 1,
+    }
+}
+
+fn stream_of(c: i64) -> OutStream {
+    if c == 1 {
+        OutStream::Stderr
+    } else {
+        OutStream::Stdout
+    }
+}
+
+fn state_of(s: &str) -> JobState {
+    s.parse().unwrap_or(JobState::Failed)
+}
+
+fn lease_of(s: &str, job: &JobId) -> Result<LeaseId, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt { job: job.to_string() })
+}
+
+fn job_id(s: &str) -> Result<JobId, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt { job: s.to_string() })
+}
+
+/// The column of each state's count, in `JobState::ALL` order.
+const COUNT_COLS: [&str; 9] = ["n_pending", "n_queued", "n_running", "n_succeeded", "n_failed", "n_cancelled", "n_timed_out", "n_rejected", "n_frozen"];
+
+fn state_pos(s: JobState) -> usize {
+    JobState::ALL.iter().position(|x| *x == s).unwrap_or(0)
+}
+
+fn counts_from(row: &Row, first: usize) -> Result<Counts, StoreError> {
+    let mut c = Counts::default();
+    for (i, s) in JobState::ALL.iter().enumerate() {
+        *c.slot(*s) = row.u64(first + i)?;
+    }
+    Ok(c)
+}
+
+/// What the writer keeps about a job between batches (immutable facts only, so the
+/// cache is right even with other coordinators writing the same database).
+struct JobMeta {
+    id: JobId,
+    is_array: bool,
+    spec: Arc<JobSpec>,
+}
+
+/// The reply of one applied operation, sent once the batch's fate is known.
+type Pending = Box<dyn FnOnce(&mut Op, bool) + Send>;
+
+/// The per-batch scratch: count changes, notices, wake-ups.
+#[derive(Default)]
+struct Scratch {
+    /// (job, from, to, n), applied as increments at the end of the batch.
+    moves: Vec<(i64, JobState, JobState, u64)>,
+    /// Jobs whose counts changed other than by `moves` (a submission).
+    touched: BTreeSet<i64>,
+    notices: Vec<Notice>,
+    work: bool,
+}
+
+pub struct Store<D: Db> {
+    db: D,
+    jobs: HashMap<i64, Arc<JobMeta>>,
+    /// The next expected output sequence per (lease, stream); a hint, checked against
+    /// the database whenever a chunk disagrees with it.
+    expected_seq: HashMap<(LeaseId, OutStream), u64>,
+}
+
+fn send<T: Send + 'static>(reply: &mut Tx<T>, r: Result<T, StoreError>, committed: bool) {
+    let r = if committed { r } else { Err(StoreError::Api(ApiError::new(ErrorKind::Internal, "the job store could not commit; try again"))) };
+    if let Some(tx) = reply.take() {
+        let _ = tx.send(r);
+    }
+}
+
+impl<D: Db> Store<D> {
+    pub fn new(mut db: D) -> Result<Store<D>, StoreError> {
+        super::schema::migrate(&mut db)?;
+        Ok(Store { db, jobs: HashMap::new(), expected_seq: HashMap::new() })
+    }
+
+    pub fn db(&mut self) -> &mut D {
+        &mut self.db
+    }
+
+    /// Applies a batch of operations in one transaction and commits once; retried as a
+    /// whole when the database asks for it (deadlock, serialisation failure).
+    pub fn apply_batch(&mut self, mut ops: Vec<Op>) -> BatchOutcome {
+        const TRIES: u32 = 8;
+        for attempt in 1..=TRIES {
+            match self.try_batch(&mut ops) {
+                Ok((pending, scratch)) => {
+                    let replies = ops
+                        .into_iter()
+                        .zip(pending)
+                        .map(|(mut op, p)| Box::new(move || p(&mut op, true)) as Box<dyn FnOnce() + Send>)
+                        .collect();
+                    return BatchOutcome { notices: scratch.notices, work_available: scratch.work, replies };
+                }
+                Err(e) if e.is_retryable() && attempt < TRIES => {
+                    tracing::debug!(error = %e, attempt, "store batch conflicted with another coordinator; applying it again");
+                    std::thread::sleep(Duration::from_millis(u64::from(attempt) * 5));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store batch failed; it is rolled back");
+                    break;
+                }
+            }
+        }
+        let replies = ops
+            .into_iter()
+            .map(|mut op| {
+                Box::new(move || {
+                    fail_op(&mut op);
+                }) as Box<dyn FnOnce() + Send>
+            })
+            .collect();
+        BatchOutcome { notices: Vec::new(), work_available: false, replies }
+    }
+
+    fn try_batch(&mut self, ops: &mut [Op]) -> Result<(Vec<Pending>, Scratch), StoreError> {
+        let mut scratch = Scratch::default();
+        let mut pending = Vec::with_capacity(ops.len());
+        let begin = self.db.begin();
+        self.db.batch(begin)?;
+        let r = (|| {
+            for op in ops.iter_mut() {
+                self.db.batch("SAVEPOINT op")?;
+                let marks = (scratch.notices.len(), scratch.moves.len());
+                let (p, outcome) = self.apply(op, &mut scratch);
+                match outcome {
+                    Ok(()) => self.db.batch("RELEASE op")?,
+                    Err(e) => {
+                        self.db.batch("ROLLBACK TO op; RELEASE op")?;
+                        scratch.notices.truncate(marks.0);
+                        scratch.moves.truncate(marks.1);
+                        self.expected_seq.clear();
+                        if let Some(e) = e {
+                            return Err(e);
+                        }
+                    }
+                }
+                pending.push(p);
+            }
+            self.flush_counts(&mut scratch)?;
+            self.db.batch("COMMIT")
+        })();
+        if let Err(e) = r {
+            let _ = self.db.batch("ROLLBACK");
+            self.expected_seq.clear();
+            return Err(e);
+        }
+        Ok((pending, scratch))
+    }
+
+    /// Applies the batch's count changes as increments, one job at a time in job order
+    /// (so concurrent coordinators lock job rows in the same order), then sets each
+    /// job's aggregate state from the counts as they now stand.
+    fn flush_counts(&mut self, s: &mut Scratch) -> Result<(), StoreError> {
+        let mut deltas: BTreeMap<i64, [i64; 9]> = BTreeMap::new();
+        for (seq, from, to, n) in s.moves.drain(..) {
+            let d = deltas.entry(seq).or_default();
+            d[state_pos(from)] -= n as i64;
+            d[state_pos(to)] += n as i64;
+        }
+        for seq in std::mem::take(&mut s.touched) {
+            deltas.entry(seq).or_default();
+        }
+        let set: Vec<String> = COUNT_COLS.iter().enumerate().map(|(i, c)| format!("{c} = {c} + ?{}", i + 1)).collect();
+        let sql = format!("UPDATE jobs SET {} WHERE seq = ?10 RETURNING id, state, ended_at, {}", set.join(", "), COUNT_COLS.join(", "));
+        for (seq, d) in deltas {
+            let mut params: Vec<Val> = d.iter().map(|v| Val::I64(*v)).collect();
+            params.push(Val::I64(seq));
+            let row = self.db.query_one(&sql, &params)?;
+            let id = job_id(&row.str(0)?)?;
+            let counts = counts_from(&row, 3)?;
+            let state = counts.aggregate();
+            let ended = row.opt_i64(2)?;
+            let now_ended = if counts.unfinished() == 0 { ended.or_else(|| Some(ms(Utc::now()))) } else { None };
+            if state.as_str() != row.str(1)? || now_ended != ended {
+                self.db.exec("UPDATE jobs SET state = ?1, ended_at = ?2 WHERE seq = ?3", p![state.as_str(), now_ended, seq])?;
+            }
+            s.notices.push(Notice::Job { job: id, counts, state });
+        }
+        Ok(())
+    }
+
+    /// Applies one operation. The error, if any, is `Some` when the whole batch must be
+    /// retried, `None` when only this operation failed (its reply carries the error).
+    fn apply(&mut self, op: &mut Op, s: &mut Scratch) -> (Pending, Result<(), Option<StoreError>>) {
+        macro_rules! run {
+            ($variant:ident, $e:expr) => {{
+                let r = $e;
+                let outcome = match &r {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.is_retryable() => Err(Some(StoreError::Retry(e.to_string()))),
+                    Err(e) => {
+                        if !matches!(e, StoreError::Api(_)) {
+                            tracing::error!(error = %e, "store operation failed");
+                        }
+                        Err(None)
+                    }
+                };
+                let p: Pending = Box::new(move |op: &mut Op, committed: bool| {
+                    if let Op::$variant { reply, .. } = op {
+                        send(reply, r, committed);
+                    }
+                });
+                (p, outcome)
+            }};
+        }
+        match op {
+            Op::Submit { spec, owner, idempotency_key, now, .. } => {
+                let (spec, owner, key, now) = (spec.clone(), owner.clone(), *idempotency_key, *now);
+                run!(Submit, self.submit(*spec, &owner, key, now, s))
+            }
+            Op::Claim { worker, n, caps, now, ttl, .. } => {
+                let (worker, n, caps, now, ttl) = (worker.clone(), *n, caps.clone(), *now, *ttl);
+                run!(Claim, self.claim(&worker, n, &caps, now, ttl, s))
+            }
+            Op::Started { worker, lease, now } => {
+                let r = self.db.exec(
+                    "UPDATE tasks SET started_at = ?1 WHERE lease = ?2 AND worker = ?3 AND state = 'running'",
+                    p![ms(*now), lease.to_string(), worker.as_str()],
+                );
+                let outcome = match r {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.is_retryable() => Err(Some(e)),
+                    Err(_) => Err(None),
+                };
+                (Box::new(|_: &mut Op, _| {}), outcome)
+            }
+            Op::Finish { worker, lease, outcome, now, .. } => {
+                let (worker, lease, outcome, now) = (worker.clone(), *lease, outcome.clone(), *now);
+                run!(Finish, self.finish(&worker, lease, &outcome, now, s))
+            }
+            Op::Heartbeat { worker, leases, now, ttl, .. } => {
+                let (worker, leases, now, ttl) = (worker.clone(), leases.clone(), *now, *ttl);
+                run!(Heartbeat, self.renew(&worker, &leases, now, ttl))
+            }
+            Op::Reconcile { worker, held, now, ttl, .. } => {
+                let (worker, held, now, ttl) = (worker.clone(), held.clone(), *now, *ttl);
+                run!(Reconcile, self.reconcile(&worker, &held, now, ttl, s))
+            }
+            Op::AppendLogs { worker, chunks, .. } => {
+                let worker = worker.clone();
+                let r = self.append_logs(&worker, chunks, s);
+                run!(AppendLogs, r)
+            }
+            Op::Cancel { job, reason, now, .. } => {
+                let (job, reason, now) = (job.clone(), reason.clone(), *now);
+                run!(Cancel, self.cancel(&job, &reason, now, s))
+            }
+            Op::ExpireLeases { now, .. } => {
+                let now = *now;
+                run!(ExpireLeases, self.expire(now, s))
+            }
+            Op::RestartLeases { now, ttl, .. } => {
+                let (now, ttl) = (*now, *ttl);
+                run!(RestartLeases, self.restart_leases(now, ttl))
+            }
+            Op::UseToken { token, worker, now, .. } => {
+                let (token, worker, now) = (token.clone(), worker.clone(), *now);
+                run!(UseToken, self.use_token(&token, &worker, now))
+            }
+            Op::SetDrain { worker, drained, .. } => {
+                let (worker, drained) = (worker.clone(), *drained);
+                run!(SetDrain, self.set_drain(&worker, drained))
+            }
+        }
+    }
+
+    fn meta(&mut self, job_seq: i64) -> Result<Arc<JobMeta>, StoreError> {
+        if let Some(m) = self.jobs.get(&job_seq) {
+            return Ok(m.clone());
+        }
+        let mut row = self.db.query_one("SELECT id, is_array, spec FROM jobs WHERE seq = ?1", p![job_seq])?;
+        let id = row.str(0)?;
+        let spec: JobSpec = berth_shared::codec::decode(&row.blob(2)?).map_err(|_| StoreError::Corrupt { job: id.clone() })?;
+        let m = Arc::new(JobMeta { id: job_id(&id)?, is_array: row.bool(1)?, spec: Arc::new(spec) });
+        if self.jobs.len() > 100_000 {
+            self.jobs.clear();
+        }
+        self.jobs.insert(job_seq, m.clone());
+        Ok(m)
+    }
+
+    /// Moves `n` tasks of a job between states (applied to its counts at the end of
+    /// the batch).
+    fn shift(&self, job_seq: i64, from: JobState, to: JobState, n: u64, s: &mut Scratch) {
+        if n > 0 {
+            s.moves.push((job_seq, from, to, n));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn event(&mut self, job_seq: i64, idx: Option<i64>, now: DateTime<Utc>, state: JobState, attempt: u32, worker: Option<&str>, reason: Option<&str>) -> Result<(), StoreError> {
+        self.db.exec(
+            "INSERT INTO events(job_seq, idx, time, state, attempt, worker, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            p![job_seq, idx, ms(now), state.as_str(), attempt, worker, reason],
+        )?;
+        Ok(())
+    }
+
+    fn task_index(meta: &JobMeta, idx: i64) -> Option<u32> {
+        meta.is_array.then_some(idx as u32)
+    }
+
+    fn submit(&mut self, spec: JobSpec, owner: &str, key: uuid::Uuid, now: DateTime<Utc>, s: &mut Scratch) -> Result<Submitted, StoreError> {
+        let key = key.to_string();
+        if let Some(row) = self.db.query_opt("SELECT id, idx_start, idx_end FROM jobs WHERE owner = ?1 AND idem = ?2", p![owner, key.as_str()])? {
+            let job = job_id(&row.str(0)?)?;
+            return Ok(Submitted { job, tasks: (row.i64(2)? - row.i64(1)? + 1) as u64, duplicate: true });
+        }
+        spec.validate().map_err(invalid)?;
+        let job = JobId::new();
+        let (start, end, is_array) = match spec.array {
+            Some(r) => (i64::from(r.start), i64::from(r.end), true),
+            None => (0, 0, false),
+        };
+        let tasks = spec.task_count();
+        let blob = berth_shared::codec::encode(&spec).map_err(|_| invalid("the job spec is too large"))?;
+        // Two coordinators may race on one key: the unique index decides, and the loser
+        // answers with the winner's job.
+        let inserted = self.db.query_opt(
+            "INSERT INTO jobs(id, name, owner, account, idem, spec, is_array, idx_start, idx_end, next_idx, priority, max_attempts, state, n_queued, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?10, ?11, 'queued', ?12, ?13)
+             ON CONFLICT DO NOTHING RETURNING seq",
+            p![job.to_string(), spec.name.as_deref(), owner, spec.account.as_deref(), key.as_str(), &blob[4..], is_array, start, end, spec.priority, spec.max_attempts, tasks, ms(now)],
+        )?;
+        let Some(row) = inserted else {
+            let row = self.db.query_one("SELECT id FROM jobs WHERE owner = ?1 AND idem = ?2", p![owner, key.as_str()])?;
+            return Ok(Submitted { job: job_id(&row.str(0)?)?, tasks, duplicate: true });
+        };
+        let seq = row.i64(0)?;
+        let what = if is_array { format!("submitted by {owner}: array {start}-{end} ({tasks} tasks)") } else { format!("submitted by {owner}") };
+        self.event(seq, None, now, JobState::Queued, 0, None, Some(&what))?;
+        s.touched.insert(seq);
+        s.work = true;
+        Ok(Submitted { job, tasks, duplicate: false })
+    }
+
+    fn drained(&mut self, worker: &str) -> Result<bool, StoreError> {
+        Ok(match self.db.query_opt("SELECT drained FROM workers WHERE name = ?1", p![worker])? {
+            Some(r) => r.bool(0)?,
+            None => false,
+        })
+    }
+
+    fn claim(&mut self, worker: &str, n: u32, caps: &WorkerCaps, now: DateTime<Utc>, ttl: Duration, s: &mut Scratch) -> Result<Vec<Assignment>, StoreError> {
+        let mut out = Vec::new();
+        if n == 0 || self.drained(worker)? {
+            return Ok(out);
+        }
+        let expires = ms(lease::expires_at(now, ttl));
+        // Re-queued tasks first: they have waited longest.
+        let sql = format!(
+            "SELECT t.job_seq, t.idx, t.attempt FROM tasks t JOIN jobs j ON j.seq = t.job_seq
+             WHERE t.state = 'queued' ORDER BY j.priority DESC, t.job_seq, t.idx LIMIT ?1{}",
+            self.db.skip_locked_of("t")
+        );
+        let requeued = self.db.query(&sql, p![(n as i64).clamp(1, 256) * 4])?;
+        for row in requeued {
+            if out.len() as u32 >= n {
+                break;
+            }
+            let (job_seq, idx, attempt) = (row.i64(0)?, row.i64(1)?, row.u32(2)?);
+            let meta = self.meta(job_seq)?;
+            if !caps.can_run(&meta.spec) {
+                continue;
+            }
+            let lease = LeaseId::new();
+            self.db.exec(
+                "UPDATE tasks SET state = 'running', lease = ?1, worker = ?2, lease_expires = ?3, started_at = ?4, ended_at = NULL,
+                     exit_code = NULL, runtime_ms = NULL, reason = NULL WHERE job_seq = ?5 AND idx = ?6",
+                p![lease.to_string(), worker, expires, ms(now), job_seq, idx],
+            )?;
+            self.event(job_seq, Some(idx).filter(|_| meta.is_array), now, JobState::Running, attempt, Some(worker), None)?;
+            self.shift(job_seq, JobState::Queued, JobState::Running, 1, s);
+            out.push(Assignment { lease, job: meta.id, index: Self::task_index(&meta, idx), attempt, spec: (*meta.spec).clone() });
+        }
+        if out.len() as u32 >= n {
+            return Ok(out);
+        }
+        // Then unclaimed tasks, from each job's cursor.
+        let sql = format!(
+            "SELECT seq, next_idx, idx_end FROM jobs WHERE next_idx <= idx_end ORDER BY priority DESC, seq LIMIT 64{}",
+            self.db.skip_locked()
+        );
+        let candidates = self.db.query(&sql, p![])?;
+        for row in candidates {
+            let want = i64::from(n) - out.len() as i64;
+            if want <= 0 {
+                break;
+            }
+            let (job_seq, next, end) = (row.i64(0)?, row.i64(1)?, row.i64(2)?);
+            let meta = self.meta(job_seq)?;
+            if !caps.can_run(&meta.spec) {
+                continue;
+            }
+            let take = want.min(end - next + 1);
+            let mut claimed = 0u64;
+            for idx in next..next + take {
+                let lease = LeaseId::new();
+                let inserted = self.db.exec(
+                    "INSERT INTO tasks(job_seq, idx, state, attempt, lease, worker, lease_expires, started_at)
+                     VALUES (?1, ?2, 'running', 1, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                    p![job_seq, idx, lease.to_string(), worker, expires, ms(now)],
+                )?;
+                if inserted == 0 {
+                    // Already has a row (cancelled on its own before it ran).
+                    continue;
+                }
+                self.event(job_seq, Some(idx).filter(|_| meta.is_array), now, JobState::Running, 1, Some(worker), None)?;
+                claimed += 1;
+                out.push(Assignment { lease, job: meta.id, index: Self::task_index(&meta, idx), attempt: 1, spec: (*meta.spec).clone() });
+            }
+            self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![next + take, job_seq])?;
+            self.shift(job_seq, JobState::Queued, JobState::Running, claimed, s);
+        }
+        Ok(out)
+    }
+
+    fn finish(&mut self, worker: &str, lease: LeaseId, o: &Outcome, now: DateTime<Utc>, s: &mut Scratch) -> Result<FinishVerdict, StoreError> {
+        let sql = format!("SELECT job_seq, idx, state, attempt, worker FROM tasks WHERE lease = ?1{}", self.db.for_update());
+        let Some(row) = self.db.query_opt(&sql, p![lease.to_string()])? else {
+            return Ok(FinishVerdict::Stale);
+        };
+        let (job_seq, idx, state, attempt, owner) = (row.i64(0)?, row.i64(1)?, state_of(&row.str(2)?), row.u32(3)?, row.opt_str(4)?);
+        if owner.as_deref() != Some(worker) {
+            return Ok(FinishVerdict::Stale);
+        }
+        let meta = self.meta(job_seq)?;
+        let index = Self::task_index(&meta, idx);
+        let reason = outcome_reason(o, meta.spec.max_runtime_ms);
+        let mut ended_as = state;
+        let verdict = if state == JobState::Running {
+            let to = o.final_state();
+            ended_as = to;
+            self.db.exec(
+                "UPDATE tasks SET state = ?1, exit_code = ?2, ended_at = ?3, runtime_ms = ?4, reason = ?5 WHERE job_seq = ?6 AND idx = ?7",
+                p![to.as_str(), o.exit_code, ms(now), o.runtime_ms, reason.as_deref(), job_seq, idx],
+            )?;
+            self.event(job_seq, index.map(i64::from), now, to, attempt, Some(worker), reason.as_deref())?;
+            self.shift(job_seq, JobState::Running, to, 1, s);
+            FinishVerdict::Recorded
+        } else if state.is_terminal() {
+            // Cancelled while running: keep the state, record what the attempt did.
+            self.db.exec(
+                "UPDATE tasks SET exit_code = ?1, runtime_ms = ?2 WHERE job_seq = ?3 AND idx = ?4",
+                p![o.exit_code, o.runtime_ms, job_seq, idx],
+            )?;
+            FinishVerdict::AfterCancel
+        } else {
+            return Ok(FinishVerdict::Stale);
+        };
+        self.expected_seq.remove(&(lease, OutStream::Stdout));
+        self.expected_seq.remove(&(lease, OutStream::Stderr));
+        s.notices.push(Notice::TaskEnded { job: meta.id, index, attempt, state: ended_as });
+        Ok(verdict)
+    }
+
+    fn renew(&mut self, worker: &str, leases: &[LeaseId], now: DateTime<Utc>, ttl: Duration) -> Result<Vec<LeaseId>, StoreError> {
+        let expires = ms(lease::expires_at(now, ttl));
+        let mut stale = Vec::new();
+        // In lease order, so that two transactions renewing overlapping sets lock rows
+        // in the same order.
+        let mut sorted = leases.to_vec();
+        sorted.sort();
+        for l in sorted {
+            let n = self.db.exec(
+                "UPDATE tasks SET lease_expires = ?1 WHERE lease = ?2 AND worker = ?3 AND state = 'running'",
+                p![expires, l.to_string(), worker],
+            )?;
+            if n == 0 {
+                stale.push(l);
+            }
+        }
+        Ok(stale)
+    }
+
+    fn reconcile(&mut self, worker: &str, held: &[LeaseId], now: DateTime<Utc>, ttl: Duration, s: &mut Scratch) -> Result<Reconciled, StoreError> {
+        self.db.exec("INSERT INTO workers(name, enrolled_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING", p![worker, ms(now)])?;
+        let stale = self.renew(worker, held, now, ttl)?;
+        // Tasks we think run there that the worker no longer has: lost with its restart.
+        let held: HashSet<String> = held.iter().map(|l| l.to_string()).collect();
+        let sql = format!("SELECT job_seq, idx, attempt, lease FROM tasks WHERE worker = ?1 AND state = 'running' ORDER BY job_seq, idx{}", self.db.for_update());
+        let running = self.db.query(&sql, p![worker])?;
+        let mut lost = 0;
+        for row in running {
+            if held.contains(&row.str(3)?) {
+                continue;
+            }
+            lost += 1;
+            let why = format!("lease_lost: worker {worker} came back without this attempt");
+            self.lose(row.i64(0)?, row.i64(1)?, row.u32(2)?, worker, now, &why, s)?;
+        }
+        Ok(Reconciled { stale, lost })
+    }
+
+    /// A running attempt is gone: re-queue its task or, out of attempts, fail it.
+    #[allow(clippy::too_many_arguments)]
+    fn lose(&mut self, job_seq: i64, idx: i64, attempt: u32, worker: &str, now: DateTime<Utc>, why: &str, s: &mut Scratch) -> Result<bool, StoreError> {
+        let meta = self.meta(job_seq)?;
+        let index = Self::task_index(&meta, idx).map(i64::from);
+        match lease::on_expiry(attempt, meta.spec.max_attempts) {
+            Expiry::Requeue { next_attempt } => {
+                self.db.exec(
+                    "UPDATE tasks SET state = 'queued', attempt = ?1, lease = NULL, worker = NULL, lease_expires = NULL, reason = ?2
+                     WHERE job_seq = ?3 AND idx = ?4",
+                    p![next_attempt, why, job_seq, idx],
+                )?;
+                self.event(job_seq, index, now, JobState::Queued, next_attempt, Some(worker), Some(why))?;
+                self.shift(job_seq, JobState::Running, JobState::Queued, 1, s);
+                s.work = true;
+                Ok(true)
+            }
+            Expiry::Fail => {
+                let why = format!("{why}; out of attempts ({attempt} of {})", meta.spec.max_attempts);
+                self.db.exec(
+                    "UPDATE tasks SET state = 'failed', lease = NULL, ended_at = ?1, reason = ?2 WHERE job_seq = ?3 AND idx = ?4",
+                    p![ms(now), why.as_str(), job_seq, idx],
+                )?;
+                self.event(job_seq, index, now, JobState::Failed, attempt, Some(worker), Some(&why))?;
+                self.shift(job_seq, JobState::Running, JobState::Failed, 1, s);
+                s.notices.push(Notice::TaskEnded { job: meta.id, index: index.map(|i| i as u32), attempt, state: JobState::Failed });
+                Ok(false)
+            }
+        }
+    }
+
+    fn expire(&mut self, now: DateTime<Utc>, s: &mut Scratch) -> Result<Vec<Expired>, StoreError> {
+        let sql = format!(
+            "SELECT job_seq, idx, attempt, lease, worker FROM tasks WHERE state = 'running' AND lease_expires <= ?1
+             ORDER BY job_seq, idx LIMIT 10000{}",
+            self.db.skip_locked()
+        );
+        let due = self.db.query(&sql, p![ms(now)])?;
+        let mut out = Vec::with_capacity(due.len());
+        for row in due {
+            let (job_seq, idx, attempt, l, worker) = (row.i64(0)?, row.i64(1)?, row.u32(2)?, row.str(3)?, row.str(4)?);
+            let why = format!("lease_lost: worker {worker} stopped renewing the lease");
+            let requeued = self.lose(job_seq, idx, attempt, &worker, now, &why, s)?;
+            let meta = self.meta(job_seq)?;
+            out.push(Expired { job: meta.id, index: Self::task_index(&meta, idx), lease: lease_of(&l, &meta.id)?, worker, requeued });
+        }
+        Ok(out)
+    }
+
+    fn restart_leases(&mut self, now: DateTime<Utc>, ttl: Duration) -> Result<u64, StoreError> {
+        let floor = ms(lease::after_restart(DateTime::<Utc>::MIN_UTC, now, ttl));
+        self.db.exec("UPDATE tasks SET lease_expires = ?1 WHERE state = 'running' AND lease_expires < ?1", p![floor])
+    }
+
+    fn cancel(&mut self, sel: &JobSelector, reason: &str, now: DateTime<Utc>, s: &mut Scratch) -> Result<(JobId, u64, Vec<KillOrder>), StoreError> {
+        let (job_seq, job) = resolve(&mut self.db, sel)?;
+        let meta = self.meta(job_seq)?;
+        let sql = format!("SELECT next_idx, idx_start, idx_end, state FROM jobs WHERE seq = ?1{}", self.db.for_update());
+        let row = self.db.query_one(&sql, p![job_seq])?;
+        let (next, start, end, job_state) = (row.i64(0)?, row.i64(1)?, row.i64(2)?, row.str(3)?);
+        let mut kills = Vec::new();
+        let mut n = 0u64;
+        let one = match sel.index {
+            Some(i) if !meta.is_array => return Err(invalid(format!("job {job} is not an array: drop the `:{i}`"))),
+            Some(i) if i64::from(i) < start || i64::from(i) > end => {
+                return Err(StoreError::Api(ApiError::new(ErrorKind::NotFound, format!("job {job} has no task {i} (its indices are {start}-{end})"))))
+            }
+            Some(i) => Some(i64::from(i)),
+            None => None,
+        };
+        // Unclaimed tasks behind the cursor.
+        match one {
+            None if next <= end => {
+                let k = (end - next + 1) as u64;
+                self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![end + 1, job_seq])?;
+                self.shift(job_seq, JobState::Queued, JobState::Cancelled, k, s);
+                if meta.is_array {
+                    self.event(job_seq, None, now, JobState::Cancelled, 0, None, Some(&format!("{reason} ({k} tasks had not started)")))?;
+                } else {
+                    self.event(job_seq, None, now, JobState::Cancelled, 1, None, Some(reason))?;
+                }
+                n += k;
+            }
+            Some(i) if i >= next => {
+                let inserted = self.db.exec(
+                    "INSERT INTO tasks(job_seq, idx, state, attempt, ended_at, reason) VALUES (?1, ?2, 'cancelled', 1, ?3, ?4) ON CONFLICT DO NOTHING",
+                    p![job_seq, i, ms(now), reason],
+                )?;
+                if inserted > 0 {
+                    self.event(job_seq, Some(i), now, JobState::Cancelled, 1, None, Some(reason))?;
+                    self.shift(job_seq, JobState::Queued, JobState::Cancelled, 1, s);
+                    n += 1;
+                }
+            }
+            _ => {}
+        }
+        // Materialised tasks that are queued or running.
+        let sql = format!(
+            "SELECT idx, state, attempt, worker, lease FROM tasks WHERE job_seq = ?1 AND state IN ('queued', 'running') AND (?2 < 0 OR idx = ?2) ORDER BY idx{}",
+            self.db.for_update()
+        );
+        let live = self.db.query(&sql, p![job_seq, one.unwrap_or(-1)])?;
+        for row in live {
+            let (idx, from, attempt, worker, l) = (row.i64(0)?, state_of(&row.str(1)?), row.u32(2)?, row.opt_str(3)?, row.opt_str(4)?);
+            self.db.exec(
+                "UPDATE tasks SET state = 'cancelled', ended_at = ?1, reason = ?2 WHERE job_seq = ?3 AND idx = ?4",
+                p![ms(now), reason, job_seq, idx],
+            )?;
+            self.event(job_seq, Self::task_index(&meta, idx).map(i64::from), now, JobState::Cancelled, attempt, worker.as_deref(), Some(reason))?;
+            self.shift(job_seq, from, JobState::Cancelled, 1, s);
+            n += 1;
+            if let (JobState::Running, Some(w), Some(l)) = (from, worker, l.and_then(|l| l.parse().ok())) {
+                kills.push(KillOrder { worker: w, lease: l });
+            } else {
+                s.notices.push(Notice::TaskEnded { job, index: Self::task_index(&meta, idx), attempt, state: JobState::Cancelled });
+            }
+        }
+        if n == 0 {
+            let what = match sel.index {
+                Some(i) => format!("task {i} of job {job}"),
+                None => format!("job {job}"),
+            };
+            return Err(invalid(format!("{what} has already ended ({job_state}); nothing to cancel")));
+        }
+        Ok((job, n, kills))
+    }
+
+    fn use_token(&mut self, token: &str, worker: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let hash = token_hash(token);
+        let sql = format!("SELECT role, expires_at, used_at FROM tokens WHERE hash = ?1{}", self.db.for_update());
+        let row = self.db.query_opt(&sql, p![hash.as_str()])?;
+        let refuse = |m: String| StoreError::Api(ApiError::new(ErrorKind::Refused, m));
+        let Some(row) = row else {
+            return Err(refuse("the join token is not valid: create one with `berth-coordinator token create --role worker`".into()));
+        };
+        let (role, exp, used) = (row.str(0)?, row.i64(1)?, row.opt_i64(2)?);
+        if used.is_some() {
+            return Err(refuse("the join token has already been used: a token enrols one worker; create a new one".into()));
+        }
+        if exp <= ms(now) {
+            return Err(refuse(format!("the join token expired at {}: create a new one", from_ms(exp).to_rfc3339())));
+        }
+        if role != "worker" {
+            return Err(refuse(format!("the join token is for role {role}, not worker")));
+        }
+        self.db.exec("UPDATE tokens SET used_at = ?1, used_by = ?2 WHERE hash = ?3", p![ms(now), worker, hash.as_str()])?;
+        self.db.exec(
+            "INSERT INTO workers(name, enrolled_at) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET enrolled_at = excluded.enrolled_at",
+            p![worker, ms(now)],
+        )?;
+        Ok(())
+    }
+
+    fn set_drain(&mut self, worker: &str, drained: bool) -> Result<bool, StoreError> {
+        let n = self.db.exec("UPDATE workers SET drained = ?1 WHERE name = ?2", p![drained, worker])?;
+        if n == 0 {
+            return Err(StoreError::Api(ApiError::new(ErrorKind::NotFound, format!("no worker named `{worker}`: `berth workers` lists them"))));
+        }
+        Ok(drained)
+    }
+
+    /// The last stored sequence number of a stream of one attempt, plus one.
+    fn next_seq(&mut self, job_seq: i64, idx: i64, attempt: u32, stream: OutStream) -> Result<u64, StoreError> {
+        let row = self.db.query_one(
+            "SELECT MAX(seq) FROM logs WHERE job_seq = ?1 AND idx = ?2 AND attempt = ?3 AND stream = ?4",
+            p![job_seq, idx, attempt, stream_code(stream)],
+        )?;
+        Ok(row.opt_i64(0)?.map_or(1, |m| m as u64 + 1))
+    }
+
+    fn append_logs(&mut self, worker: &str, chunks: &mut [LogChunk], s: &mut Scratch) -> Result<Vec<ChunkVerdict>, StoreError> {
+        let mut verdicts = Vec::with_capacity(chunks.len());
+        let mut owners: HashMap<LeaseId, Option<(i64, i64, u32)>> = HashMap::new();
+        for c in chunks.iter() {
+            let owner = match owners.get(&c.lease) {
+                Some(o) => *o,
+                None => {
+                    let o = match self.db.query_opt("SELECT job_seq, idx, attempt FROM tasks WHERE lease = ?1 AND worker = ?2", p![c.lease.to_string(), worker])? {
+                        Some(r) => Some((r.i64(0)?, r.i64(1)?, r.u32(2)?)),
+                        None => None,
+                    };
+                    owners.insert(c.lease, o);
+                    o
+                }
+            };
+            let Some((job_seq, idx, attempt)) = owner else {
+                verdicts.push(ChunkVerdict::StaleLease);
+                continue;
+            };
+            let key = (c.lease, c.stream);
+            let mut expected = match self.expected_seq.get(&key) {
+                Some(e) => *e,
+                None => self.next_seq(job_seq, idx, attempt, c.stream)?,
+            };
+            if c.seq != expected {
+                // The cached hint may be behind: another coordinator may have stored
+                // chunks of this attempt while its worker was connected there.
+                expected = self.next_seq(job_seq, idx, attempt, c.stream)?;
+            }
+            if c.seq < expected {
+                self.expected_seq.insert(key, expected);
+                verdicts.push(ChunkVerdict::Duplicate);
+                continue;
+            }
+            if c.seq > expected {
+                verdicts.push(ChunkVerdict::OutOfOrder { expected });
+                continue;
+            }
+            let stored = self.db.exec(
+                "INSERT INTO logs(job_seq, idx, attempt, stream, seq, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                p![job_seq, idx, attempt, stream_code(c.stream), c.seq, c.data.as_slice()],
+            )?;
+            self.expected_seq.insert(key, expected + 1);
+            if stored == 0 {
+                verdicts.push(ChunkVerdict::Duplicate);
+                continue;
+            }
+            let meta = self.meta(job_seq)?;
+            s.notices.push(Notice::Output {
+                job: meta.id,
+                index: Self::task_index(&meta, idx),
+                attempt,
+                stream: c.stream,
+                seq: c.seq,
+                data: Arc::new(c.data.clone()),
+            });
+            verdicts.push(ChunkVerdict::Stored);
+        }
+        if self.expected_seq.len() > 100_000 {
+            self.expected_seq.clear();
+        }
+        Ok(verdicts)
+    }
+}
+
+/// Answers an operation whose batch could not be committed.
+fn fail_op(op: &mut Op) {
+    macro_rules! fail {
+        ($($variant:ident),*) => {
+            match op {
+                $(Op::$variant { reply, .. } => send(reply, Err(StoreError::Stopped), false),)*
+                Op::Started { .. } => {}
+            }
+        };
+    }
+    fail!(Submit, Claim, Finish, Heartbeat, Reconcile, AppendLogs, Cancel, ExpireLeases, RestartLeases, UseToken, SetDrain);
+}
+
+fn outcome_reason(o: &Outcome, max_runtime_ms: Option<u64>) -> Option<String> {
+    if let Some(e) = &o.error {
+        return Some(e.clone());
+    }
+    if o.timed_out {
+        let limit = max_runtime_ms.map(|m| berth_shared::duration::format_duration(Duration::from_millis(m))).unwrap_or_default();
+        return Some(format!("max runtime {limit} exceeded; the process group was killed"));
+    }
+    match (o.signal, o.exit_code) {
+        (Some(sig), _) => Some(format!("killed by signal {sig}")),
+        (None, Some(0)) => None,
+        (None, Some(c)) => Some(format!("exit code {c}")),
+        (None, None) => Some("ended without an exit code".into()),
+    }
+}
+
+/// Tokens are stored hashed: the database never holds a usable token.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.trim().as_bytes()))
+}
+
+/// Creates a one-time join token (the `token create` command), returning it.
+pub fn create_token(db: &mut dyn Db, role: &str, ttl: Duration, now: DateTime<Utc>) -> Result<String, StoreError> {
+    use rand::RngCore;
+    let mut raw = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut raw);
+    let token = format!("bjt_{}", hex::encode(raw));
+    db.exec(
+        "INSERT INTO tokens(hash, role, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+        p![token_hash(&token), role, ms(now), ms(lease::expires_at(now, ttl))],
+    )?;
+    Ok(token)
+}
+
+fn resolve(db: &mut dyn Db, sel: &JobSelector) -> Result<(i64, JobId), StoreError> {
+    let hi = format!("{}~", sel.prefix);
+    let rows = db.query("SELECT seq, id FROM jobs WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT 6", p![sel.prefix.as_str(), hi])?;
+    match rows.as_slice() {
+        [] => Err(not_found(sel)),
+        [r] => Ok((r.i64(0)?, job_id(&r.str(1)?)?)),
+        many => {
+            let ids: Vec<String> = many.iter().take(5).filter_map(|r| r.str(1).ok()).collect();
+            Err(StoreError::Api(ApiError::new(
+                ErrorKind::Ambiguous,
+                format!("`{}` matches several jobs ({}…): give more characters", sel.prefix, ids.join(", ")),
+            )))
+        }
+    }
+}
+
+/// A read-only view of the store for queries, on its own connection.
+pub struct ReadView<D: Db> {
+    db: D,
+}
+
+impl<D: Db> ReadView<D> {
+    pub fn new(db: D) -> ReadView<D> {
+        ReadView { db }
+    }
+
+    fn spec(&mut self, job_seq: i64) -> Result<JobSpec, StoreError> {
+        let mut row = self.db.query_one("SELECT id, spec FROM jobs WHERE seq = ?1", p![job_seq])?;
+        let id = row.str(0)?;
+        berth_shared::codec::decode(&row.blob(1)?).map_err(|_| StoreError::Corrupt { job: id })
+    }
+
+    fn task(&mut self, job_seq: i64, idx: i64, is_array: bool) -> Result<Option<TaskStatus>, StoreError> {
+        let Some(r) = self.db.query_opt(
+            "SELECT state, attempt, worker, exit_code, started_at, ended_at, runtime_ms, reason FROM tasks WHERE job_seq = ?1 AND idx = ?2",
+            p![job_seq, idx],
+        )?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(TaskStatus {
+            index: is_array.then_some(idx as u32),
+            state: state_of(&r.str(0)?),
+            attempt: r.u32(1)?,
+            worker: r.opt_str(2)?,
+            exit_code: r.opt_i32(3)?,
+            started_at: r.opt_i64(4)?.map(from_ms),
+            ended_at: r.opt_i64(5)?.map(from_ms),
+            runtime_ms: r.opt_i64(6)?.map(|v| v as u64),
+            reason: r.opt_str(7)?,
+        }))
+    }
+
+    fn events(&mut self, job_seq: i64, idx: Option<i64>, all_tasks: bool) -> Result<Vec<Event>, StoreError> {
+        let rows = if all_tasks {
+            self.db.query(
+                "SELECT idx, time, state, attempt, worker, reason FROM (SELECT * FROM events WHERE job_seq = ?1 ORDER BY id DESC LIMIT 200) e ORDER BY id",
+                p![job_seq],
+            )?
+        } else {
+            self.db.query(
+                "SELECT idx, time, state, attempt, worker, reason FROM events WHERE job_seq = ?1 AND (idx IS NULL OR idx = ?2) ORDER BY id",
+                p![job_seq, idx.unwrap_or(-1)],
+            )?
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(Event {
+                    index: r.opt_i64(0)?.map(|i| i as u32),
+                    time: from_ms(r.i64(1)?),
+                    state: state_of(&r.str(2)?),
+                    attempt: r.u32(3)?,
+                    worker: r.opt_str(4)?,
+                    reason: r.opt_str(5)?,
+                })
+            })
+            .collect()
+    }
+}
+
+const SUMMARY_COLS: &str = "seq, id, name, state, owner, account, created_at, ended_at, idx_start, idx_end,
+     n_pending, n_queued, n_running, n_succeeded, n_failed, n_cancelled, n_timed_out, n_rejected, n_frozen";
+
+fn summary_row(r: &Row) -> Result<(i64, JobSummary), StoreError> {
+    Ok((
+        r.i64(0)?,
+        JobSummary {
+            id: job_id(&r.str(1)?)?,
+            name: r.opt_str(2)?,
+            state: state_of(&r.str(3)?),
+            owner: r.str(4)?,
+            account: r.opt_str(5)?,
+            submitted_at: from_ms(r.i64(6)?),
+            ended_at: r.opt_i64(7)?.map(from_ms),
+            tasks: (r.i64(9)? - r.i64(8)? + 1) as u64,
+            counts: counts_from(r, 10)?,
+            reason: None,
+        },
+    ))
+}
+
+impl<D: Db> Reader for ReadView<D> {
+    fn resolve(&mut self, sel: &JobSelector) -> Result<(i64, JobId), StoreError> {
+        resolve(&mut self.db, sel)
+    }
+
+    fn summary(&mut self, job_seq: i64) -> Result<JobSummary, StoreError> {
+        let sql = format!("SELECT {SUMMARY_COLS} FROM jobs WHERE seq = ?1");
+        Ok(summary_row(&self.db.query_one(&sql, p![job_seq])?)?.1)
+    }
+
+    fn status(&mut self, sel: &JobSelector) -> Result<JobStatus, StoreError> {
+        let (job_seq, job) = self.resolve(sel)?;
+        let summary = self.summary(job_seq)?;
+        let spec = self.spec(job_seq)?;
+        let is_array = spec.array.is_some();
+        let (task, events) = match (is_array, sel.index) {
+            (false, Some(i)) => return Err(invalid(format!("job {job} is not an array: drop the `:{i}`"))),
+            (false, None) => {
+                let t = self.task(job_seq, 0, false)?.unwrap_or(TaskStatus {
+                    index: None,
+                    state: summary.state,
+                    attempt: 1,
+                    worker: None,
+                    exit_code: None,
+                    started_at: None,
+                    ended_at: summary.ended_at,
+                    runtime_ms: None,
+                    reason: None,
+                });
+                (Some(t), self.events(job_seq, None, false)?)
+            }
+            (true, Some(i)) => {
+                let r = spec.array.unwrap_or(berth_shared::job::ArrayRange { start: 0, end: 0 });
+                if i < r.start || i > r.end {
+                    return Err(StoreError::Api(ApiError::new(ErrorKind::NotFound, format!("job {job} has no task {i} (its indices are {}-{})", r.start, r.end))));
+                }
+                let t = self.task(job_seq, i64::from(i), true)?.unwrap_or(TaskStatus {
+                    index: Some(i),
+                    state: if summary.state.is_terminal() { summary.state } else { JobState::Queued },
+                    attempt: 1,
+                    worker: None,
+                    exit_code: None,
+                    started_at: None,
+                    ended_at: None,
+                    runtime_ms: None,
+                    reason: None,
+                });
+                (Some(t), self.events(job_seq, Some(i64::from(i)), false)?)
+            }
+            (true, None) => (None, self.events(job_seq, None, true)?),
+        };
+        Ok(JobStatus { summary, spec, task, events })
+    }
+
+    fn list(&mut self, state: Option<JobState>, limit: u32) -> Result<Vec<JobSummary>, StoreError> {
+        let rows = match state {
+            Some(s) => self.db.query(&format!("SELECT {SUMMARY_COLS} FROM jobs WHERE state = ?1 ORDER BY seq DESC LIMIT ?2"), p![s.as_str(), limit])?,
+            None => self.db.query(&format!("SELECT {SUMMARY_COLS} FROM jobs ORDER BY seq DESC LIMIT ?1"), p![limit])?,
+        };
+        rows.iter().map(|r| summary_row(r).map(|(_, s)| s)).collect()
+    }
+
+    fn logs(&mut self, job_seq: i64, index: Option<u32>, attempt: Option<u32>, after: (u64, u64)) -> Result<LogRead, StoreError> {
+        let idx = i64::from(index.unwrap_or(0));
+        let Some(task) = self.db.query_opt("SELECT state, attempt FROM tasks WHERE job_seq = ?1 AND idx = ?2", p![job_seq, idx])? else {
+            // Not started yet (or cancelled before it ran).
+            let st = state_of(&self.db.query_one("SELECT state FROM jobs WHERE seq = ?1", p![job_seq])?.str(0)?);
+            return Ok(LogRead { attempt: 1, chunks: Vec::new(), ended: st.is_terminal(), task_state: Some(if st.is_terminal() { st } else { JobState::Queued }) });
+        };
+        let (state, current) = (state_of(&task.str(0)?), task.u32(1)?);
+        let attempt = attempt.unwrap_or(current);
+        let rows = self.db.query(
+            "SELECT stream, seq, data FROM logs WHERE job_seq = ?1 AND idx = ?2 AND attempt = ?3
+             AND ((stream = 0 AND seq > ?4) OR (stream = 1 AND seq > ?5)) ORDER BY id LIMIT 512",
+            p![job_seq, idx, attempt, after.0, after.1],
+        )?;
+        let mut chunks = Vec::with_capacity(rows.len());
+        for mut r in rows {
+            chunks.push((stream_of(r.i64(0)?), r.u64(1)?, r.blob(2)?));
+        }
+        let ended = attempt < current || state.is_terminal();
+        Ok(LogRead { attempt, chunks, ended, task_state: Some(state) })
+    }
+
+    fn exit_code(&mut self, job_seq: i64) -> Result<Option<i32>, StoreError> {
+        let is_array = self.db.query_one("SELECT is_array FROM jobs WHERE seq = ?1", p![job_seq])?.bool(0)?;
+        if !is_array {
+            let Some(r) = self.db.query_opt("SELECT exit_code, state FROM tasks WHERE job_seq = ?1 AND idx = 0", p![job_seq])? else {
+                return Ok(None);
+            };
+            let code = r.opt_i32(0)?;
+            return Ok(code.or(if r.str(1)? == "succeeded" { Some(0) } else { None }));
+        }
+        let c = self.summary(job_seq)?.counts;
+        if c.succeeded == c.total() {
+            return Ok(Some(0));
+        }
+        let r = self.db.query_opt(
+            "SELECT exit_code FROM tasks WHERE job_seq = ?1 AND state != 'succeeded' AND exit_code IS NOT NULL AND exit_code != 0 ORDER BY idx LIMIT 1",
+            p![job_seq],
+        )?;
+        match r {
+            Some(r) => r.opt_i32(0),
+            None => Ok(None),
+        }
+    }
+
+    fn workers(&mut self) -> Result<Vec<(String, bool)>, StoreError> {
+        self.db.query("SELECT name, drained FROM workers ORDER BY name", p![])?.iter().map(|r| Ok((r.str(0)?, r.bool(1)?))).collect()
+    }
+
+    fn is_drained(&mut self, worker: &str) -> Result<bool, StoreError> {
+        Ok(match self.db.query_opt("SELECT drained FROM workers WHERE name = ?1", p![worker])? {
+            Some(r) => r.bool(0)?,
+            None => false,
+        })
+    }
+}

@@ -1,0 +1,204 @@
+//! The store's tables, once per backend. The shapes are the same; the types differ
+//! only where the databases do (row ids, byte strings).
+//!
+//! Layout: a submission is one `jobs` row holding its spec once. An array's tasks are
+//! not stored until they are claimed: `next_idx` is a cursor over the unclaimed
+//! indices, so a 1,000,000-task array is one row until it runs. A claimed (or
+//! individually cancelled) task gets a `tasks` row; every transition appends an
+//! `events` row; output chunks go to `logs`.
+
+use super::sql::{Backend, Db};
+use super::StoreError;
+
+const SQLITE: &str = r#"
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs(
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT,
+    owner TEXT NOT NULL,
+    account TEXT,
+    idem TEXT,
+    spec BLOB NOT NULL,
+    is_array INTEGER NOT NULL,
+    idx_start INTEGER NOT NULL,
+    idx_end INTEGER NOT NULL,
+    next_idx INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    n_pending INTEGER NOT NULL DEFAULT 0,
+    n_queued INTEGER NOT NULL DEFAULT 0,
+    n_running INTEGER NOT NULL DEFAULT 0,
+    n_succeeded INTEGER NOT NULL DEFAULT 0,
+    n_failed INTEGER NOT NULL DEFAULT 0,
+    n_cancelled INTEGER NOT NULL DEFAULT 0,
+    n_timed_out INTEGER NOT NULL DEFAULT 0,
+    n_rejected INTEGER NOT NULL DEFAULT 0,
+    n_frozen INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    ended_at INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs(priority DESC, seq) WHERE next_idx <= idx_end;
+CREATE TABLE IF NOT EXISTS tasks(
+    job_seq INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    lease TEXT,
+    worker TEXT,
+    lease_expires INTEGER,
+    exit_code INTEGER,
+    started_at INTEGER,
+    ended_at INTEGER,
+    runtime_ms INTEGER,
+    reason TEXT,
+    PRIMARY KEY(job_seq, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_queued ON tasks(job_seq, idx) WHERE state = 'queued';
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_lease ON tasks(lease) WHERE lease IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_running ON tasks(lease_expires) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS tasks_worker ON tasks(worker) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS events(
+    id INTEGER PRIMARY KEY,
+    job_seq INTEGER NOT NULL,
+    idx INTEGER,
+    time INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker TEXT,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_seq, idx);
+CREATE TABLE IF NOT EXISTS logs(
+    id INTEGER PRIMARY KEY,
+    job_seq INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    stream INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    UNIQUE(job_seq, idx, attempt, stream, seq)
+);
+CREATE TABLE IF NOT EXISTS tokens(
+    hash TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER,
+    used_by TEXT
+);
+CREATE TABLE IF NOT EXISTS workers(
+    name TEXT PRIMARY KEY,
+    enrolled_at INTEGER NOT NULL,
+    drained INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO meta(key, value) VALUES ('schema', '1') ON CONFLICT DO NOTHING;
+"#;
+
+const POSTGRES: &str = r#"
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs(
+    seq BIGSERIAL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT,
+    owner TEXT NOT NULL,
+    account TEXT,
+    idem TEXT,
+    spec BYTEA NOT NULL,
+    is_array BIGINT NOT NULL,
+    idx_start BIGINT NOT NULL,
+    idx_end BIGINT NOT NULL,
+    next_idx BIGINT NOT NULL,
+    priority BIGINT NOT NULL,
+    max_attempts BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    n_pending BIGINT NOT NULL DEFAULT 0,
+    n_queued BIGINT NOT NULL DEFAULT 0,
+    n_running BIGINT NOT NULL DEFAULT 0,
+    n_succeeded BIGINT NOT NULL DEFAULT 0,
+    n_failed BIGINT NOT NULL DEFAULT 0,
+    n_cancelled BIGINT NOT NULL DEFAULT 0,
+    n_timed_out BIGINT NOT NULL DEFAULT 0,
+    n_rejected BIGINT NOT NULL DEFAULT 0,
+    n_frozen BIGINT NOT NULL DEFAULT 0,
+    created_at BIGINT NOT NULL,
+    ended_at BIGINT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs(priority DESC, seq) WHERE next_idx <= idx_end;
+CREATE TABLE IF NOT EXISTS tasks(
+    job_seq BIGINT NOT NULL,
+    idx BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    lease TEXT,
+    worker TEXT,
+    lease_expires BIGINT,
+    exit_code BIGINT,
+    started_at BIGINT,
+    ended_at BIGINT,
+    runtime_ms BIGINT,
+    reason TEXT,
+    PRIMARY KEY(job_seq, idx)
+);
+CREATE INDEX IF NOT EXISTS tasks_queued ON tasks(job_seq, idx) WHERE state = 'queued';
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_lease ON tasks(lease) WHERE lease IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_running ON tasks(lease_expires) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS tasks_worker ON tasks(worker) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS events(
+    id BIGSERIAL PRIMARY KEY,
+    job_seq BIGINT NOT NULL,
+    idx BIGINT,
+    time BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    worker TEXT,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_seq, idx);
+CREATE TABLE IF NOT EXISTS logs(
+    id BIGSERIAL PRIMARY KEY,
+    job_seq BIGINT NOT NULL,
+    idx BIGINT NOT NULL,
+    attempt BIGINT NOT NULL,
+    stream BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    data BYTEA NOT NULL,
+    UNIQUE(job_seq, idx, attempt, stream, seq)
+);
+CREATE TABLE IF NOT EXISTS tokens(
+    hash TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    used_at BIGINT,
+    used_by TEXT
+);
+CREATE TABLE IF NOT EXISTS workers(
+    name TEXT PRIMARY KEY,
+    enrolled_at BIGINT NOT NULL,
+    drained BIGINT NOT NULL DEFAULT 0
+);
+INSERT INTO meta(key, value) VALUES ('schema', '1') ON CONFLICT DO NOTHING;
+"#;
+
+/// The advisory lock that serialises schema creation among coordinators starting at
+/// once on one PostgreSQL database.
+const PG_MIGRATE_LOCK: i64 = 0x6265_7274_6801;
+
+/// Creates the schema if needed.
+pub fn migrate(db: &mut dyn Db) -> Result<(), StoreError> {
+    match db.backend() {
+        Backend::Sqlite => db.batch(SQLITE),
+        Backend::Postgres => {
+            db.batch(&format!("SELECT pg_advisory_lock({PG_MIGRATE_LOCK})"))?;
+            let r = db.batch(POSTGRES);
+            db.batch(&format!("SELECT pg_advisory_unlock({PG_MIGRATE_LOCK})"))?;
+            r
+        }
+    }
+}
