@@ -312,27 +312,40 @@ impl Location {
 
     /// A connection with the schema in place.
     pub fn connect(&self) -> Result<Box<dyn Db>, StoreError> {
-        let mut db: Box<dyn Db> = match self {
-            Location::Sqlite(p) => Box::new(SqliteDb::open(p)?),
-            Location::Postgres(u) => Box::new(PgDb::connect(u)?),
-        };
-        schema::migrate(db.as_mut())?;
-        Ok(db)
+        off_runtime(|| {
+            let mut db: Box<dyn Db> = match self {
+                Location::Sqlite(p) => Box::new(SqliteDb::open(p)?),
+                Location::Postgres(u) => Box::new(PgDb::connect(u)?),
+            };
+            schema::migrate(db.as_mut())?;
+            Ok(db)
+        })
     }
 
     /// Starts the group-commit writer.
     pub fn writer(&self) -> Result<StoreHandle, StoreError> {
-        Ok(match self {
-            Location::Sqlite(p) => spawn_writer(Store::new(SqliteDb::open(p)?)?),
-            Location::Postgres(u) => spawn_writer(Store::new(PgDb::connect(u)?)?),
+        off_runtime(|| {
+            Ok(match self {
+                Location::Sqlite(p) => spawn_writer(Store::new(SqliteDb::open(p)?)?),
+                Location::Postgres(u) => spawn_writer(Store::new(PgDb::connect(u)?)?),
+            })
         })
     }
 
     /// A read connection.
     pub fn reader(&self) -> Result<Box<dyn Reader + Send>, StoreError> {
-        Ok(match self {
-            Location::Sqlite(p) => Box::new(ReadView::new(SqliteDb::open(p)?)),
-            Location::Postgres(u) => Box::new(ReadView::new(PgDb::connect(u)?)),
+        off_runtime(|| {
+            Ok(match self {
+                Location::Sqlite(p) => Box::new(ReadView::new(SqliteDb::open(p)?)) as Box<dyn Reader + Send>,
+                Location::Postgres(u) => Box::new(ReadView::new(PgDb::connect(u)?)),
+            })
         })
     }
+}
+
+/// Runs blocking database work on a thread of its own: the PostgreSQL client drives
+/// its own runtime and must not be called from an async task's thread. The store only
+/// does this while starting; afterwards its connections live on their own threads.
+pub fn off_runtime<T: Send>(f: impl FnOnce() -> Result<T, StoreError> + Send) -> Result<T, StoreError> {
+    std::thread::scope(|s| s.spawn(f).join().unwrap_or(Err(StoreError::Stopped)))
 }

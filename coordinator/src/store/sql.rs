@@ -302,7 +302,8 @@ pub fn pg_placeholders(sql: &str) -> String {
 
 impl PgDb {
     pub fn connect(url: &str) -> Result<PgDb, StoreError> {
-        let client = postgres::Client::connect(url, postgres::NoTls).map_err(|e| StoreError::Open { path: redact(url), message: pg_message(&e) })?;
+        let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(|e| StoreError::Open { path: redact(url), message: pg_message(&e) })?;
+        client.batch_execute("SET client_min_messages TO warning")?;
         Ok(PgDb { client, statements: HashMap::new() })
     }
 
