@@ -25,6 +25,7 @@ use crate::actors::{budget::Budget, job_store::JobStore, lease_recovery::LeaseRe
 use crate::config::RunConfig;
 use crate::datadir::{DataDir, DataDirError};
 use crate::store::engine::create_token;
+use crate::store::cluster::Leadership;
 use crate::store::{Location, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,10 +61,11 @@ impl Coordinator {
         let store = location.writer()?;
         let readers: Vec<_> = (0..2).map(|_| location.reader()).collect::<Result<_, _>>()?;
         let readers = std::sync::Mutex::new(readers);
+        let for_readers = location.clone();
         let reader = SyncArbiter::start(2, move || {
             // Each arbiter thread takes one of the connections opened above.
             let conn = readers.lock().ok().and_then(|mut v| v.pop());
-            StoreReader::new(conn.unwrap_or_else(|| location.reader().unwrap_or_else(|e| panic!("cannot open a read connection: {e}"))))
+            StoreReader::new(conn.unwrap_or_else(|| for_readers.reader().unwrap_or_else(|e| panic!("cannot open a read connection: {e}"))))
         });
         let job_store = JobStore::new(store.clone(), cfg.lease_ttl).start();
         // No lease expires before its worker had a full TTL to reconnect to us.
@@ -72,8 +74,13 @@ impl Coordinator {
             tracing::info!(leases = renewed, ttl = ?cfg.lease_ttl, "running leases get a full TTL after the restart");
         }
         let every = (cfg.lease_ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let leadership = match &location {
+            Location::Postgres(url) => Leadership::campaign(url.clone(), cfg.name.clone(), every),
+            Location::Sqlite(_) => Leadership::always(),
+        };
+        tracing::info!(store = %location.describe(), "job store open");
         let actors = Actors {
-            lease_recovery: LeaseRecovery::new(job_store.clone(), every).start(),
+            lease_recovery: LeaseRecovery::new(job_store.clone(), every, leadership).start(),
             log_store: LogStore::new(job_store.clone(), store.notices.clone()).start(),
             registry: WorkerRegistry::default().start(),
             budget: Budget.start(),

@@ -5,16 +5,23 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::job_store::{ExpireLeases, JobStore};
+use super::job_store::{ExpireLeases, JobStore, RestartLeases};
+use crate::store::cluster::Leadership;
 
 pub struct LeaseRecovery {
     job_store: Addr<JobStore>,
     every: Duration,
+    leadership: Leadership,
+    /// Whether this coordinator ran recovery last time it looked.
+    leading: bool,
 }
 
 impl LeaseRecovery {
-    pub fn new(job_store: Addr<JobStore>, every: Duration) -> Self {
-        LeaseRecovery { job_store, every }
+    /// `leadership` says whether this coordinator is the one that runs recovery (with
+    /// SQLite always; with PostgreSQL, the holder of the advisory lock).
+    pub fn new(job_store: Addr<JobStore>, every: Duration, leadership: Leadership) -> Self {
+        // A coordinator that starts has just given every lease a full TTL.
+        LeaseRecovery { job_store, every, leading: true, leadership }
     }
 }
 
@@ -34,7 +41,22 @@ impl Handler<RecoverNow> for LeaseRecovery {
     type Result = ResponseFuture<usize>;
     fn handle(&mut self, _: RecoverNow, _: &mut Self::Context) -> Self::Result {
         let store = self.job_store.clone();
+        let leader = self.leadership.is_leader();
+        let took_over = leader && !self.leading;
+        self.leading = leader;
         Box::pin(async move {
+            if !leader {
+                return 0;
+            }
+            if took_over {
+                // Taking over from a coordinator that died: its workers are failing over
+                // to us, which is not their fault, so every lease gets a full TTL first.
+                match store.send(RestartLeases {}).await {
+                    Ok(Ok(n)) => tracing::info!(leases = n, "took over lease recovery; running leases get a full TTL"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot renew leases on taking over lease recovery"),
+                    Err(_) => return 0,
+                }
+            }
             match store.send(ExpireLeases {}).await {
                 Ok(Ok(expired)) => {
                     for e in &expired {

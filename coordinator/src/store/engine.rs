@@ -67,6 +67,9 @@ fn job_id(s: &str) -> Result<JobId, StoreError> {
     s.parse().map_err(|_| StoreError::Corrupt { job: s.to_string() })
 }
 
+/// The PostgreSQL channel on which coordinators tell each other of changes.
+pub const CHANNEL: &str = "berth_changes";
+
 /// The column of each state's count, in `JobState::ALL` order.
 const COUNT_COLS: [&str; 9] = ["n_pending", "n_queued", "n_running", "n_succeeded", "n_failed", "n_cancelled", "n_timed_out", "n_rejected", "n_frozen"];
 
@@ -106,6 +109,9 @@ struct Scratch {
 
 pub struct Store<D: Db> {
     db: D,
+    /// With a shared database: this coordinator's name in change notifications, so its
+    /// own listener can skip them.
+    notify_as: Option<String>,
     jobs: HashMap<i64, Arc<JobMeta>>,
     /// The next expected output sequence per (lease, stream); a hint, checked against
     /// the database whenever a chunk disagrees with it.
@@ -122,7 +128,14 @@ fn send<T: Send + 'static>(reply: &mut Tx<T>, r: Result<T, StoreError>, committe
 impl<D: Db> Store<D> {
     pub fn new(mut db: D) -> Result<Store<D>, StoreError> {
         super::schema::migrate(&mut db)?;
-        Ok(Store { db, jobs: HashMap::new(), expected_seq: HashMap::new() })
+        Ok(Store { db, notify_as: None, jobs: HashMap::new(), expected_seq: HashMap::new() })
+    }
+
+    /// Publishes every commit's changes to the other coordinators on the database
+    /// (PostgreSQL NOTIFY, delivered when the transaction commits).
+    pub fn notify_as(mut self, instance: String) -> Self {
+        self.notify_as = Some(instance);
+        self
     }
 
     pub fn db(&mut self) -> &mut D {
@@ -189,6 +202,7 @@ impl<D: Db> Store<D> {
                 pending.push(p);
             }
             self.flush_counts(&mut scratch)?;
+            self.publish(&scratch)?;
             self.db.batch("COMMIT")
         })();
         if let Err(e) = r {
@@ -228,6 +242,30 @@ impl<D: Db> Store<D> {
             }
             s.notices.push(Notice::Job { job: id, counts, state });
         }
+        Ok(())
+    }
+
+    /// Tells the other coordinators what this batch changed: `INSTANCE|w|JOB,JOB,…`
+    /// (`w` when there may be new work to claim).
+    fn publish(&mut self, s: &Scratch) -> Result<(), StoreError> {
+        let Some(me) = &self.notify_as else { return Ok(()) };
+        let mut jobs = String::new();
+        for n in &s.notices {
+            if let Notice::Job { job, .. } = n {
+                if jobs.len() > 7000 {
+                    break;
+                }
+                if !jobs.is_empty() {
+                    jobs.push(',');
+                }
+                jobs.push_str(&job.to_string());
+            }
+        }
+        if jobs.is_empty() && !s.work {
+            return Ok(());
+        }
+        let payload = format!("{me}|{}|{jobs}", if s.work { "w" } else { "" });
+        self.db.exec(&format!("SELECT pg_notify('{CHANNEL}', ?1)"), p![payload])?;
         Ok(())
     }
 
@@ -518,11 +556,22 @@ impl<D: Db> Store<D> {
                 "UPDATE tasks SET lease_expires = ?1 WHERE lease = ?2 AND worker = ?3 AND state = 'running'",
                 p![expires, l.to_string(), worker],
             )?;
-            if n == 0 {
+            if n == 0 && !self.ended_here(worker, l)? {
                 stale.push(l);
             }
         }
         Ok(stale)
+    }
+
+    /// Whether `lease` was this worker's attempt and its result is already recorded (a
+    /// heartbeat that crossed the result on the wire: late, not stale). A cancelled
+    /// attempt is not: its worker must kill it.
+    fn ended_here(&mut self, worker: &str, lease: LeaseId) -> Result<bool, StoreError> {
+        let row = self.db.query_opt("SELECT state FROM tasks WHERE lease = ?1 AND worker = ?2", p![lease.to_string(), worker])?;
+        Ok(match row {
+            Some(r) => matches!(state_of(&r.str(0)?), JobState::Succeeded | JobState::Failed | JobState::TimedOut),
+            None => false,
+        })
     }
 
     fn reconcile(&mut self, worker: &str, held: &[LeaseId], now: DateTime<Utc>, ttl: Duration, s: &mut Scratch) -> Result<Reconciled, StoreError> {

@@ -6,6 +6,7 @@
 //! After every commit the store publishes what changed (`Notice`) so watchers, log
 //! followers and idle workers learn of it without polling.
 
+pub mod cluster;
 pub mod engine;
 pub mod schema;
 #[macro_use]
@@ -327,7 +328,12 @@ impl Location {
         off_runtime(|| {
             Ok(match self {
                 Location::Sqlite(p) => spawn_writer(Store::new(SqliteDb::open(p)?)?),
-                Location::Postgres(u) => spawn_writer(Store::new(PgDb::connect(u)?)?),
+                Location::Postgres(u) => {
+                    let me = uuid::Uuid::new_v4().to_string();
+                    let handle = spawn_writer(Store::new(PgDb::connect(u)?)?.notify_as(me.clone()));
+                    cluster::spawn_listener(u.clone(), me, handle.clone());
+                    handle
+                }
             })
         })
     }

@@ -288,6 +288,7 @@ fn pg_row(r: &postgres::Row) -> Result<Row, StoreError> {
             Type::INT2 => r.try_get::<_, Option<i16>>(i)?.map_or(Val::Null, |v| Val::I64(v.into())),
             Type::BOOL => r.try_get::<_, Option<bool>>(i)?.map_or(Val::Null, |v| Val::I64(v.into())),
             Type::BYTEA => r.try_get::<_, Option<Vec<u8>>>(i)?.map_or(Val::Null, Val::Blob),
+            Type::VOID => Val::Null,
             _ => r.try_get::<_, Option<String>>(i)?.map_or(Val::Null, Val::Text),
         };
         out.push(v);
