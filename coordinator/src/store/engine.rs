@@ -528,7 +528,10 @@ impl<D: Db> Store<D> {
             self.event(job_seq, index.map(i64::from), now, to, attempt, Some(worker), reason.as_deref())?;
             self.shift(job_seq, JobState::Running, to, 1, s);
             FinishVerdict::Recorded
-        } else if state.is_terminal() {
+        } else if state != JobState::Cancelled && state.is_terminal() {
+            // The same result, resent: the first one stands.
+            return Ok(FinishVerdict::AlreadyRecorded);
+        } else if state == JobState::Cancelled {
             // Cancelled while running: keep the state, record what the attempt did.
             self.db.exec(
                 "UPDATE tasks SET exit_code = ?1, runtime_ms = ?2 WHERE job_seq = ?3 AND idx = ?4",
@@ -666,7 +669,10 @@ impl<D: Db> Store<D> {
         // Unclaimed tasks behind the cursor.
         match one {
             None if next <= end => {
-                let k = (end - next + 1) as u64;
+                // Tasks behind the cursor that were cancelled one by one have rows already.
+                let sql = "SELECT COUNT(*) FROM tasks WHERE job_seq = ?1 AND idx >= ?2 AND idx <= ?3";
+                let had_rows = self.db.query_one(sql, p![job_seq, next, end])?.u64(0)?;
+                let k = (end - next + 1) as u64 - had_rows;
                 self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![end + 1, job_seq])?;
                 self.shift(job_seq, JobState::Queued, JobState::Cancelled, k, s);
                 if meta.is_array {

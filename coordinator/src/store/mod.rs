@@ -127,6 +127,9 @@ pub enum FinishVerdict {
     Recorded,
     /// The task had been cancelled; the attempt's runtime was recorded, the state kept.
     AfterCancel,
+    /// This attempt's result was already recorded (a resend after a reconnect):
+    /// acknowledged, nothing changed.
+    AlreadyRecorded,
     /// The lease is stale: nothing recorded, kill the attempt.
     Stale,
 }
