@@ -86,6 +86,9 @@ impl Role {
 
 // ---------------------------------------------------------------- client requests
 
+// A request lives for one decode and one dispatch; boxing the spec would only add an
+// allocation to the common case.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Submit a job or an array. The idempotency key makes a retried submission

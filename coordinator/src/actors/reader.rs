@@ -19,8 +19,11 @@ impl Actor for StoreReader {
     type Context = SyncContext<Self>;
 }
 
+/// A read to run against a reader connection.
+pub type ReadFn<R> = Box<dyn FnOnce(&mut dyn Reader) -> Result<R, StoreError> + Send>;
+
 /// Runs a read on one of the reader connections.
-pub struct Query<R>(pub Box<dyn FnOnce(&mut dyn Reader) -> Result<R, StoreError> + Send>);
+pub struct Query<R>(pub ReadFn<R>);
 
 impl<R: 'static> Message for Query<R> {
     type Result = Result<R, StoreError>;
