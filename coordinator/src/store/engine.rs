@@ -349,7 +349,7 @@ impl<D: Db> Store<D> {
             }
             Op::SetDrain { worker, drained, .. } => {
                 let (worker, drained) = (worker.clone(), *drained);
-                run!(SetDrain, self.set_drain(&worker, drained))
+                run!(SetDrain, self.set_drain(&worker, drained, s))
             }
         }
     }
@@ -752,11 +752,13 @@ impl<D: Db> Store<D> {
         Ok(())
     }
 
-    fn set_drain(&mut self, worker: &str, drained: bool) -> Result<bool, StoreError> {
+    fn set_drain(&mut self, worker: &str, drained: bool, s: &mut Scratch) -> Result<bool, StoreError> {
         let n = self.db.exec("UPDATE workers SET drained = ?1 WHERE name = ?2", p![drained, worker])?;
         if n == 0 {
             return Err(StoreError::Api(ApiError::new(ErrorKind::NotFound, format!("no worker named `{worker}`: `berth workers` lists them"))));
         }
+        // An undrained worker may claim again: wake it.
+        s.work |= !drained;
         Ok(drained)
     }
 
