@@ -6,6 +6,8 @@ pub mod client_api;
 pub mod config;
 pub mod datadir;
 pub mod lease;
+pub mod ledger;
+pub mod pools;
 pub mod server;
 pub mod store;
 pub mod worker_conn;
