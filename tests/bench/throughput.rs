@@ -230,6 +230,7 @@ fn spawn_rate_executor(
                         workspace: ws.clone(),
                         max_runtime: None,
                         grace: Duration::from_secs(1),
+                        record: None,
                     };
                     let (_kill_tx, kill_rx) = tokio::sync::watch::channel(None);
                     let o = process::run(launch, spool.clone(), kill_rx, |_| {}).await;

@@ -2,6 +2,10 @@
 //! coordinator is unreachable they keep running, their output keeps going to the
 //! spool, and after a reconnect the worker reports the leases it holds, kills the
 //! ones the coordinator calls stale, resends unacknowledged output and results.
+//!
+//! Reconnecting is paced by the lease TTL: a restarted coordinator gives every running
+//! lease one TTL to be renewed, so a worker must notice a dead link (three heartbeats
+//! in a row without an answer) and dial again well within one TTL.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -16,6 +20,7 @@ use berth_shared::tls::client_config;
 use berth_shared::wire::{Assignment, CoordMsg, HostInfo, KillReason, OutputFrame, PeerKind, WorkerMsg};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::executor::{process, Launch};
@@ -67,9 +72,29 @@ impl Drop for Link {
     }
 }
 
+/// How long a SIGTERM'd attempt gets before its group is SIGKILLed.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// Heartbeats in a row without any frame from the coordinator after which the link is
+/// taken for dead (a heartbeat goes every third of the lease TTL).
+const UNANSWERED_HEARTBEATS: u32 = 3;
+
+/// How long one dial may take: long enough for a busy coordinator's handshake, short
+/// enough to try again several times within a lease TTL.
+fn dial_timeout(ttl: Option<Duration>) -> Duration {
+    ttl.map_or(Duration::from_secs(5), |t| (t / 2).clamp(Duration::from_secs(1), Duration::from_secs(5)))
+}
+
+/// The longest wait between dials.
+fn max_backoff(ttl: Option<Duration>) -> Duration {
+    ttl.map_or(Duration::from_secs(5), |t| (t / 8).clamp(Duration::from_millis(100), Duration::from_secs(5)))
+}
+
 struct State {
     cfg: WorkerConfig,
     host: HostInfo,
+    /// The lease TTL the coordinator last announced.
+    lease_ttl: Option<Duration>,
     attempts: HashMap<LeaseId, Attempt>,
     queue: VecDeque<LeaseId>,
     slots: SlotTable,
@@ -139,10 +164,11 @@ impl State {
             let env = job_env(&at.a, slot, &workspace, &cfg.name);
             let launch = Launch {
                 argv: at.a.spec.command.argv(),
-                env: env.as_ref().map(|e| e.clone()).unwrap_or_default(),
+                env: env.clone().unwrap_or_default(),
                 workspace,
                 max_runtime: at.a.spec.max_runtime_ms.map(Duration::from_millis),
-                grace: Duration::from_secs(2),
+                grace: GRACE,
+                record: Some(cfg.work_dir.join("groups").join(lease.to_string())),
             };
             let spool = at.spool.clone();
             let kill = at.kill.subscribe();
@@ -254,6 +280,9 @@ impl State {
                 self.start_queued(link);
             }
             CoordMsg::Kill { lease, reason } => {
+                if reason == KillReason::StaleLease {
+                    tracing::warn!(lease = %lease, "the coordinator refused this attempt's output or result as stale; killing the attempt and dropping its result");
+                }
                 self.kill(lease, reason);
                 self.maybe_finish(lease, link).await;
             }
@@ -286,9 +315,26 @@ impl State {
         Ok(())
     }
 
-    async fn kill_all(&mut self) {
+    /// Kills every attempt and waits (a bounded time) for their process groups to be
+    /// gone, so a worker that stops leaves nothing running behind it.
+    async fn kill_all(&mut self, ev_rx: &mut mpsc::UnboundedReceiver<RunEvent>) {
         for at in self.attempts.values() {
             let _ = at.kill.send(Some(KillReason::Cancelled));
+        }
+        let deadline = Instant::now() + GRACE + Duration::from_secs(3);
+        while self.running() > 0 {
+            match tokio::time::timeout_at(deadline, ev_rx.recv()).await {
+                Ok(Some(RunEvent::Exited(lease, outcome))) => {
+                    if let Some(at) = self.attempts.get_mut(&lease) {
+                        at.phase = Phase::Done(outcome);
+                    }
+                }
+                Ok(Some(RunEvent::Started(_))) => {}
+                Ok(None) | Err(_) => {
+                    tracing::warn!(running = self.running(), "attempts still running as the worker stops");
+                    break;
+                }
+            }
         }
     }
 }
@@ -381,14 +427,20 @@ enum Ended {
 /// Runs the worker until `shutdown` resolves.
 pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
     let id = identity::load_or_enrol(&cfg).await?;
-    for d in ["spool", "slots"] {
+    // Attempts of a previous run of this worker that was killed outright are still
+    // running, unknown to anyone: their leases are lost, their results would be refused.
+    let left_over = process::kill_left_over(&cfg.work_dir.join("groups"));
+    if left_over > 0 {
+        tracing::warn!(groups = left_over, "killed attempts left over from before this worker restarted");
+    }
+    for d in ["spool", "slots", "groups"] {
         let p = cfg.work_dir.join(d);
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).map_err(|source| WorkerError::WorkDir { path: p.clone(), source })?;
     }
     let host = crate::host::detect(&cfg.executors);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let mut state = State { slots: SlotTable::new(cfg.slots), cfg, host, attempts: HashMap::new(), queue: VecDeque::new(), ev_tx };
+    let mut state = State { slots: SlotTable::new(cfg.slots), cfg, host, lease_ttl: None, attempts: HashMap::new(), queue: VecDeque::new(), ev_tx };
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     let endpoint = {
@@ -397,7 +449,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     };
     loop {
         let dialed = tokio::select! {
-            d = dial(&endpoint, &state.cfg.coordinators, state.cfg.server_name.as_deref(), PeerKind::Worker, Duration::from_secs(5)) => Some(d),
+            d = dial(&endpoint, &state.cfg.coordinators, state.cfg.server_name.as_deref(), PeerKind::Worker, dial_timeout(state.lease_ttl)) => Some(d),
             _ = &mut shutdown => None,
         };
         match dialed {
@@ -412,13 +464,13 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         backoff = Duration::from_millis(100);
                     }
                     Err(e) => {
-                        state.kill_all().await;
+                        state.kill_all(&mut ev_rx).await;
                         return Err(e);
                     }
                 }
             }
             Some(Err(e @ (berth_shared::dial::DialError::Refused { .. } | berth_shared::dial::DialError::Auth { .. }))) => {
-                state.kill_all().await;
+                state.kill_all(&mut ev_rx).await;
                 return Err(e.into());
             }
             Some(Err(e)) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach a coordinator"),
@@ -432,14 +484,14 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 _ = &mut sleep => break,
                 Some(ev) = ev_rx.recv() => state.on_event(ev, &mut None).await,
                 _ = &mut shutdown => {
-                    state.kill_all().await;
+                    state.kill_all(&mut ev_rx).await;
                     return Ok(());
                 }
             }
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(max_backoff(state.lease_ttl));
     }
-    state.kill_all().await;
+    state.kill_all(&mut ev_rx).await;
     Ok(())
 }
 
@@ -476,7 +528,9 @@ async fn session(
                 tracing::warn!(lease = %lease, "the coordinator no longer knows this attempt; killing it");
                 state.kill(lease, KillReason::StaleLease);
             }
-            Duration::from_millis(lease_ttl_ms.max(300))
+            let ttl = Duration::from_millis(lease_ttl_ms.max(300));
+            state.lease_ttl = Some(ttl);
+            ttl
         }
         Ok(Ok(Some(CoordMsg::Refused { reason }))) => return Err(WorkerError::Refused(reason)),
         other => return Ok(Ended::Lost(format!("no registration answer ({})", if other.is_err() { "timed out".into() } else { format!("{other:?}") }))),
@@ -507,28 +561,39 @@ async fn session(
     state.want_more(&mut link).await;
     let mut beat = tokio::time::interval(ttl / 3);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Heartbeats sent since the coordinator last sent anything. Counted in ticks, not
+    // time, so a worker that was itself suspended reads what arrived before judging.
+    let mut unanswered = 0u32;
     let ended = loop {
         tokio::select! {
             m = frames.recv() => match m {
-                Some(m) => state.on_frame(m, &mut link).await?,
+                Some(m) => {
+                    unanswered = 0;
+                    state.on_frame(m, &mut link).await?
+                }
                 None => break Ended::Lost(conn.close_reason().map(|r| berth_shared::dial::describe(&r)).unwrap_or_else(|| "control stream closed".into())),
             },
             Some(ev) = ev_rx.recv() => state.on_event(ev, &mut link).await,
             _ = beat.tick() => {
+                if unanswered >= UNANSWERED_HEARTBEATS {
+                    break Ended::Lost(format!("no answer to {unanswered} heartbeats ({:?} apart)", ttl / 3));
+                }
                 let leases = state.held();
                 if let Some(l) = link.as_mut() {
                     if !l.send(&WorkerMsg::Heartbeat { leases }).await {
                         break Ended::Lost("cannot send a heartbeat".into());
                     }
                 }
+                unanswered += 1;
             }
             _ = shutdown.as_mut() => break Ended::Shutdown,
         }
     };
     reader.abort();
     drop(link);
-    if matches!(ended, Ended::Shutdown) {
-        conn.close(0u32.into(), b"worker shutting down");
+    match &ended {
+        Ended::Shutdown => conn.close(0u32.into(), b"worker shutting down"),
+        Ended::Lost(_) => conn.close(0u32.into(), b"worker gave up on this connection"),
     }
     Ok(ended)
 }

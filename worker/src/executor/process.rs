@@ -1,7 +1,13 @@
 //! The process executor: the command runs as a child in the slot workspace, in its
 //! own process group, and the whole group is killed when the attempt is cancelled,
 //! times out, or its main process exits (so nothing it started outlives it).
+//!
+//! A worker that is killed outright (SIGKILL, OOM killer, power cut on a VM that comes
+//! back) cannot kill its groups: they run on, orphaned. So each attempt's group is
+//! written down (`Launch::record`) until it is gone, and a starting worker kills the
+//! groups its previous run left (`kill_left_over`).
 
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,6 +75,9 @@ pub async fn run(launch: Launch, spool: Arc<Spool>, mut kill: watch::Receiver<Op
         }
     };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    if let Some(path) = &launch.record {
+        record_group(path, pgid);
+    }
     started(pgid);
     let out = child.stdout.take().map(|o| tokio::spawn(pump(o, OutStream::Stdout, spool.clone())));
     let err = child.stderr.take().map(|e| tokio::spawn(pump(e, OutStream::Stderr, spool.clone())));
@@ -95,6 +104,7 @@ pub async fn run(launch: Launch, spool: Arc<Spool>, mut kill: watch::Receiver<Op
             Ok(s) => End::Exited(s),
             Err(e) => {
                 signal_group(pgid, Signal::SIGKILL);
+                forget_group(&launch.record);
                 spool.close();
                 return fail(1, format!("lost track of the process: {e}"));
             }
@@ -122,6 +132,7 @@ pub async fn run(launch: Launch, spool: Arc<Spool>, mut kill: watch::Receiver<Op
             Err((other, s))
         }
     };
+    forget_group(&launch.record);
     // The pipes close once the group is gone; a process that left the group and kept
     // them open does not hold the attempt up for long.
     for h in [out, err].into_iter().flatten() {
@@ -155,6 +166,73 @@ pub async fn run(launch: Launch, spool: Arc<Spool>, mut kill: watch::Receiver<Op
     }
 }
 
+/// When a process started, in clock ticks since boot (field 22 of `/proc/PID/stat`):
+/// with the pid, it names one process for good, as pids are reused.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command, which is in parentheses and may hold anything.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether any live process is in process group `pgid`.
+fn group_has_members(pgid: i32) -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return false };
+    rd.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).any(|pid| {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return false };
+        let f: Vec<&str> = rest.split_whitespace().take(3).collect();
+        // state, ppid, pgrp
+        f.len() == 3 && f[0] != "Z" && f[2].parse::<i32>() == Ok(pgid)
+    })
+}
+
+/// Writes `PGID START_TIME` to `path`. Best effort: an attempt whose group cannot be
+/// recorded still runs; only the clean-up after a crash would miss it.
+fn record_group(path: &Path, pgid: i32) {
+    let Some(started) = start_time(pgid) else { return };
+    if let Err(e) = std::fs::write(path, format!("{pgid} {started}\n")) {
+        tracing::warn!(error = %e, path = %path.display(), "cannot record the attempt's process group; a crash of this worker would leave it running");
+    }
+}
+
+fn forget_group(path: &Option<PathBuf>) {
+    if let Some(p) = path {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Kills the process groups recorded in `dir` by a previous run of this worker that
+/// did not end them (it was killed), and empties `dir`. A group is killed only if it
+/// is provably the one recorded: its leader is alive with the recorded start time, or
+/// the leader is gone but members remain (a pid is not reused while its group lives).
+/// Returns how many groups were killed.
+pub fn kill_left_over(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    let mut killed = 0;
+    for e in rd.flatten() {
+        let path = e.path();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut f = text.split_whitespace();
+        let pgid = f.next().and_then(|v| v.parse::<i32>().ok()).filter(|p| *p > 1);
+        let started = f.next().and_then(|v| v.parse::<u64>().ok());
+        if let (Some(pgid), Some(started)) = (pgid, started) {
+            let ours = match start_time(pgid) {
+                Some(t) => t == started,
+                None => group_has_members(pgid),
+            };
+            if ours {
+                signal_group(pgid, Signal::SIGKILL);
+                killed += 1;
+                let attempt = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                tracing::warn!(pgid, lease = %attempt, "killed the process group of an attempt left over from before this worker restarted");
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    killed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +244,7 @@ mod tests {
             workspace: dir.to_path_buf(),
             max_runtime: max,
             grace: Duration::from_millis(500),
+            record: None,
         }
     }
 
@@ -200,6 +279,25 @@ mod tests {
         let o = run(launch(dir.path(), "sleep 30 & sleep 30", Some(Duration::from_millis(300))), spool, rx, |_| {}).await;
         assert!(o.timed_out);
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn left_over_groups_are_killed_and_only_those() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        use std::os::unix::process::CommandExt;
+        let spawn = || std::process::Command::new("sleep").arg("30").process_group(0).spawn().expect("spawn");
+        let (mut left, mut other) = (spawn(), spawn());
+        record_group(&dir.path().join("left"), left.id() as i32);
+        // A record whose pid is now another process (its start time differs).
+        std::fs::write(dir.path().join("reused"), format!("{} 1\n", other.id())).expect("write");
+        std::fs::write(dir.path().join("garbage"), "not a record").expect("write");
+        assert_eq!(kill_left_over(dir.path()), 1);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(left.wait().expect("wait").signal(), Some(9));
+        assert!(other.try_wait().expect("try_wait").is_none(), "a process that is not the recorded one lives");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("read_dir").count(), 0, "the records are gone");
+        let _ = other.kill();
+        let _ = other.wait();
     }
 
     #[tokio::test]
