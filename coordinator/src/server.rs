@@ -11,6 +11,7 @@ use std::time::Duration;
 use berth_shared::codec::{read_frame, write_frame, CodecError};
 use berth_shared::tls::{self, CertKey};
 use berth_shared::wire::{Hello, HelloReply, PeerKind, Role, PROTOCOL_VERSION};
+use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use crate::actors::Actors;
@@ -38,10 +39,81 @@ impl Shared {
     }
 }
 
-/// Binds the endpoint.
+/// Binds the endpoint. Its stateless-reset key is derived from the server's private
+/// key, so it survives a restart: a packet a worker sends on a
+/// connection the previous coordinator process held is answered with a stateless reset
+/// the worker recognises, and it reconnects at once rather than after the idle timeout
+/// (by which time a short lease TTL would have run out).
 pub fn bind(addr: SocketAddr, ca_pem: &str, server: &CertKey) -> Result<quinn::Endpoint, std::io::Error> {
     let cfg = tls::server_config(ca_pem, server).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    quinn::Endpoint::server(cfg, addr)
+    let reset = ResetKey::derive(&server.key_pem);
+    let mut endpoint = quinn::EndpointConfig::new(Arc::new(reset));
+    endpoint.cid_generator(|| Box::new(RandomCids));
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(endpoint, Some(cfg), socket, runtime)
+}
+
+/// HMAC-SHA256 (RFC 2104) for stateless-reset tokens, under a key that is the same
+/// for every run on one data dir.
+struct ResetKey([u8; 32]);
+
+impl ResetKey {
+    fn derive(server_key_pem: &str) -> ResetKey {
+        ResetKey(Sha256::new().chain_update(b"berth stateless reset\0").chain_update(server_key_pem.as_bytes()).finalize().into())
+    }
+
+    fn mac(&self, data: &[u8]) -> [u8; 32] {
+        let (mut inner, mut outer) = ([0x36u8; 64], [0x5cu8; 64]);
+        for (i, k) in self.0.iter().enumerate() {
+            inner[i] ^= k;
+            outer[i] ^= k;
+        }
+        let h = Sha256::new().chain_update(inner).chain_update(data).finalize();
+        Sha256::new().chain_update(outer).chain_update(h).finalize().into()
+    }
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mac = self.mac(data);
+        let n = signature_out.len().min(mac.len());
+        signature_out[..n].copy_from_slice(&mac[..n]);
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let mac = self.mac(data);
+        // Constant time: no early exit on the first differing byte.
+        let diff = mac.iter().zip(signature).fold(signature.len() ^ mac.len(), |d, (a, b)| d | usize::from(a ^ b));
+        if diff == 0 {
+            Ok(())
+        } else {
+            Err(quinn::crypto::CryptoError)
+        }
+    }
+}
+
+/// Random connection ids that any run of the endpoint accepts as its own. Quinn's
+/// default ids carry a hash under a key made at start, so a restarted endpoint would
+/// drop a previous run's packets silently instead of answering them with a reset.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Serves until `shutdown` resolves.
@@ -144,5 +216,26 @@ async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>, id: u64) {
             client_api::serve(conn, shared, name, Role::Anonymous).await
         }
         PeerKind::Worker => worker_conn::serve(conn, send, recv, shared, name, id).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn::crypto::HmacKey;
+
+    #[test]
+    fn reset_key_is_hmac_sha256_and_stable() {
+        // RFC 4231 test case 2: a key shorter than the block is padded with zeros.
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(b"Jefe");
+        let mac = ResetKey(key).mac(b"what do ya want for nothing?");
+        assert_eq!(hex::encode(mac), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        let (a, b) = (ResetKey::derive("key one"), ResetKey::derive("key one"));
+        let mut sig = [0u8; 32];
+        a.sign(b"cid", &mut sig);
+        assert!(b.verify(b"cid", &sig).is_ok(), "the same server key gives the same tokens after a restart");
+        assert!(ResetKey::derive("key two").verify(b"cid", &sig).is_err());
+        assert!(b.verify(b"cid", &sig[..16]).is_err());
     }
 }
