@@ -2,9 +2,16 @@
 //! worker as soon as it has free capacity and work exists (no polling: the store's
 //! work signal wakes idle sessions), results, heartbeats, and one output stream per
 //! running attempt with acknowledgements once chunks are durable.
+//!
+//! A session claims only for a worker that is demonstrably there: not once a newer
+//! connection of the same worker registered (the old one is closed before the new
+//! one's leases are reconciled), and not while the worker has been silent for half a
+//! lease TTL (it heartbeats every third of one). Otherwise a dead or stopped worker's
+//! connection, which the transport keeps open until its idle timeout, would claim the
+//! very tasks its lost leases just sent back to the queue, and burn their attempts.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use berth_shared::codec::{read_frame, write_frame};
 use berth_shared::ids::LeaseId;
@@ -46,6 +53,12 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
             return;
         }
         let a = shared.actors.clone();
+        // A connection of this worker from before (its process restarted, or it gave
+        // up on that link) is closed first, so it claims nothing after the reconcile.
+        if a.registry.send(registry::Retire { name: name.clone(), conn_id }).timeout(Duration::from_secs(10)).await.is_err() {
+            conn.close(CLOSE_REFUSED.into(), b"the coordinator is overloaded; try again");
+            return;
+        }
         let reconciled = match a.job_store.send(job_store::Reconcile { worker: name.clone(), held: held.clone() }).await {
             Ok(Ok(r)) => r,
             _ => {
@@ -112,25 +125,38 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
                 }
             });
         }
-        // Output streams.
+        // Output streams, logged in this worker's span.
         {
             let conn = conn.clone();
             let shared = shared.clone();
             let name = name.clone();
             let ctrl_tx = ctrl_tx.clone();
-            actix_rt::spawn(async move {
-                while let Ok(stream) = conn.accept_uni().await {
-                    actix_rt::spawn(output_stream(stream, shared.clone(), name.clone(), ctrl_tx.clone(), conn.clone()));
+            let span = tracing::Span::current();
+            actix_rt::spawn(
+                async move {
+                    while let Ok(stream) = conn.accept_uni().await {
+                        let stream = output_stream(stream, shared.clone(), name.clone(), ctrl_tx.clone(), conn.clone());
+                        actix_rt::spawn(stream.instrument(tracing::Span::current()));
+                    }
                 }
-            });
+                .instrument(span),
+            );
         }
 
         let mut work = shared.store.work.subscribe();
         let mut wanted: u32 = 0;
         let mut claiming = false;
         let mut hint = true;
+        let mut last_heard = Instant::now();
+        let quiet_limit = shared.lease_ttl / 2;
+        let mut quiet_logged = false;
         loop {
-            if wanted > 0 && !claiming && hint {
+            let quiet = last_heard.elapsed() > quiet_limit;
+            if quiet && wanted > 0 && hint && !quiet_logged {
+                tracing::debug!(silent = ?last_heard.elapsed(), "worker is silent; claiming nothing for it until it speaks");
+            }
+            quiet_logged = quiet;
+            if wanted > 0 && !claiming && hint && !quiet && conn.close_reason().is_none() {
                 claiming = true;
                 hint = false;
                 let store = a.job_store.clone();
@@ -153,6 +179,9 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
                     continue;
                 }
             };
+            if matches!(event, Event::Frame(_)) {
+                last_heard = Instant::now();
+            }
             let out = match event {
                 Event::Closed(why) => {
                     tracing::info!(reason = %why, "worker disconnected");
@@ -225,7 +254,9 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
                     }
                 }
                 Event::Renewed(r) => {
-                    a.registry.do_send(registry::Leases { name: name.clone(), added: vec![], removed: vec![], heartbeat: true });
+                    // Leases that turned out stale are no longer this worker's.
+                    let removed = r.as_ref().map(|stale| stale.clone()).unwrap_or_default();
+                    a.registry.do_send(registry::Leases { name: name.clone(), added: vec![], removed, heartbeat: true });
                     match r {
                         Ok(stale) => {
                             for l in &stale {
@@ -306,18 +337,24 @@ async fn output_stream(mut recv: quinn::RecvStream, shared: Arc<Shared>, worker:
         let mut acks: Vec<(berth_shared::wire::OutStream, u64)> = Vec::new();
         for ((stream, seq), v) in keys.into_iter().zip(verdicts) {
             match v {
-                ChunkVerdict::Stored | ChunkVerdict::Duplicate => match acks.iter_mut().find(|(s, _)| *s == stream) {
-                    Some(a) => a.1 = a.1.max(seq),
-                    None => acks.push((stream, seq)),
-                },
+                ChunkVerdict::Stored | ChunkVerdict::Duplicate => {
+                    if v == ChunkVerdict::Duplicate {
+                        tracing::debug!(lease = %lease, ?stream, seq, "dropped a duplicate output chunk (already stored)");
+                    }
+                    match acks.iter_mut().find(|(s, _)| *s == stream) {
+                        Some(a) => a.1 = a.1.max(seq),
+                        None => acks.push((stream, seq)),
+                    }
+                }
                 ChunkVerdict::StaleLease => {
                     tracing::warn!(lease = %lease, "rejected output carrying a stale lease; telling the worker to kill that attempt");
+                    shared.actors.registry.do_send(registry::Leases { name: worker.clone(), added: vec![], removed: vec![lease], heartbeat: false });
                     let _ = ctrl.send(CoordMsg::Kill { lease, reason: KillReason::StaleLease });
                     reader.abort();
                     return;
                 }
                 ChunkVerdict::OutOfOrder { expected } => {
-                    tracing::warn!(lease = %lease, seq, expected, "dropped an out-of-order output chunk");
+                    tracing::warn!(lease = %lease, ?stream, seq, expected, "dropped an out-of-order output chunk");
                 }
             }
         }

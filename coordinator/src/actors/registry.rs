@@ -75,6 +75,31 @@ impl Handler<Connect> for WorkerRegistry {
     }
 }
 
+/// A worker is registering on connection `conn_id`: any other connection of the same
+/// worker belongs to a process that is gone (or to a link it gave up on), so close it
+/// now, before the new connection's leases are reconciled; a retired session claims
+/// nothing more.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retire {
+    pub name: String,
+    pub conn_id: u64,
+}
+
+impl Handler<Retire> for WorkerRegistry {
+    type Result = ();
+    fn handle(&mut self, m: Retire, _: &mut Self::Context) {
+        if let Some(e) = self.workers.get_mut(&m.name) {
+            if e.conn_id != m.conn_id {
+                if let Some(conn) = e.conn.take() {
+                    conn.close(0u32.into(), b"replaced by a newer connection of the same worker");
+                }
+                e.tx = None;
+            }
+        }
+    }
+}
+
 /// A worker's connection ended.
 #[derive(Message)]
 #[rtype(result = "()")]
