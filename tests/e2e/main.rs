@@ -3,4 +3,5 @@
 
 mod bad_input;
 mod jobs;
+mod leases;
 mod security;

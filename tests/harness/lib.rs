@@ -162,11 +162,45 @@ impl Cluster {
     pub fn start_coordinator(&mut self, listen: &str) -> Result<()> {
         let mut cmd = Command::new(bin("berth-coordinator"));
         cmd.args(["run", "--data-dir"]).arg(&self.data).args(["--listen", listen, "--lease-ttl", &self.lease_ttl]);
-        cmd.env("BERTH_LOG", "info,berth_coordinator=debug");
+        cmd.env("BERTH_LOG", "info,berth_coordinator=debug").env("NO_COLOR", "1");
         let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
         let (p, addr) = spawn_ready("coordinator", cmd, &self.path(&format!("coordinator.{n}.log")), "ready addr=", Duration::from_secs(30))?;
         self.coord = Some(p);
         self.addr = addr;
+        Ok(())
+    }
+
+    /// Kills the coordinator with SIGKILL (no shutdown, nothing flushed but what
+    /// was committed).
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coord.take() {
+            c.kill9();
+        }
+    }
+
+    /// Starts the coordinator again on the address it had, so workers and profiles
+    /// that know that address reconnect by themselves.
+    pub fn restart_coordinator(&mut self) -> Result<()> {
+        if let Some(mut c) = self.coord.take() {
+            c.stop(Duration::from_secs(10));
+        }
+        let addr = self.addr.clone();
+        // The port was just freed; another process could take it in between, so
+        // retry a few times rather than settle for a new one.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.start_coordinator(&addr) {
+                Ok(()) => break,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("restarting the coordinator on {addr}: {e:#}; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e.context(format!("cannot restart the coordinator on {addr}"))),
+            }
+        }
+        if self.addr != addr {
+            bail!("the coordinator came back on {} instead of {addr}", self.addr);
+        }
         Ok(())
     }
 
@@ -197,22 +231,34 @@ impl Cluster {
         if let Some(t) = token {
             cmd.args(["--join-token", t]);
         }
-        cmd.env("BERTH_LOG", "info,berth_worker=debug");
+        cmd.env("BERTH_LOG", "info,berth_worker=debug").env("NO_COLOR", "1");
         cmd
     }
 
     /// Enrols (first time) and starts a worker; waits until the coordinator lists it.
     pub fn add_worker(&mut self, name: &str, slots: usize) -> Result<()> {
+        self.spawn_worker(name, slots)?;
+        self.wait_worker_connected(name, true)
+    }
+
+    /// Enrols (first time) and starts a worker without waiting for it to connect
+    /// (for workers that may be gone again before anyone could look).
+    pub fn spawn_worker(&mut self, name: &str, slots: usize) -> Result<()> {
+        self.spawn_worker_with(name, slots, &[])
+    }
+
+    /// `spawn_worker` with more `berth-worker` flags.
+    pub fn spawn_worker_with(&mut self, name: &str, slots: usize, flags: &[&str]) -> Result<()> {
         let enrolled = self.path(&format!("w-{name}")).join("worker.pem").exists();
         let token = if enrolled { None } else { Some(self.token()?) };
-        let cmd = self.worker_cmd(name, slots, token.as_deref());
+        let mut cmd = self.worker_cmd(name, slots, token.as_deref());
+        cmd.args(flags);
         let n = self.workers.len();
         let log = self.path(&format!("worker-{name}.{n}.log"));
-        let mut cmd = cmd;
         cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log)?).stdin(Stdio::null());
         let child = cmd.spawn()?;
         self.workers.push((name.to_string(), Proc { name: format!("worker {name}"), child, log }));
-        self.wait_worker_connected(name, true)
+        Ok(())
     }
 
     pub fn wait_worker_connected(&self, name: &str, connected: bool) -> Result<()> {
@@ -279,6 +325,15 @@ impl Cluster {
         })
         .with_context(|| format!("last status: {last}"))?;
         Ok(last)
+    }
+
+    /// Everything logged so far by the processes whose log files start with
+    /// `prefix` (`coordinator`, `worker-w1`), oldest process first.
+    pub fn logs_of(&self, prefix: &str) -> String {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path()).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        logs.retain(|p| p.extension().is_some_and(|e| e == "log") && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)));
+        logs.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.created()).ok());
+        logs.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect()
     }
 
     /// Everything the processes logged, for a failing test.

@@ -1,13 +1,16 @@
 //! A raw protocol client: connects with a profile's certificate and speaks frames
-//! directly, so tests can send what the real client never would.
+//! directly, so tests can send what the real client never would; and a raw worker.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use berth_shared::codec::{read_frame, write_frame};
+use berth_shared::dial::{client_endpoint, dial, Dialed};
+use berth_shared::ids::LeaseId;
 use berth_shared::profile::Profile;
 use berth_shared::tls::client_config;
-use berth_shared::wire::{Hello, HelloReply, PeerKind, Request, Response, PROTOCOL_VERSION};
+use berth_shared::wire::{CoordMsg, Hello, HelloReply, HostInfo, OutputFrame, PeerKind, Request, Response, WorkerMsg, PROTOCOL_VERSION};
 
 pub struct Raw {
     pub endpoint: quinn::Endpoint,
@@ -56,5 +59,82 @@ impl Raw {
             quinn::ConnectionError::ApplicationClosed(c) => String::from_utf8_lossy(&c.reason).into_owned(),
             other => other.to_string(),
         })
+    }
+}
+
+/// A raw worker: enrols through the wire like `berth-worker` does (a CSR and a join
+/// token), then speaks the worker protocol frame by frame, so tests can send what a
+/// real worker never would (leases it does not hold, chunks out of order).
+pub struct RawWorker {
+    pub name: String,
+    pub conn: quinn::Connection,
+    send: quinn::SendStream,
+    frames: tokio::sync::mpsc::UnboundedReceiver<CoordMsg>,
+    /// Frames read while waiting for another one, in arrival order.
+    pub seen: Vec<CoordMsg>,
+    _endpoint: quinn::Endpoint,
+}
+
+impl RawWorker {
+    /// Enrols `name` with `token` (certificate and key in `work_dir`), connects as a
+    /// worker, registers holding `held`, and returns with the `Registered` answer.
+    pub async fn enrol_and_register(coordinator: &str, ca_pem: &str, work_dir: &Path, name: &str, token: &str, held: Vec<LeaseId>) -> Result<(RawWorker, CoordMsg)> {
+        let cfg = berth_worker::WorkerConfig {
+            coordinators: vec![coordinator.to_string()],
+            ca_pem: ca_pem.to_string(),
+            join_token: Some(token.to_string()),
+            work_dir: work_dir.to_path_buf(),
+            name: name.to_string(),
+            slots: 1,
+            prefetch: 0,
+            pool: "default".into(),
+            labels: Vec::new(),
+            executors: vec!["process".into()],
+            server_name: None,
+        };
+        let id = berth_worker::identity::load_or_enrol(&cfg).await?;
+        let endpoint = client_endpoint(client_config(ca_pem, Some(&id))?, false)?;
+        let d = dial(&endpoint, &cfg.coordinators, None, PeerKind::Worker, Duration::from_secs(10)).await?;
+        let Dialed { conn, mut send, mut recv, .. } = d;
+        let host = HostInfo { hostname: "raw".into(), cpus: 1, mem_mib: 1024, executors: vec!["process".into()], ..HostInfo::default() };
+        write_frame(&mut send, &WorkerMsg::Register { name: name.to_string(), slots: 1, pool: "default".into(), labels: Vec::new(), host, held }).await?;
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+        // Reads are not cancellation-safe: one task reads, the test waits on the channel.
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = read_frame::<_, CoordMsg>(&mut recv).await {
+                if tx.send(m).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut w = RawWorker { name: name.to_string(), conn, send, frames, seen: Vec::new(), _endpoint: endpoint };
+        let registered = w.expect("Registered", |m| matches!(m, CoordMsg::Registered { .. })).await?;
+        Ok((w, registered))
+    }
+
+    pub async fn send(&mut self, m: &WorkerMsg) -> Result<()> {
+        write_frame(&mut self.send, m).await?;
+        Ok(())
+    }
+
+    /// Waits (10 s at most) for the next control frame that `want` accepts; frames
+    /// passed over on the way are kept in `seen`.
+    pub async fn expect(&mut self, what: &str, want: impl Fn(&CoordMsg) -> bool) -> Result<CoordMsg> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, self.frames.recv()).await {
+                Ok(Some(m)) if want(&m) => return Ok(m),
+                Ok(Some(m)) => self.seen.push(m),
+                Ok(None) => return Err(anyhow!("the coordinator closed the control stream while we waited for {what} (seen: {:?})", self.seen)),
+                Err(_) => return Err(anyhow!("no {what} within 10 s (seen: {:?})", self.seen)),
+            }
+        }
+    }
+
+    /// Opens an attempt's output stream for `lease`.
+    pub async fn open_output(&self, lease: LeaseId) -> Result<quinn::SendStream> {
+        let mut s = self.conn.open_uni().await?;
+        write_frame(&mut s, &OutputFrame::Open { lease }).await?;
+        Ok(s)
     }
 }
