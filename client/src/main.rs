@@ -71,6 +71,26 @@ enum Cmd {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Approve a job waiting for approval (approver or admin); it is reserved then.
+    Approve {
+        #[arg(value_parser = job_selector)]
+        job: JobSelector,
+        /// Why (recorded with the decision).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Reject a job waiting for approval (approver or admin); it ends `rejected`.
+    Reject {
+        #[arg(value_parser = job_selector)]
+        job: JobSelector,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Spend caps per account: `budget set` (admin) and `budget show`.
+    Budget {
+        #[command(subcommand)]
+        command: BudgetCmd,
+    },
     /// List workers, or drain/undrain one.
     Workers {
         #[command(subcommand)]
@@ -82,6 +102,34 @@ enum Cmd {
     Completions { shell: clap_complete::Shell },
     /// Run a coordinator and a local worker in the foreground.
     Dev(dev::DevArgs),
+}
+
+#[derive(Subcommand)]
+enum BudgetCmd {
+    /// Set an account's caps in USD: per run (one submission) and per calendar month (UTC).
+    Set {
+        #[arg(long)]
+        account: String,
+        #[arg(long, value_parser = parse_usd)]
+        run: rust_decimal::Decimal,
+        #[arg(long, value_parser = parse_usd)]
+        month: rust_decimal::Decimal,
+    },
+    /// Caps, reserved and spent this month, per account.
+    Show {
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_usd(s: &str) -> Result<rust_decimal::Decimal, String> {
+    let d: rust_decimal::Decimal = s.trim().trim_start_matches('$').parse().map_err(|_| format!("`{s}` is not an amount in USD"))?;
+    if d.is_sign_negative() {
+        return Err(format!("`{s}` is negative: a cap is zero or more"));
+    }
+    Ok(d)
 }
 
 #[derive(Subcommand)]
@@ -195,6 +243,35 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
                 Ok(0)
             }
         },
+        Cmd::Approve { job, reason } | Cmd::Reject { job, reason } if reason.trim().is_empty() => {
+            let _ = job;
+            Err(Fail::usage("--reason must not be empty: the decision is recorded with it"))
+        }
+        Cmd::Approve { job, reason } => decide(client, job, true, reason).await,
+        Cmd::Reject { job, reason } => decide(client, job, false, reason).await,
+        Cmd::Budget { command: BudgetCmd::Set { account, run, month } } => {
+            let r = client.call(&Request::SetBudget { account, run, month }).await?;
+            let Response::BudgetSet { account } = r else { return Err(unexpected(r)) };
+            eprintln!("budget of {account}: ${run} per run, ${month} per month");
+            Ok(0)
+        }
+        Cmd::Budget { command: BudgetCmd::Show { account, json } } => {
+            let r = client.call(&Request::Budgets { account }).await?;
+            let Response::Budgets(rows) = r else { return Err(unexpected(r)) };
+            if json {
+                println!("{}", show::budgets_json(&rows));
+            } else {
+                print!("{}", show::budgets_text(style, &rows));
+            }
+            Ok(0)
+        }
         Cmd::Completions { .. } | Cmd::Dev(_) => Ok(0),
     }
+}
+
+async fn decide(client: &mut Client, job: JobSelector, approve: bool, reason: String) -> Result<u8, Fail> {
+    let r = client.call(&Request::Decide { job, approve, reason }).await?;
+    let Response::Decided { job, state, tasks } = r else { return Err(unexpected(r)) };
+    eprintln!("job {job}: {} ({tasks} tasks {state})", if approve { "approved" } else { "rejected" });
+    Ok(0)
 }

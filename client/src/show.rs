@@ -309,3 +309,39 @@ mod tests {
         assert!(!table(off, &["A"], &[vec![off.state(JobState::Failed)]]).contains('\x1b'));
     }
 }
+
+pub fn budgets_text(style: Style, rows: &[berth_shared::wire::BudgetInfo]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|b| {
+            vec![
+                b.account.clone(),
+                b.month.clone(),
+                format!("${}", b.run_cap),
+                format!("${}", b.month_cap),
+                format!("${}", b.reserved),
+                format!("${}", b.spent),
+                format!("${}", (b.month_cap - b.reserved - b.spent).max(rust_decimal::Decimal::ZERO)),
+            ]
+        })
+        .collect();
+    table(style, &["ACCOUNT", "MONTH", "RUN CAP", "MONTH CAP", "RESERVED", "SPENT", "LEFT"], &rows)
+}
+
+/// Amounts as strings: exact, never a float.
+pub fn budgets_json(rows: &[berth_shared::wire::BudgetInfo]) -> Value {
+    Value::Array(
+        rows.iter()
+            .map(|b| {
+                json!({
+                    "account": b.account,
+                    "month": b.month,
+                    "run_cap": b.run_cap.to_string(),
+                    "month_cap": b.month_cap.to_string(),
+                    "reserved": b.reserved.to_string(),
+                    "spent": b.spent.to_string(),
+                })
+            })
+            .collect(),
+    )
+}

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_coordinator::store::{Location, Op, StoreHandle, WorkerCaps};
+use berth_coordinator::store::{Admission, Location, Op, StoreHandle, WorkerCaps};
 use berth_shared::job::{ArrayRange, Command, JobSpec, Outcome};
 use chrono::Utc;
 
@@ -25,12 +25,12 @@ fn array(n: u32) -> JobSpec {
 }
 
 fn caps() -> Arc<WorkerCaps> {
-    Arc::new(WorkerCaps { executors: vec!["process".into()], cpus: 64, mem_mib: 1 << 20, gpus: 0 })
+    Arc::new(WorkerCaps { executors: vec!["process".into()], cpus: 64, mem_mib: 1 << 20, gpus: 0, pool: "default".into(), pool_free: true })
 }
 
 async fn submit(store: &StoreHandle, spec: JobSpec) {
     store
-        .call(|reply| Op::Submit { spec: Box::new(spec), owner: "bench".into(), idempotency_key: uuid::Uuid::new_v4(), now: Utc::now(), reply })
+        .call(|reply| Op::Submit { spec: Box::new(spec), owner: "bench".into(), idempotency_key: uuid::Uuid::new_v4(), admission: Admission::default(), now: Utc::now(), reply })
         .await
         .expect("submit");
 }
@@ -144,7 +144,7 @@ fn main() {
         Err(_) => println!("(postgres skipped: set BERTH_TEST_POSTGRES, as scripts/test does)"),
     }
     for (name, loc, _guard) in &backends {
-        let store = loc.writer().expect("open the store");
+        let store = loc.writer(Default::default()).expect("open the store");
         let (one, fifty, rec) = rt.block_on(async {
             let one = claim_complete(&store, 1).await;
             let fifty = claim_complete(&store, 50).await;

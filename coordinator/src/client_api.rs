@@ -46,14 +46,21 @@ fn mailbox<T>(_: T) -> ApiError {
 fn allowed(role: Role, req: &Request) -> Result<(), ApiError> {
     let ok = match req {
         Request::Enrol { .. } => role == Role::Anonymous,
-        Request::Drain { .. } => role == Role::Admin,
+        Request::Drain { .. } | Request::SetBudget { .. } => role == Role::Admin,
+        Request::Decide { .. } => matches!(role, Role::Admin | Role::Approver),
         _ => matches!(role, Role::Admin | Role::Approver | Role::Submitter),
     };
     if ok {
-        Ok(())
-    } else {
-        Err(ApiError::new(ErrorKind::Refused, format!("role {} may not do this", role.as_str())))
+        return Ok(());
     }
+    let what = match req {
+        Request::Drain { .. } => "drain or undrain workers: an admin does",
+        Request::SetBudget { .. } => "set budgets: an admin does",
+        Request::Decide { .. } => "approve or reject jobs: an approver or admin does",
+        Request::Enrol { .. } => "enrol: only a new worker with a join token does",
+        _ => "do this",
+    };
+    Err(ApiError::new(ErrorKind::Refused, format!("role {} may not {what}", role.as_str())))
 }
 
 async fn request(conn: quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream, shared: Arc<Shared>, who: String, role: Role) {
@@ -77,10 +84,10 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
     let out: Response = match req {
         Request::Submit { spec, idempotency_key } => {
             spec.validate().map_err(|m| ApiError::new(ErrorKind::Invalid, m))?;
-            a.budget.send(budget::Admit { spec: spec.clone(), owner: who.to_string() }).await.map_err(mailbox)??;
+            let (spec, admission) = a.budget.send(budget::Admit { spec, owner: who.to_string() }).await.map_err(mailbox)??;
             let s = a
                 .job_store
-                .send(job_store::Submit { spec, owner: who.to_string(), idempotency_key })
+                .send(job_store::Submit { spec, owner: who.to_string(), idempotency_key, admission })
                 .await
                 .map_err(mailbox)?
                 .map_err(api)?;
@@ -126,6 +133,34 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
                 shared.store.work.send_modify(|g| *g += 1);
             }
             Response::Drained { worker, drained }
+        }
+        Request::Decide { job, approve, reason } => {
+            if reason.trim().is_empty() {
+                return Err(ApiError::new(ErrorKind::Invalid, "give a --reason: the decision is recorded with it"));
+            }
+            let d = a.job_store.send(job_store::Decide { job, approve, by: who.to_string(), reason }).await.map_err(mailbox)?.map_err(api)?;
+            tracing::info!(job = %d.job, by = who, state = %d.state, "approval decision");
+            Response::Decided { job: d.job, state: d.state, tasks: d.tasks }
+        }
+        Request::SetBudget { account, run, month } => {
+            a.job_store.send(job_store::SetBudget { account: account.clone(), run, month, by: who.to_string() }).await.map_err(mailbox)?.map_err(api)?;
+            tracing::info!(account = %account, %run, %month, by = who, "budget set");
+            Response::BudgetSet { account }
+        }
+        Request::Budgets { account } => {
+            // A submitter sees its own account; approvers and admins see every account.
+            let account = match (role, account) {
+                (Role::Admin | Role::Approver, a) => a,
+                (_, Some(a)) if a != who => return Err(ApiError::new(ErrorKind::Refused, format!("role {} may see only its own account `{who}`", role.as_str()))),
+                (_, _) => Some(who.to_string()),
+            };
+            let month = crate::ledger::month_of(chrono::Utc::now());
+            let rows = query(&a.reader, move |r| r.budgets(account.as_deref(), &month)).await.map_err(api)?;
+            Response::Budgets(
+                rows.into_iter()
+                    .map(|b| berth_shared::wire::BudgetInfo { account: b.account, month: b.month, run_cap: b.run_cap, month_cap: b.month_cap, reserved: b.reserved, spent: b.spent })
+                    .collect(),
+            )
         }
         Request::Enrol { token, name, csr_pem } => {
             validate_name(&name).map_err(|e| ApiError::new(ErrorKind::Invalid, e.to_string()))?;

@@ -17,6 +17,8 @@ pub struct ConfigFile {
     /// The job store: `postgres://…` to share one database among coordinators;
     /// absent for the embedded SQLite file in the data dir.
     pub store: Option<String>,
+    /// The pools file (`[[pool]]` tables with rates); reloaded on SIGHUP.
+    pub pools: Option<PathBuf>,
     #[serde(default)]
     pub names: Vec<String>,
 }
@@ -54,6 +56,8 @@ pub struct RunConfig {
     pub lease_ttl: Duration,
     /// `--store`: None for the embedded SQLite file.
     pub store: Option<String>,
+    /// `--pools`: None for the one free `default` pool.
+    pub pools: Option<PathBuf>,
     /// A name for logs and hellos.
     pub name: String,
 }

@@ -60,7 +60,12 @@ impl Coordinator {
         let ca_pem = dir.ca_pem()?;
         let server_cert = dir.server()?;
         let location = Location::parse(cfg.store.as_deref(), &dir.database()).map_err(CoordError::Usage)?;
-        let store = location.writer()?;
+        let pools = match &cfg.pools {
+            Some(f) => crate::pools::Pools::from_file(f).map_err(CoordError::Usage)?,
+            None => crate::pools::Pools::default(),
+        };
+        let pools: store::SharedPools = Arc::new(std::sync::RwLock::new(Arc::new(pools)));
+        let store = location.writer(pools.clone())?;
         let readers: Vec<_> = (0..2).map(|_| location.reader()).collect::<Result<_, _>>()?;
         let readers = std::sync::Mutex::new(readers);
         let for_readers = location.clone();
@@ -85,7 +90,7 @@ impl Coordinator {
             lease_recovery: LeaseRecovery::new(job_store.clone(), every, leadership).start(),
             log_store: LogStore::new(job_store.clone(), store.notices.clone()).start(),
             registry: WorkerRegistry::default().start(),
-            budget: Budget.start(),
+            budget: Budget::new(pools, cfg.pools.clone()).start(),
             reader,
             job_store,
         };

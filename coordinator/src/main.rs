@@ -50,6 +50,10 @@ enum Cmd {
         /// several coordinators (default: the embedded SQLite file in the data dir).
         #[arg(long, env = "BERTH_STORE", hide_env_values = true)]
         store: Option<String>,
+        /// The pools file: `[[pool]]` tables with kinds and rates (default: one free
+        /// pool named `default`). Reloaded on SIGHUP.
+        #[arg(long)]
+        pools: Option<PathBuf>,
         /// A coordinator.toml; flags override it.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -144,7 +148,7 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
             eprintln!("wrote {} for {} (role {}, coordinator {})", out.display(), p.user, p.role, p.coordinators.join(", "));
             Ok(())
         }
-        Cmd::Run { data_dir, listen, lease_ttl, store, config } => {
+        Cmd::Run { data_dir, listen, lease_ttl, store, pools, config } => {
             let file = match &config {
                 Some(p) => ConfigFile::from_file(p).map_err(|e| (2, chain(&e)))?,
                 None => ConfigFile::default(),
@@ -164,10 +168,11 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
                 return Err((2, "--lease-ttl must be at least 500ms".into()));
             }
             let name = hostname();
-            let cfg = RunConfig { data_dir, listen, lease_ttl, store: store.or(file.store), name };
+            let cfg = RunConfig { data_dir, listen, lease_ttl, store: store.or(file.store), pools: pools.or(file.pools), name };
             let system = actix_rt::System::new();
             system.block_on(async move {
                 let coord = berth_coordinator::Coordinator::start(&cfg).await.map_err(fail)?;
+                reload_on_sighup(coord.actors().budget.clone());
                 println!("ready addr={}", coord.local_addr());
                 tracing::info!(addr = %coord.local_addr(), data_dir = %cfg.data_dir.display(), "coordinator ready");
                 coord.serve(shutdown_signal()).await;
@@ -192,4 +197,15 @@ async fn shutdown_signal() {
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "coordinator".into())
+}
+
+/// SIGHUP re-reads the pools file; a file that does not parse leaves the pools as they were.
+fn reload_on_sighup(budget: actix::Addr<berth_coordinator::actors::budget::Budget>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    actix_rt::spawn(async move {
+        while hup.recv().await.is_some() {
+            let _ = budget.send(berth_coordinator::actors::budget::Reload).await;
+        }
+    });
 }

@@ -31,6 +31,16 @@ enum Event {
     Closed(String),
 }
 
+/// Tells a worker why it is refused and closes the connection once the answer has
+/// arrived (closing at once would discard it), so the worker can stop with the reason
+/// instead of retrying.
+async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, reason: &str) {
+    if write_frame(send, &CoordMsg::Refused { reason: reason.to_string() }).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    }
+    conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
+}
+
 pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream, shared: Arc<Shared>, name: String, conn_id: u64) {
     let span = tracing::info_span!("worker", worker = %name);
     async move {
@@ -48,18 +58,30 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
         };
         if claimed != name {
             let reason = format!("worker calls itself `{claimed}` but its certificate says `{name}`");
-            let _ = write_frame(&mut send, &CoordMsg::Refused { reason: reason.clone() }).await;
-            conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
+            refuse(&conn, &mut send, &reason).await;
             return;
         }
         let a = shared.actors.clone();
+        // Pools are the coordinator's configuration: a worker may only join one it has.
+        let joined = match a.budget.send(crate::actors::budget::JoinPool { pool: pool.clone() }).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(reason)) => {
+                tracing::warn!(pool = %pool, "refused a worker naming an unknown pool");
+                refuse(&conn, &mut send, &reason).await;
+                return;
+            }
+            Err(_) => {
+                conn.close(CLOSE_REFUSED.into(), b"the coordinator is shutting down");
+                return;
+            }
+        };
         // A connection of this worker from before (its process restarted, or it gave
         // up on that link) is closed first, so it claims nothing after the reconcile.
         if a.registry.send(registry::Retire { name: name.clone(), conn_id }).timeout(Duration::from_secs(10)).await.is_err() {
             conn.close(CLOSE_REFUSED.into(), b"the coordinator is overloaded; try again");
             return;
         }
-        let reconciled = match a.job_store.send(job_store::Reconcile { worker: name.clone(), held: held.clone() }).await {
+        let reconciled = match a.job_store.send(job_store::Reconcile { worker: name.clone(), pool: pool.clone(), held: held.clone() }).await {
             Ok(Ok(r)) => r,
             _ => {
                 conn.close(CLOSE_REFUSED.into(), b"the coordinator cannot reach its store");
@@ -97,7 +119,14 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
             drained,
         });
         tracing::info!(slots, "worker connected");
-        let caps = Arc::new(WorkerCaps { executors: host.executors.clone(), cpus: host.cpus, mem_mib: host.mem_mib, gpus: host.gpus.len() as u32 });
+        let caps = Arc::new(WorkerCaps {
+            executors: host.executors.clone(),
+            cpus: host.cpus,
+            mem_mib: host.mem_mib,
+            gpus: host.gpus.len() as u32,
+            pool: joined.name.clone(),
+            pool_free: joined.is_free(),
+        });
 
         let (ev_tx, mut ev) = mpsc::unbounded_channel::<Event>();
         // Control frames, read by their own task (reads are not cancellation-safe).

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use berth_coordinator::store::engine::create_token;
 use berth_coordinator::store::sql::Val;
 use berth_coordinator::store::{
+    Admission,
     BatchOutcome, ChunkVerdict, Db, Expired, FinishVerdict, KillOrder, Location, LogChunk, Op,
     PgDb, Reader, Reconciled, SqliteDb, Store, StoreError, Submitted, Tx, WorkerCaps,
 };
@@ -179,10 +180,12 @@ impl Harness {
     fn submit_as(&mut self, spec: &JobSpec, owner: &str, key: Uuid) -> Submitted {
         let spec = Box::new(spec.clone());
         let owner = owner.to_string();
+        let admission = Admission { account: owner.clone(), ..Admission::default() };
         self.call(|reply| Op::Submit {
             spec,
             owner,
             idempotency_key: key,
+            admission,
             now: at(0),
             reply,
         })
@@ -251,6 +254,7 @@ impl Harness {
         let (worker, held) = (worker.to_string(), held.to_vec());
         self.call(|reply| Op::Reconcile {
             worker,
+            pool: "default".into(),
             held,
             now,
             ttl: TTL,
@@ -408,6 +412,7 @@ on_both_backends!(
     cancel_of_an_ended_job_is_refused,
     join_tokens_are_single_use_and_expire,
     group_commit_answers_every_operation,
+    budget_months_roll_at_midnight_utc_and_settle_exactly,
 );
 
 // ------------------------------------------------------------------ helpers
@@ -448,6 +453,8 @@ fn cpu_worker() -> WorkerCaps {
         cpus: 8,
         mem_mib: 16 * 1024,
         gpus: 0,
+        pool: "default".into(),
+        pool_free: true,
     }
 }
 
@@ -1486,6 +1493,7 @@ fn group_commit_answers_every_operation(h: &mut Harness) {
             spec: Box::new(spec),
             owner: "alice".into(),
             idempotency_key: Uuid::new_v4(),
+            admission: Admission { account: "alice".into(), ..Admission::default() },
             now: at(0),
             reply: Some(tx),
         });
@@ -1524,6 +1532,7 @@ fn group_commit_answers_every_operation(h: &mut Harness) {
             spec: Box::new(spec),
             owner: "alice".into(),
             idempotency_key: Uuid::new_v4(),
+            admission: Admission { account: "alice".into(), ..Admission::default() },
             now: at(1),
             reply: Some(tx),
         });
@@ -1680,4 +1689,91 @@ fn two_coordinators(h: &mut Harness) {
             (1, 1, JobState::Succeeded)
         );
     }
+}
+
+// ------------------------------------------------------------------ budget
+
+fn paid(h: &mut Harness, account: &str, estimate: &str, now: DateTime<Utc>) -> Result<Submitted, StoreError> {
+    let admission = Admission { account: account.into(), attempt_estimate: estimate.parse().expect("decimal"), needs_approval: false };
+    let spec = Box::new(JobSpec { max_attempts: 1, ..job() });
+    h.call(|reply| Op::Submit { spec, owner: account.into(), idempotency_key: Uuid::new_v4(), admission, now, reply })
+}
+
+fn set_budget(store: &mut dyn Apply, account: &str, run: &str, month: &str) {
+    call_on(store, |reply| Op::SetBudget {
+        account: account.into(),
+        run: run.parse().expect("decimal"),
+        month: month.parse().expect("decimal"),
+        by: "root".into(),
+        now: at(0),
+        reply,
+    })
+    .expect("set budget");
+}
+
+fn utc(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc)
+}
+
+fn budget_months_roll_at_midnight_utc_and_settle_exactly(h: &mut Harness) {
+    set_budget(h.store.as_mut(), "acme", "1", "1");
+    // November fills up one second before midnight...
+    let late_nov = utc("2026-11-30T23:59:59Z");
+    for _ in 0..4 {
+        paid(h, "acme", "0.25", late_nov).expect("fits November");
+    }
+    let e = api_error(paid(h, "acme", "0.0001", late_nov));
+    assert_eq!(e.kind, ErrorKind::Refused, "[{}] {}", h.backend, e.message);
+    assert!(e.message.contains("month window 2026-11"), "{}", e.message);
+    // ...and December starts empty at 00:00 UTC on the first.
+    let dec = utc("2026-12-01T00:00:00Z");
+    let j = paid(h, "acme", "0.5", dec).expect("fits December").job;
+    let rows = h.reader.budgets(Some("acme"), "2026-12").expect("budgets");
+    assert_eq!((rows[0].reserved.to_string(), rows[0].spent.to_string()), ("0.5".into(), "0".into()), "[{}]", h.backend);
+    let rows = h.reader.budgets(Some("acme"), "2026-11").expect("budgets");
+    assert_eq!(rows[0].reserved.to_string(), "1", "[{}]", h.backend);
+    // A run over the per-run cap is refused whatever the month holds.
+    let e = api_error(paid(h, "acme", "1.000001", dec));
+    assert!(e.message.contains("run window"), "{}", e.message);
+    // Cancelling a queued job releases its whole reservation.
+    h.cancel(j, None, dec).expect("cancel");
+    let rows = h.reader.budgets(Some("acme"), "2026-12").expect("budgets");
+    assert_eq!(rows[0].reserved.to_string(), "0", "[{}]", h.backend);
+}
+
+#[test]
+fn the_cap_holds_across_two_coordinators_postgres() {
+    run_postgres("the_cap_holds_across_two_coordinators_postgres", cap_across_coordinators);
+}
+
+fn cap_across_coordinators(h: &mut Harness) {
+    // $3.70 a month, $0.10 a job: 37 fit, whichever coordinator admits them.
+    set_budget(h.store.as_mut(), "acme", "1", "3.7");
+    let mut stores = vec![h.second_store(), h.second_store()];
+    let admitted: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = stores
+            .iter_mut()
+            .map(|store| {
+                s.spawn(move || {
+                    let mut n = 0;
+                    for _ in 0..100 {
+                        let admission = Admission { account: "acme".into(), attempt_estimate: "0.1".parse().expect("decimal"), needs_approval: false };
+                        let spec = Box::new(JobSpec { max_attempts: 1, ..job() });
+                        let r = call_on(store.as_mut(), |reply| Op::Submit { spec, owner: "acme".into(), idempotency_key: Uuid::new_v4(), admission, now: at(0), reply });
+                        match r {
+                            Ok(_) => n += 1,
+                            Err(StoreError::Api(e)) => assert_eq!(e.kind, ErrorKind::Refused, "{}", e.message),
+                            Err(e) => panic!("store error: {e}"),
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        handles.into_iter().map(|t| t.join().expect("coordinator")).sum()
+    });
+    assert_eq!(admitted, 37);
+    let month = berth_coordinator::ledger::month_of(at(0));
+    let rows = h.reader.budgets(Some("acme"), &month).expect("budgets");
+    assert_eq!(rows[0].reserved.to_string(), "3.7");
 }

@@ -106,6 +106,24 @@ pub enum Request {
     Drain { worker: String, drain: bool },
     /// Enrol a worker: only on an `Enrol` connection.
     Enrol { token: String, name: String, csr_pem: String },
+    /// Approve or reject a job waiting for approval (approver or admin).
+    Decide { job: JobSelector, approve: bool, reason: String },
+    /// Set an account's caps (admin).
+    SetBudget { account: String, run: rust_decimal::Decimal, month: rust_decimal::Decimal },
+    /// Caps and this month's use: one account, or every account the caller may see.
+    Budgets { account: Option<String> },
+}
+
+/// An account's caps and this month's use of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetInfo {
+    pub account: String,
+    /// The calendar month (UTC), `YYYY-MM`.
+    pub month: String,
+    pub run_cap: rust_decimal::Decimal,
+    pub month_cap: rust_decimal::Decimal,
+    pub reserved: rust_decimal::Decimal,
+    pub spent: rust_decimal::Decimal,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +236,9 @@ pub enum Response {
     /// The end of a stream of responses.
     End,
     Error(ApiError),
+    Decided { job: JobId, state: JobState, tasks: u64 },
+    BudgetSet { account: String },
+    Budgets(Vec<BudgetInfo>),
 }
 
 // ---------------------------------------------------------------- worker protocol

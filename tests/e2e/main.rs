@@ -2,6 +2,9 @@
 //! binaries on loopback, used as a person would. One test binary, modules inside.
 
 mod bad_input;
+mod budget;
+mod drain;
 mod jobs;
 mod leases;
+mod postgres;
 mod security;

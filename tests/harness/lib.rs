@@ -134,6 +134,8 @@ pub struct Cluster {
     pub coord: Option<Proc>,
     pub addr: String,
     pub lease_ttl: String,
+    /// More flags for `berth-coordinator run`.
+    pub coord_args: Vec<String>,
     pub workers: Vec<(String, Proc)>,
     pub profile: PathBuf,
 }
@@ -144,10 +146,24 @@ impl Cluster {
     }
 
     pub fn start_with_ttl(lease_ttl: &str) -> Result<Cluster> {
+        Self::start_with(lease_ttl, &[])
+    }
+
+    /// A cluster whose coordinator gets more `run` flags (kept across restarts).
+    pub fn start_with(lease_ttl: &str, coord_args: &[&str]) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("berth-e2e-").tempdir()?;
         let data = dir.path().join("coord");
         run_ok(Command::new(bin("berth-coordinator")).args(["init", "--data-dir"]).arg(&data))?;
-        let mut c = Cluster { data, coord: None, addr: String::new(), lease_ttl: lease_ttl.into(), workers: Vec::new(), profile: dir.path().join("alice.toml"), dir };
+        let mut c = Cluster {
+            data,
+            coord: None,
+            addr: String::new(),
+            lease_ttl: lease_ttl.into(),
+            coord_args: coord_args.iter().map(|a| a.to_string()).collect(),
+            workers: Vec::new(),
+            profile: dir.path().join("alice.toml"),
+            dir,
+        };
         c.start_coordinator("127.0.0.1:0")?;
         let profile = c.profile.clone();
         c.user("alice", "submitter", &profile)?;
@@ -161,7 +177,7 @@ impl Cluster {
     /// (Re)starts the coordinator on `listen`.
     pub fn start_coordinator(&mut self, listen: &str) -> Result<()> {
         let mut cmd = Command::new(bin("berth-coordinator"));
-        cmd.args(["run", "--data-dir"]).arg(&self.data).args(["--listen", listen, "--lease-ttl", &self.lease_ttl]);
+        cmd.args(["run", "--data-dir"]).arg(&self.data).args(["--listen", listen, "--lease-ttl", &self.lease_ttl]).args(&self.coord_args);
         cmd.env("BERTH_LOG", "info,berth_coordinator=debug").env("NO_COLOR", "1");
         let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
         let (p, addr) = spawn_ready("coordinator", cmd, &self.path(&format!("coordinator.{n}.log")), "ready addr=", Duration::from_secs(30))?;

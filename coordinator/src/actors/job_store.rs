@@ -10,7 +10,7 @@ use berth_shared::job::{JobSpec, Outcome};
 use berth_shared::wire::Assignment;
 use chrono::Utc;
 
-use crate::store::{ChunkVerdict, Expired, FinishVerdict, KillOrder, LogChunk, Op, Reconciled, StoreError, StoreHandle, Submitted, WorkerCaps};
+use crate::store::{Admission, ChunkVerdict, Decided, Expired, FinishVerdict, KillOrder, LogChunk, Op, Reconciled, StoreError, StoreHandle, Submitted, WorkerCaps};
 
 pub struct JobStore {
     store: StoreHandle,
@@ -49,8 +49,20 @@ macro_rules! store_message {
 
 store_message!(
     /// Admit a submission (the budget has already said yes).
-    Submit { spec: JobSpec, owner: String, idempotency_key: uuid::Uuid } -> Submitted, |m, store, _ttl| {
-    store.call(|reply| Op::Submit { spec: Box::new(m.spec), owner: m.owner, idempotency_key: m.idempotency_key, now: Utc::now(), reply }).await
+    Submit { spec: JobSpec, owner: String, idempotency_key: uuid::Uuid, admission: Admission } -> Submitted, |m, store, _ttl| {
+    store.call(|reply| Op::Submit { spec: Box::new(m.spec), owner: m.owner, idempotency_key: m.idempotency_key, admission: m.admission, now: Utc::now(), reply }).await
+});
+
+store_message!(
+    /// Approve or reject a job held for approval.
+    Decide { job: JobSelector, approve: bool, by: String, reason: String } -> Decided, |m, store, _ttl| {
+    store.call(|reply| Op::Decide { job: m.job, approve: m.approve, by: m.by, reason: m.reason, now: Utc::now(), reply }).await
+});
+
+store_message!(
+    /// Set an account's caps.
+    SetBudget { account: String, run: rust_decimal::Decimal, month: rust_decimal::Decimal, by: String } -> (), |m, store, _ttl| {
+    store.call(|reply| Op::SetBudget { account: m.account, run: m.run, month: m.month, by: m.by, now: Utc::now(), reply }).await
 });
 
 store_message!(
@@ -88,8 +100,8 @@ store_message!(
 
 store_message!(
     /// A worker (re)registered holding these leases.
-    Reconcile { worker: String, held: Vec<LeaseId> } -> Reconciled, |m, store, ttl| {
-    store.call(|reply| Op::Reconcile { worker: m.worker, held: m.held, now: Utc::now(), ttl, reply }).await
+    Reconcile { worker: String, pool: String, held: Vec<LeaseId> } -> Reconciled, |m, store, ttl| {
+    store.call(|reply| Op::Reconcile { worker: m.worker, pool: m.pool, held: m.held, now: Utc::now(), ttl, reply }).await
 });
 
 store_message!(

@@ -16,10 +16,12 @@ use berth_shared::ids::{JobId, JobSelector, LeaseId};
 use berth_shared::job::{Counts, Event, JobSpec, JobState, Outcome};
 use berth_shared::wire::{ApiError, Assignment, ErrorKind, JobStatus, JobSummary, OutStream, TaskStatus};
 use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
 
 use super::sql::{p, Db, Row, Val};
 use super::*;
 use crate::lease::{self, Expiry};
+use crate::ledger::{self, Caps, Usage};
 
 fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
@@ -63,6 +65,14 @@ fn lease_of(s: &str, job: &JobId) -> Result<LeaseId, StoreError> {
     s.parse().map_err(|_| StoreError::Corrupt { job: job.to_string() })
 }
 
+fn decimal(s: &str, job: &str) -> Result<Decimal, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt { job: format!("{job} (amount `{s}`)") })
+}
+
+fn refused(msg: impl Into<String>) -> StoreError {
+    StoreError::Api(ApiError::new(ErrorKind::Refused, msg))
+}
+
 fn job_id(s: &str) -> Result<JobId, StoreError> {
     s.parse().map_err(|_| StoreError::Corrupt { job: s.to_string() })
 }
@@ -91,6 +101,11 @@ struct JobMeta {
     id: JobId,
     is_array: bool,
     spec: Arc<JobSpec>,
+    /// The account charged and the month its reservation was made in.
+    account: String,
+    month: String,
+    /// The reserved upper bound of one attempt of one task (zero: nothing reserved).
+    attempt_estimate: Decimal,
 }
 
 /// The reply of one applied operation, sent once the batch's fate is known.
@@ -112,6 +127,9 @@ pub struct Store<D: Db> {
     /// With a shared database: this coordinator's name in change notifications, so its
     /// own listener can skip them.
     notify_as: Option<String>,
+    pools: SharedPools,
+    /// Worker → pool, as each worker last registered.
+    worker_pools: HashMap<String, String>,
     jobs: HashMap<i64, Arc<JobMeta>>,
     /// The next expected output sequence per (lease, stream); a hint, checked against
     /// the database whenever a chunk disagrees with it.
@@ -128,7 +146,14 @@ fn send<T: Send + 'static>(reply: &mut Tx<T>, r: Result<T, StoreError>, committe
 impl<D: Db> Store<D> {
     pub fn new(mut db: D) -> Result<Store<D>, StoreError> {
         super::schema::migrate(&mut db)?;
-        Ok(Store { db, notify_as: None, jobs: HashMap::new(), expected_seq: HashMap::new() })
+        let pools = Arc::new(std::sync::RwLock::new(Arc::new(crate::pools::Pools::default())));
+        Ok(Store { db, notify_as: None, pools, worker_pools: HashMap::new(), jobs: HashMap::new(), expected_seq: HashMap::new() })
+    }
+
+    /// The pools whose rates finished attempts are charged at.
+    pub fn with_pools(mut self, pools: SharedPools) -> Self {
+        self.pools = pools;
+        self
     }
 
     /// Publishes every commit's changes to the other coordinators on the database
@@ -294,9 +319,17 @@ impl<D: Db> Store<D> {
             }};
         }
         match op {
-            Op::Submit { spec, owner, idempotency_key, now, .. } => {
-                let (spec, owner, key, now) = (spec.clone(), owner.clone(), *idempotency_key, *now);
-                run!(Submit, self.submit(*spec, &owner, key, now, s))
+            Op::Submit { spec, owner, idempotency_key, admission, now, .. } => {
+                let (spec, owner, key, admission, now) = (spec.clone(), owner.clone(), *idempotency_key, admission.clone(), *now);
+                run!(Submit, self.submit(*spec, &owner, key, &admission, now, s))
+            }
+            Op::Decide { job, approve, by, reason, now, .. } => {
+                let (job, approve, by, reason, now) = (job.clone(), *approve, by.clone(), reason.clone(), *now);
+                run!(Decide, self.decide(&job, approve, &by, &reason, now, s))
+            }
+            Op::SetBudget { account, run, month, by, now, .. } => {
+                let (account, run, month, by, now) = (account.clone(), *run, *month, by.clone(), *now);
+                run!(SetBudget, self.set_budget(&account, run, month, &by, now))
             }
             Op::Claim { worker, n, caps, now, ttl, .. } => {
                 let (worker, n, caps, now, ttl) = (worker.clone(), *n, caps.clone(), *now, *ttl);
@@ -322,9 +355,9 @@ impl<D: Db> Store<D> {
                 let (worker, leases, now, ttl) = (worker.clone(), leases.clone(), *now, *ttl);
                 run!(Heartbeat, self.renew(&worker, &leases, now, ttl))
             }
-            Op::Reconcile { worker, held, now, ttl, .. } => {
-                let (worker, held, now, ttl) = (worker.clone(), held.clone(), *now, *ttl);
-                run!(Reconcile, self.reconcile(&worker, &held, now, ttl, s))
+            Op::Reconcile { worker, pool, held, now, ttl, .. } => {
+                let (worker, pool, held, now, ttl) = (worker.clone(), pool.clone(), held.clone(), *now, *ttl);
+                run!(Reconcile, self.reconcile(&worker, &pool, &held, now, ttl, s))
             }
             Op::AppendLogs { worker, chunks, .. } => {
                 let worker = worker.clone();
@@ -358,10 +391,12 @@ impl<D: Db> Store<D> {
         if let Some(m) = self.jobs.get(&job_seq) {
             return Ok(m.clone());
         }
-        let mut row = self.db.query_one("SELECT id, is_array, spec FROM jobs WHERE seq = ?1", p![job_seq])?;
+        let mut row = self.db.query_one("SELECT id, is_array, spec, owner, account, month, attempt_estimate FROM jobs WHERE seq = ?1", p![job_seq])?;
         let id = row.str(0)?;
         let spec: JobSpec = berth_shared::codec::decode(&row.blob(2)?).map_err(|_| StoreError::Corrupt { job: id.clone() })?;
-        let m = Arc::new(JobMeta { id: job_id(&id)?, is_array: row.bool(1)?, spec: Arc::new(spec) });
+        let account = row.opt_str(4)?.unwrap_or(row.str(3)?);
+        let attempt_estimate = decimal(&row.str(6)?, &id)?;
+        let m = Arc::new(JobMeta { id: job_id(&id)?, is_array: row.bool(1)?, spec: Arc::new(spec), account, month: row.str(5)?, attempt_estimate });
         if self.jobs.len() > 100_000 {
             self.jobs.clear();
         }
@@ -390,7 +425,7 @@ impl<D: Db> Store<D> {
         meta.is_array.then_some(idx as u32)
     }
 
-    fn submit(&mut self, spec: JobSpec, owner: &str, key: uuid::Uuid, now: DateTime<Utc>, s: &mut Scratch) -> Result<Submitted, StoreError> {
+    fn submit(&mut self, spec: JobSpec, owner: &str, key: uuid::Uuid, admission: &Admission, now: DateTime<Utc>, s: &mut Scratch) -> Result<Submitted, StoreError> {
         let key = key.to_string();
         if let Some(row) = self.db.query_opt("SELECT id, idx_start, idx_end FROM jobs WHERE owner = ?1 AND idem = ?2", p![owner, key.as_str()])? {
             let job = job_id(&row.str(0)?)?;
@@ -404,23 +439,58 @@ impl<D: Db> Store<D> {
         };
         let tasks = spec.task_count();
         let blob = berth_shared::codec::encode(&spec).map_err(|_| invalid("the job spec is too large"))?;
+        let month = ledger::month_of(now);
+        let held = admission.needs_approval;
+        let run_estimate = admission.attempt_estimate * Decimal::from(spec.max_attempts) * Decimal::from(tasks);
+        if !held {
+            // The cap check and the reservation happen here, under the account's ledger
+            // row lock, in the transaction that makes the job.
+            self.reserve(&admission.account, &month, run_estimate)?;
+        }
+        let (state, n_pending, n_queued) = if held { ("pending_approval", tasks, 0) } else { ("queued", 0, tasks) };
         // Two coordinators may race on one key: the unique index decides, and the loser
-        // answers with the winner's job.
+        // answers with the winner's job (and its reservation is rolled back with this op).
         let inserted = self.db.query_opt(
-            "INSERT INTO jobs(id, name, owner, account, idem, spec, is_array, idx_start, idx_end, next_idx, priority, max_attempts, state, n_queued, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?10, ?11, 'queued', ?12, ?13)
+            "INSERT INTO jobs(id, name, owner, account, idem, spec, is_array, idx_start, idx_end, next_idx, priority, max_attempts, state, n_pending, n_queued, created_at,
+                              month, attempt_estimate, held)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
              ON CONFLICT DO NOTHING RETURNING seq",
-            p![job.to_string(), spec.name.as_deref(), owner, spec.account.as_deref(), key.as_str(), &blob[4..], is_array, start, end, spec.priority, spec.max_attempts, tasks, ms(now)],
+            p![
+                job.to_string(),
+                spec.name.as_deref(),
+                owner,
+                admission.account.as_str(),
+                key.as_str(),
+                &blob[4..],
+                is_array,
+                start,
+                end,
+                spec.priority,
+                spec.max_attempts,
+                state,
+                n_pending,
+                n_queued,
+                ms(now),
+                month.as_str(),
+                admission.attempt_estimate.to_string(),
+                held
+            ],
         )?;
         let Some(row) = inserted else {
             let row = self.db.query_one("SELECT id FROM jobs WHERE owner = ?1 AND idem = ?2", p![owner, key.as_str()])?;
-            return Ok(Submitted { job: job_id(&row.str(0)?)?, tasks, duplicate: true });
+            return Err(StoreError::Retry(format!("idempotency key raced with job {}", row.str(0)?)));
         };
         let seq = row.i64(0)?;
-        let what = if is_array { format!("submitted by {owner}: array {start}-{end} ({tasks} tasks)") } else { format!("submitted by {owner}") };
-        self.event(seq, None, now, JobState::Queued, 0, None, Some(&what))?;
+        let mut what = if is_array { format!("submitted by {owner}: array {start}-{end} ({tasks} tasks)") } else { format!("submitted by {owner}") };
+        if !run_estimate.is_zero() {
+            what.push_str(&format!("; account {}: ", admission.account));
+            let est = run_estimate.normalize();
+            what.push_str(&if held { format!("estimate up to ${est}: waits for approval") } else { format!("reserved up to ${est}") });
+        }
+        let state = if held { JobState::PendingApproval } else { JobState::Queued };
+        self.event(seq, None, now, state, 0, None, Some(&what))?;
         s.touched.insert(seq);
-        s.work = true;
+        s.work |= !held;
         Ok(Submitted { job, tasks, duplicate: false })
     }
 
@@ -468,7 +538,7 @@ impl<D: Db> Store<D> {
         }
         // Then unclaimed tasks, from each job's cursor.
         let sql = format!(
-            "SELECT seq, next_idx, idx_end FROM jobs WHERE next_idx <= idx_end ORDER BY priority DESC, seq LIMIT 64{}",
+            "SELECT seq, next_idx, idx_end FROM jobs WHERE next_idx <= idx_end AND held = 0 ORDER BY priority DESC, seq LIMIT 64{}",
             self.db.skip_locked()
         );
         let candidates = self.db.query(&sql, p![])?;
@@ -527,6 +597,10 @@ impl<D: Db> Store<D> {
             )?;
             self.event(job_seq, index.map(i64::from), now, to, attempt, Some(worker), reason.as_deref())?;
             self.shift(job_seq, JobState::Running, to, 1, s);
+            // The task is done: charge this attempt, release the attempts it did not use.
+            let actual = self.attempt_charge(&meta, worker, o.runtime_ms);
+            let unused = meta.spec.max_attempts.saturating_sub(attempt);
+            self.settle(&meta, job_seq, idx, 1 + unused, actual)?;
             FinishVerdict::Recorded
         } else if state != JobState::Cancelled && state.is_terminal() {
             // The same result, resent: the first one stands.
@@ -577,8 +651,10 @@ impl<D: Db> Store<D> {
         })
     }
 
-    fn reconcile(&mut self, worker: &str, held: &[LeaseId], now: DateTime<Utc>, ttl: Duration, s: &mut Scratch) -> Result<Reconciled, StoreError> {
-        self.db.exec("INSERT INTO workers(name, enrolled_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING", p![worker, ms(now)])?;
+    fn reconcile(&mut self, worker: &str, pool: &str, held: &[LeaseId], now: DateTime<Utc>, ttl: Duration, s: &mut Scratch) -> Result<Reconciled, StoreError> {
+        self.db.exec("INSERT INTO workers(name, enrolled_at, pool) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING", p![worker, ms(now), pool])?;
+        self.db.exec("UPDATE workers SET pool = ?1 WHERE name = ?2 AND pool != ?1", p![pool, worker])?;
+        self.worker_pools.insert(worker.to_string(), pool.to_string());
         let stale = self.renew(worker, held, now, ttl)?;
         // Tasks we think run there that the worker no longer has: lost with its restart.
         let held: HashSet<String> = held.iter().map(|l| l.to_string()).collect();
@@ -601,6 +677,9 @@ impl<D: Db> Store<D> {
     fn lose(&mut self, job_seq: i64, idx: i64, attempt: u32, worker: &str, now: DateTime<Utc>, why: &str, s: &mut Scratch) -> Result<bool, StoreError> {
         let meta = self.meta(job_seq)?;
         let index = Self::task_index(&meta, idx).map(i64::from);
+        // The lost attempt is charged for the time it held its slot.
+        let actual = self.ran_for(&meta, job_seq, idx, worker, now)?;
+        self.settle(&meta, job_seq, idx, 1, actual)?;
         match lease::on_expiry(attempt, meta.spec.max_attempts) {
             Expiry::Requeue { next_attempt } => {
                 self.db.exec(
@@ -653,9 +732,12 @@ impl<D: Db> Store<D> {
     fn cancel(&mut self, sel: &JobSelector, reason: &str, now: DateTime<Utc>, s: &mut Scratch) -> Result<(JobId, u64, Vec<KillOrder>), StoreError> {
         let (job_seq, job) = resolve(&mut self.db, sel)?;
         let meta = self.meta(job_seq)?;
-        let sql = format!("SELECT next_idx, idx_start, idx_end, state FROM jobs WHERE seq = ?1{}", self.db.for_update());
+        let sql = format!("SELECT next_idx, idx_start, idx_end, state, held FROM jobs WHERE seq = ?1{}", self.db.for_update());
         let row = self.db.query_one(&sql, p![job_seq])?;
-        let (next, start, end, job_state) = (row.i64(0)?, row.i64(1)?, row.i64(2)?, row.str(3)?);
+        let (next, start, end, job_state, held) = (row.i64(0)?, row.i64(1)?, row.i64(2)?, row.str(3)?, row.bool(4)?);
+        // A job held for approval has reserved nothing; its tasks wait in pending.
+        let waiting = if held { JobState::PendingApproval } else { JobState::Queued };
+        let attempts = meta.spec.max_attempts;
         let mut kills = Vec::new();
         let mut n = 0u64;
         let one = match sel.index {
@@ -674,7 +756,10 @@ impl<D: Db> Store<D> {
                 let had_rows = self.db.query_one(sql, p![job_seq, next, end])?.u64(0)?;
                 let k = (end - next + 1) as u64 - had_rows;
                 self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![end + 1, job_seq])?;
-                self.shift(job_seq, JobState::Queued, JobState::Cancelled, k, s);
+                self.shift(job_seq, waiting, JobState::Cancelled, k, s);
+                if !held {
+                    self.settle(&meta, job_seq, -1, attempts.saturating_mul(k as u32), Decimal::ZERO)?;
+                }
                 if meta.is_array {
                     self.event(job_seq, None, now, JobState::Cancelled, 0, None, Some(&format!("{reason} ({k} tasks had not started)")))?;
                 } else {
@@ -689,7 +774,10 @@ impl<D: Db> Store<D> {
                 )?;
                 if inserted > 0 {
                     self.event(job_seq, Some(i), now, JobState::Cancelled, 1, None, Some(reason))?;
-                    self.shift(job_seq, JobState::Queued, JobState::Cancelled, 1, s);
+                    self.shift(job_seq, waiting, JobState::Cancelled, 1, s);
+                    if !held {
+                        self.settle(&meta, job_seq, -1, attempts, Decimal::ZERO)?;
+                    }
                     n += 1;
                 }
             }
@@ -709,6 +797,13 @@ impl<D: Db> Store<D> {
             )?;
             self.event(job_seq, Self::task_index(&meta, idx).map(i64::from), now, JobState::Cancelled, attempt, worker.as_deref(), Some(reason))?;
             self.shift(job_seq, from, JobState::Cancelled, 1, s);
+            // A running attempt is charged for its time so far; what is left is released.
+            let actual = match (&worker, from) {
+                (Some(w), JobState::Running) => self.ran_for(&meta, job_seq, idx, w, now)?,
+                _ => Decimal::ZERO,
+            };
+            let left = attempts.saturating_sub(attempt) + 1;
+            self.settle(&meta, job_seq, idx, left, actual)?;
             n += 1;
             if let (JobState::Running, Some(w), Some(l)) = (from, worker, l.and_then(|l| l.parse().ok())) {
                 kills.push(KillOrder { worker: w, lease: l });
@@ -760,6 +855,154 @@ impl<D: Db> Store<D> {
         // An undrained worker may claim again: wake it.
         s.work |= !drained;
         Ok(drained)
+    }
+
+    /// The account's usage in `month`, its ledger row locked for this transaction.
+    fn usage(&mut self, account: &str, month: &str) -> Result<Usage, StoreError> {
+        self.db.exec("INSERT INTO ledger(account, month, reserved, spent) VALUES (?1, ?2, '0', '0') ON CONFLICT DO NOTHING", p![account, month])?;
+        let sql = format!("SELECT reserved, spent FROM ledger WHERE account = ?1 AND month = ?2{}", self.db.for_update());
+        let row = self.db.query_one(&sql, p![account, month])?;
+        Ok(Usage { reserved: decimal(&row.str(0)?, account)?, spent: decimal(&row.str(1)?, account)? })
+    }
+
+    fn write_usage(&mut self, account: &str, month: &str, u: Usage) -> Result<(), StoreError> {
+        self.db.exec(
+            "UPDATE ledger SET reserved = ?1, spent = ?2 WHERE account = ?3 AND month = ?4",
+            p![u.reserved.normalize().to_string(), u.spent.normalize().to_string(), account, month],
+        )?;
+        Ok(())
+    }
+
+    fn caps(&mut self, account: &str) -> Result<Caps, StoreError> {
+        Ok(match self.db.query_opt("SELECT run_cap, month_cap FROM budgets WHERE account = ?1", p![account])? {
+            Some(r) => Caps { run: decimal(&r.str(0)?, account)?, month: decimal(&r.str(1)?, account)? },
+            None => Caps::default(),
+        })
+    }
+
+    /// Checks `estimate` against the account's caps and reserves it, or refuses with
+    /// the window and the numbers.
+    fn reserve(&mut self, account: &str, month: &str, estimate: Decimal) -> Result<(), StoreError> {
+        if estimate.is_zero() {
+            return Ok(());
+        }
+        let usage = self.usage(account, month)?;
+        let caps = self.caps(account)?;
+        match ledger::admit(account, month, caps, usage, estimate) {
+            Ok(next) => self.write_usage(account, month, next),
+            Err(r) => Err(refused(r.to_string())),
+        }
+    }
+
+    /// Turns `attempts` attempts' worth of a task's reservation into `actual` spend
+    /// (the rest released); `idx` < 0 for tasks that never got a row.
+    fn settle(&mut self, meta: &JobMeta, job_seq: i64, idx: i64, attempts: u32, actual: Decimal) -> Result<(), StoreError> {
+        if meta.attempt_estimate.is_zero() || attempts == 0 {
+            return Ok(());
+        }
+        let part = meta.attempt_estimate * Decimal::from(attempts);
+        let usage = self.usage(&meta.account, &meta.month)?;
+        let (next, charged) = ledger::settle(usage, part, actual);
+        self.write_usage(&meta.account, &meta.month, next)?;
+        if idx >= 0 && !charged.is_zero() {
+            let before = self.db.query_one("SELECT charged FROM tasks WHERE job_seq = ?1 AND idx = ?2", p![job_seq, idx])?.str(0)?;
+            let total = decimal(&before, &meta.id.to_string())? + charged;
+            self.db.exec("UPDATE tasks SET charged = ?1 WHERE job_seq = ?2 AND idx = ?3", p![total.normalize().to_string(), job_seq, idx])?;
+        }
+        Ok(())
+    }
+
+    fn worker_pool(&mut self, worker: &str) -> Result<String, StoreError> {
+        if let Some(p) = self.worker_pools.get(worker) {
+            return Ok(p.clone());
+        }
+        let pool = match self.db.query_opt("SELECT pool FROM workers WHERE name = ?1", p![worker])? {
+            Some(r) => r.str(0)?,
+            None => "default".to_string(),
+        };
+        self.worker_pools.insert(worker.to_string(), pool.clone());
+        Ok(pool)
+    }
+
+    /// What an attempt that ran `runtime_ms` on `worker` costs at its pool's rates.
+    fn attempt_charge(&mut self, meta: &JobMeta, worker: &str, runtime_ms: u64) -> Decimal {
+        if meta.attempt_estimate.is_zero() {
+            return Decimal::ZERO;
+        }
+        let pool = self.worker_pool(worker).unwrap_or_else(|_| "default".into());
+        let pools = self.pools.read().map(|p| p.clone()).unwrap_or_default();
+        let r = &meta.spec.resources;
+        pools.get(&pool).map_or(Decimal::ZERO, |p| p.charge(r.gpus, r.millicpus, r.mem_mib, runtime_ms))
+    }
+
+    /// The charge for a running attempt that ends now without a result (lost lease,
+    /// cancel): the time since it was claimed, at most its max runtime.
+    fn ran_for(&mut self, meta: &JobMeta, job_seq: i64, idx: i64, worker: &str, now: DateTime<Utc>) -> Result<Decimal, StoreError> {
+        if meta.attempt_estimate.is_zero() {
+            return Ok(Decimal::ZERO);
+        }
+        let started = self.db.query_opt("SELECT started_at FROM tasks WHERE job_seq = ?1 AND idx = ?2", p![job_seq, idx])?;
+        let started = match started {
+            Some(r) => r.opt_i64(0)?.unwrap_or(ms(now)),
+            None => ms(now),
+        };
+        let mut ran = (ms(now) - started).max(0) as u64;
+        if let Some(max) = meta.spec.max_runtime_ms {
+            ran = ran.min(max);
+        }
+        Ok(self.attempt_charge(meta, worker, ran))
+    }
+
+    /// An approver's decision on a job held for approval. Approval reserves now (and is
+    /// refused if the job no longer fits); rejection ends the job `rejected`.
+    fn decide(&mut self, sel: &JobSelector, approve: bool, by: &str, reason: &str, now: DateTime<Utc>, s: &mut Scratch) -> Result<Decided, StoreError> {
+        let (job_seq, job) = resolve(&mut self.db, sel)?;
+        if sel.index.is_some() {
+            return Err(invalid("approval is for a whole submission: drop the `:INDEX`"));
+        }
+        let sql = format!("SELECT held, state, idx_start, idx_end FROM jobs WHERE seq = ?1{}", self.db.for_update());
+        let row = self.db.query_one(&sql, p![job_seq])?;
+        if !row.bool(0)? {
+            return Err(invalid(format!("job {job} is not waiting for approval (it is {})", row.str(1)?)));
+        }
+        let tasks = (row.i64(3)? - row.i64(2)? + 1) as u64;
+        let meta = self.meta(job_seq)?;
+        let verb = if approve { "approved" } else { "rejected" };
+        let why = format!("{verb} by {by}: {reason}");
+        let state = if approve {
+            let month = ledger::month_of(now);
+            let estimate = meta.attempt_estimate * Decimal::from(meta.spec.max_attempts) * Decimal::from(tasks);
+            self.reserve(&meta.account, &month, estimate)?;
+            self.db.exec("UPDATE jobs SET held = 0, month = ?1, decision = ?2 WHERE seq = ?3", p![month.as_str(), why.as_str(), job_seq])?;
+            self.jobs.remove(&job_seq);
+            s.work = true;
+            JobState::Queued
+        } else {
+            let end = row.i64(3)?;
+            self.db.exec("UPDATE jobs SET held = 0, next_idx = ?1, decision = ?2 WHERE seq = ?3", p![end + 1, why.as_str(), job_seq])?;
+            JobState::Rejected
+        };
+        self.shift(job_seq, JobState::PendingApproval, state, tasks, s);
+        self.event(job_seq, None, now, state, 0, None, Some(&why))?;
+        if state == JobState::Rejected {
+            s.notices.push(Notice::TaskEnded { job, index: None, attempt: 0, state });
+        }
+        Ok(Decided { job, state, tasks })
+    }
+
+    fn set_budget(&mut self, account: &str, run: Decimal, month: Decimal, by: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        if account.trim().is_empty() {
+            return Err(invalid("the account name is empty"));
+        }
+        if run.is_sign_negative() || month.is_sign_negative() {
+            return Err(invalid("caps must not be negative"));
+        }
+        self.db.exec(
+            "INSERT INTO budgets(account, run_cap, month_cap, set_by, set_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(account) DO UPDATE SET run_cap = excluded.run_cap, month_cap = excluded.month_cap, set_by = excluded.set_by, set_at = excluded.set_at",
+            p![account, run.normalize().to_string(), month.normalize().to_string(), by, ms(now)],
+        )?;
+        Ok(())
     }
 
     /// The last stored sequence number of a stream of one attempt, plus one.
@@ -846,7 +1089,7 @@ fn fail_op(op: &mut Op) {
             }
         };
     }
-    fail!(Submit, Claim, Finish, Heartbeat, Reconcile, AppendLogs, Cancel, ExpireLeases, RestartLeases, UseToken, SetDrain);
+    fail!(Submit, Decide, SetBudget, Claim, Finish, Heartbeat, Reconcile, AppendLogs, Cancel, ExpireLeases, RestartLeases, UseToken, SetDrain);
 }
 
 fn outcome_reason(o: &Outcome, max_runtime_ms: Option<u64>) -> Option<String> {
@@ -1101,5 +1344,28 @@ impl<D: Db> Reader for ReadView<D> {
             Some(r) => r.bool(0)?,
             None => false,
         })
+    }
+
+    fn budgets(&mut self, account: Option<&str>, month: &str) -> Result<Vec<BudgetRow>, StoreError> {
+        let rows = self.db.query(
+            "SELECT a.account, b.run_cap, b.month_cap, l.reserved, l.spent FROM
+               (SELECT account FROM budgets UNION SELECT account FROM ledger WHERE month = ?1) a
+               LEFT JOIN budgets b ON b.account = a.account
+               LEFT JOIN ledger l ON l.account = a.account AND l.month = ?1
+             WHERE (?2 = '' OR a.account = ?2) ORDER BY a.account",
+            p![month, account.unwrap_or("")],
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            let account = r.str(0)?;
+            let amount = |i: usize| -> Result<Decimal, StoreError> { r.opt_str(i)?.map_or(Ok(Decimal::ZERO), |v| decimal(&v, &account)) };
+            out.push(BudgetRow { account: account.clone(), month: month.to_string(), run_cap: amount(1)?, month_cap: amount(2)?, reserved: amount(3)?, spent: amount(4)? });
+        }
+        if out.is_empty() {
+            if let Some(a) = account {
+                out.push(BudgetRow { account: a.to_string(), month: month.to_string(), run_cap: Decimal::ZERO, month_cap: Decimal::ZERO, reserved: Decimal::ZERO, spent: Decimal::ZERO });
+            }
+        }
+        Ok(out)
     }
 }

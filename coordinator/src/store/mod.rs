@@ -77,6 +77,10 @@ pub struct WorkerCaps {
     pub cpus: u32,
     pub mem_mib: u64,
     pub gpus: u32,
+    /// The pool the worker joined, and whether it is free (a job with no max runtime
+    /// may only run in free pools: its cost has no bound).
+    pub pool: String,
+    pub pool_free: bool,
 }
 
 impl WorkerCaps {
@@ -91,6 +95,8 @@ impl WorkerCaps {
             && (r.millicpus == 0 || r.millicpus <= self.cpus.saturating_mul(1000))
             && (r.mem_mib == 0 || r.mem_mib <= self.mem_mib)
             && r.gpus <= self.gpus
+            && (spec.pools.is_empty() || spec.pools.iter().any(|p| *p == self.pool))
+            && (self.pool_free || spec.max_runtime_ms.is_some())
     }
 }
 
@@ -160,14 +166,52 @@ pub struct Reconciled {
     pub lost: u64,
 }
 
+/// What the Budget actor decided about a submission before the store admits it.
+#[derive(Clone, Debug, Default)]
+pub struct Admission {
+    /// The account charged (the submitter's name unless the job names one).
+    pub account: String,
+    /// The upper bound of one attempt of one task on the costliest eligible pool
+    /// (zero when only free pools are eligible).
+    pub attempt_estimate: rust_decimal::Decimal,
+    /// The estimate reaches an approval threshold: hold the job for an approver.
+    pub needs_approval: bool,
+}
+
+/// An approver's decision on a held job.
+#[derive(Clone, Debug)]
+pub struct Decided {
+    pub job: JobId,
+    pub state: JobState,
+    pub tasks: u64,
+}
+
+/// An account's budget and this month's use of it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BudgetRow {
+    pub account: String,
+    pub month: String,
+    pub run_cap: rust_decimal::Decimal,
+    pub month_cap: rust_decimal::Decimal,
+    pub reserved: rust_decimal::Decimal,
+    pub spent: rust_decimal::Decimal,
+}
+
+/// The pools and their rates, shared by the Budget actor (which reloads them) and
+/// the store (which charges finished attempts at the rates of their worker's pool).
+pub type SharedPools = Arc<std::sync::RwLock<Arc<crate::pools::Pools>>>;
+
 /// The write operations. Each is applied inside the batch transaction.
 pub enum Op {
-    Submit { spec: Box<JobSpec>, owner: String, idempotency_key: uuid::Uuid, now: DateTime<Utc>, reply: Tx<Submitted> },
+    Submit { spec: Box<JobSpec>, owner: String, idempotency_key: uuid::Uuid, admission: Admission, now: DateTime<Utc>, reply: Tx<Submitted> },
+    /// Approve (reserving then) or reject a job held for approval.
+    Decide { job: JobSelector, approve: bool, by: String, reason: String, now: DateTime<Utc>, reply: Tx<Decided> },
+    SetBudget { account: String, run: rust_decimal::Decimal, month: rust_decimal::Decimal, by: String, now: DateTime<Utc>, reply: Tx<()> },
     Claim { worker: String, n: u32, caps: Arc<WorkerCaps>, now: DateTime<Utc>, ttl: Duration, reply: Tx<Vec<Assignment>> },
     Started { worker: String, lease: LeaseId, now: DateTime<Utc> },
     Finish { worker: String, lease: LeaseId, outcome: Outcome, now: DateTime<Utc>, reply: Tx<FinishVerdict> },
     Heartbeat { worker: String, leases: Vec<LeaseId>, now: DateTime<Utc>, ttl: Duration, reply: Tx<Vec<LeaseId>> },
-    Reconcile { worker: String, held: Vec<LeaseId>, now: DateTime<Utc>, ttl: Duration, reply: Tx<Reconciled> },
+    Reconcile { worker: String, pool: String, held: Vec<LeaseId>, now: DateTime<Utc>, ttl: Duration, reply: Tx<Reconciled> },
     AppendLogs { worker: String, chunks: Vec<LogChunk>, reply: Tx<Vec<ChunkVerdict>> },
     Cancel { job: JobSelector, reason: String, now: DateTime<Utc>, reply: Tx<(JobId, u64, Vec<KillOrder>)> },
     ExpireLeases { now: DateTime<Utc>, reply: Tx<Vec<Expired>> },
@@ -200,6 +244,9 @@ pub trait Reader {
     fn exit_code(&mut self, job_seq: i64) -> Result<Option<i32>, StoreError>;
     fn workers(&mut self) -> Result<Vec<(String, bool)>, StoreError>;
     fn is_drained(&mut self, worker: &str) -> Result<bool, StoreError>;
+    /// Budgets and their use in `month`: one account, or all that have a budget or a
+    /// ledger row.
+    fn budgets(&mut self, account: Option<&str>, month: &str) -> Result<Vec<BudgetRow>, StoreError>;
 }
 
 /// Output read back, and whether the attempt has ended (so a follower may stop).
@@ -327,13 +374,13 @@ impl Location {
     }
 
     /// Starts the group-commit writer.
-    pub fn writer(&self) -> Result<StoreHandle, StoreError> {
+    pub fn writer(&self, pools: SharedPools) -> Result<StoreHandle, StoreError> {
         off_runtime(|| {
             Ok(match self {
-                Location::Sqlite(p) => spawn_writer(Store::new(SqliteDb::open(p)?)?),
+                Location::Sqlite(p) => spawn_writer(Store::new(SqliteDb::open(p)?)?.with_pools(pools)),
                 Location::Postgres(u) => {
                     let me = uuid::Uuid::new_v4().to_string();
-                    let handle = spawn_writer(Store::new(PgDb::connect(u)?)?.notify_as(me.clone()));
+                    let handle = spawn_writer(Store::new(PgDb::connect(u)?)?.with_pools(pools).notify_as(me.clone()));
                     cluster::spawn_listener(u.clone(), me, handle.clone());
                     handle
                 }

@@ -37,11 +37,15 @@ CREATE TABLE IF NOT EXISTS jobs(
     n_rejected INTEGER NOT NULL DEFAULT 0,
     n_frozen INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
-    ended_at INTEGER
+    ended_at INTEGER,
+    month TEXT NOT NULL DEFAULT '',
+    attempt_estimate TEXT NOT NULL DEFAULT '0',
+    held INTEGER NOT NULL DEFAULT 0,
+    decision TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
-CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs(priority DESC, seq) WHERE next_idx <= idx_end;
+CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs(priority DESC, seq) WHERE next_idx <= idx_end AND held = 0;
 CREATE TABLE IF NOT EXISTS tasks(
     job_seq INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -55,6 +59,7 @@ CREATE TABLE IF NOT EXISTS tasks(
     ended_at INTEGER,
     runtime_ms INTEGER,
     reason TEXT,
+    charged TEXT NOT NULL DEFAULT '0',
     PRIMARY KEY(job_seq, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_queued ON tasks(job_seq, idx) WHERE state = 'queued';
@@ -93,9 +98,24 @@ CREATE TABLE IF NOT EXISTS tokens(
 CREATE TABLE IF NOT EXISTS workers(
     name TEXT PRIMARY KEY,
     enrolled_at INTEGER NOT NULL,
-    drained INTEGER NOT NULL DEFAULT 0
+    drained INTEGER NOT NULL DEFAULT 0,
+    pool TEXT NOT NULL DEFAULT 'default'
 );
-INSERT INTO meta(key, value) VALUES ('schema', '1') ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS budgets(
+    account TEXT PRIMARY KEY,
+    run_cap TEXT NOT NULL,
+    month_cap TEXT NOT NULL,
+    set_by TEXT NOT NULL,
+    set_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger(
+    account TEXT NOT NULL,
+    month TEXT NOT NULL,
+    reserved TEXT NOT NULL,
+    spent TEXT NOT NULL,
+    PRIMARY KEY(account, month)
+);
+INSERT INTO meta(key, value) VALUES ('schema', '2') ON CONFLICT DO NOTHING;
 "#;
 
 const POSTGRES: &str = r#"
@@ -125,11 +145,15 @@ CREATE TABLE IF NOT EXISTS jobs(
     n_rejected BIGINT NOT NULL DEFAULT 0,
     n_frozen BIGINT NOT NULL DEFAULT 0,
     created_at BIGINT NOT NULL,
-    ended_at BIGINT
+    ended_at BIGINT,
+    month TEXT NOT NULL DEFAULT '',
+    attempt_estimate TEXT NOT NULL DEFAULT '0',
+    held BIGINT NOT NULL DEFAULT 0,
+    decision TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
-CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs(priority DESC, seq) WHERE next_idx <= idx_end;
+CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs(priority DESC, seq) WHERE next_idx <= idx_end AND held = 0;
 CREATE TABLE IF NOT EXISTS tasks(
     job_seq BIGINT NOT NULL,
     idx BIGINT NOT NULL,
@@ -143,6 +167,7 @@ CREATE TABLE IF NOT EXISTS tasks(
     ended_at BIGINT,
     runtime_ms BIGINT,
     reason TEXT,
+    charged TEXT NOT NULL DEFAULT '0',
     PRIMARY KEY(job_seq, idx)
 );
 CREATE INDEX IF NOT EXISTS tasks_queued ON tasks(job_seq, idx) WHERE state = 'queued';
@@ -181,9 +206,24 @@ CREATE TABLE IF NOT EXISTS tokens(
 CREATE TABLE IF NOT EXISTS workers(
     name TEXT PRIMARY KEY,
     enrolled_at BIGINT NOT NULL,
-    drained BIGINT NOT NULL DEFAULT 0
+    drained BIGINT NOT NULL DEFAULT 0,
+    pool TEXT NOT NULL DEFAULT 'default'
 );
-INSERT INTO meta(key, value) VALUES ('schema', '1') ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS budgets(
+    account TEXT PRIMARY KEY,
+    run_cap TEXT NOT NULL,
+    month_cap TEXT NOT NULL,
+    set_by TEXT NOT NULL,
+    set_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger(
+    account TEXT NOT NULL,
+    month TEXT NOT NULL,
+    reserved TEXT NOT NULL,
+    spent TEXT NOT NULL,
+    PRIMARY KEY(account, month)
+);
+INSERT INTO meta(key, value) VALUES ('schema', '2') ON CONFLICT DO NOTHING;
 "#;
 
 /// The advisory lock that serialises schema creation among coordinators starting at
