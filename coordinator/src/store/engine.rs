@@ -427,8 +427,13 @@ impl<D: Db> Store<D> {
 
     fn submit(&mut self, spec: JobSpec, owner: &str, key: uuid::Uuid, admission: &Admission, now: DateTime<Utc>, s: &mut Scratch) -> Result<Submitted, StoreError> {
         let key = key.to_string();
-        if let Some(row) = self.db.query_opt("SELECT id, idx_start, idx_end FROM jobs WHERE owner = ?1 AND idem = ?2", p![owner, key.as_str()])? {
+        if let Some(mut row) = self.db.query_opt("SELECT id, idx_start, idx_end, spec FROM jobs WHERE owner = ?1 AND idem = ?2", p![owner, key.as_str()])? {
             let job = job_id(&row.str(0)?)?;
+            // The same key is the same submission; a different job under it is a mistake.
+            let stored: Option<JobSpec> = berth_shared::codec::decode(&row.blob(3)?).ok();
+            if stored.as_ref() != Some(&spec) {
+                return Err(invalid(format!("idempotency key {key} was already used for job {job}, a different submission: use a new key")));
+            }
             return Ok(Submitted { job, tasks: (row.i64(2)? - row.i64(1)? + 1) as u64, duplicate: true });
         }
         spec.validate().map_err(invalid)?;
@@ -1021,7 +1026,7 @@ impl<D: Db> Store<D> {
             let owner = match owners.get(&c.lease) {
                 Some(o) => *o,
                 None => {
-                    let o = match self.db.query_opt("SELECT job_seq, idx, attempt FROM tasks WHERE lease = ?1 AND worker = ?2", p![c.lease.to_string(), worker])? {
+                    let o = match self.db.query_opt("SELECT job_seq, idx, attempt FROM tasks WHERE lease = ?1 AND worker = ?2 AND state = 'running'", p![c.lease.to_string(), worker])? {
                         Some(r) => Some((r.i64(0)?, r.i64(1)?, r.u32(2)?)),
                         None => None,
                     };
