@@ -39,9 +39,8 @@ pub struct Client {
 impl Client {
     pub async fn connect(profile_flag: Option<&Path>) -> Result<Client, Fail> {
         let path = profile_path(profile_flag)?;
-        let profile = Profile::from_file(&path).map_err(|e| {
-            Fail::new(EXIT_AUTH, format!("{e} (make one with `berth-coordinator user add`, or run `berth dev`)"))
-        })?;
+        let profile =
+            Profile::from_file(&path).map_err(|e| Fail::new(EXIT_AUTH, format!("{e} (make one with `berth-coordinator user add`, or run `berth dev`)")))?;
         Self::with_profile(&profile).await
     }
 
@@ -55,12 +54,10 @@ impl Client {
 
     /// Connects to the first of the profile's coordinators that answers.
     async fn dial(endpoint: &quinn::Endpoint, profile: &Profile) -> Result<quinn::Connection, Fail> {
-        let d = dial(endpoint, &profile.coordinators, Some(&profile.server_name), PeerKind::Client, Duration::from_secs(5))
-            .await
-            .map_err(|e| match e {
-                DialError::Refused { .. } | DialError::Auth { .. } => Fail::new(EXIT_AUTH, e.to_string()),
-                other => Fail::lost(other.to_string()),
-            })?;
+        let d = dial(endpoint, &profile.coordinators, Some(&profile.server_name), PeerKind::Client, Duration::from_secs(5)).await.map_err(|e| match e {
+            DialError::Refused { .. } | DialError::Auth { .. } => Fail::new(EXIT_AUTH, e.to_string()),
+            other => Fail::lost(other.to_string()),
+        })?;
         Ok(d.conn)
     }
 

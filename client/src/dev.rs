@@ -116,7 +116,10 @@ pub fn run(args: DevArgs) -> Result<u8, Fail> {
                 _ = tokio::signal::ctrl_c() => Ok(130),
             }
         } else {
-            eprintln!("berth dev: coordinator at {addr}, worker `local` with {slots} slots; try `BERTH_PROFILE={} berth submit -- echo hi`; Ctrl-C stops", profile_path.display());
+            eprintln!(
+                "berth dev: coordinator at {addr}, worker `local` with {slots} slots; try `BERTH_PROFILE={} berth submit -- echo hi`; Ctrl-C stops",
+                profile_path.display()
+            );
             let _ = tokio::signal::ctrl_c().await;
             Ok(0)
         };

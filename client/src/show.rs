@@ -99,11 +99,7 @@ pub fn time(t: DateTime<Utc>) -> String {
 }
 
 pub fn counts_text(c: &Counts) -> String {
-    let parts: Vec<String> = JobState::ALL
-        .iter()
-        .filter(|s| c.get(**s) > 0)
-        .map(|s| format!("{} {}", c.get(*s), s.as_str()))
-        .collect();
+    let parts: Vec<String> = JobState::ALL.iter().filter(|s| c.get(**s) > 0).map(|s| format!("{} {}", c.get(*s), s.as_str())).collect();
     parts.join(", ")
 }
 
@@ -238,14 +234,7 @@ pub fn list_text(style: Style, jobs: &[JobSummary]) -> String {
         .iter()
         .map(|j| {
             let progress = if j.tasks == 1 { "1".to_string() } else { format!("{}/{}", j.counts.succeeded, j.tasks) };
-            vec![
-                j.id.short(),
-                j.name.clone().unwrap_or_else(|| style.dim("-")),
-                style.state(j.state),
-                progress,
-                j.owner.clone(),
-                time(j.submitted_at),
-            ]
+            vec![j.id.short(), j.name.clone().unwrap_or_else(|| style.dim("-")), style.state(j.state), progress, j.owner.clone(), time(j.submitted_at)]
         })
         .collect();
     table(style, &["ID", "NAME", "STATE", "TASKS", "OWNER", "SUBMITTED"], &rows)
@@ -295,21 +284,6 @@ pub fn workers_json(ws: &[WorkerInfo]) -> Value {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tables_align_on_visible_width() {
-        let st = Style { color: true };
-        let t = table(st, &["A", "B"], &[vec![st.state(JobState::Succeeded), "x".into()], vec!["q".into(), "y".into()]]);
-        let plain: Vec<String> = t.lines().map(|l| l.replace("\x1b[32m", "").replace("\x1b[0m", "").replace("\x1b[1m", "")).collect();
-        assert_eq!(plain[1].find('x'), plain[2].find('y'));
-        let off = Style { color: false };
-        assert!(!table(off, &["A"], &[vec![off.state(JobState::Failed)]]).contains('\x1b'));
-    }
-}
-
 pub fn budgets_text(style: Style, rows: &[berth_shared::wire::BudgetInfo]) -> String {
     let rows: Vec<Vec<String>> = rows
         .iter()
@@ -344,4 +318,19 @@ pub fn budgets_json(rows: &[berth_shared::wire::BudgetInfo]) -> Value {
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_on_visible_width() {
+        let st = Style { color: true };
+        let t = table(st, &["A", "B"], &[vec![st.state(JobState::Succeeded), "x".into()], vec!["q".into(), "y".into()]]);
+        let plain: Vec<String> = t.lines().map(|l| l.replace("\x1b[32m", "").replace("\x1b[0m", "").replace("\x1b[1m", "")).collect();
+        assert_eq!(plain[1].find('x'), plain[2].find('y'));
+        let off = Style { color: false };
+        assert!(!table(off, &["A"], &[vec![off.state(JobState::Failed)]]).contains('\x1b'));
+    }
 }

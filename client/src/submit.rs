@@ -91,9 +91,7 @@ pub fn build_spec(a: &SubmitArgs) -> Result<JobSpec, Fail> {
         (None, []) => return Err(Fail::usage("nothing to run: give `-- CMD ARGS...` or a job.toml")),
         (Some(_), [_, ..]) => return Err(Fail::usage("give either a job.toml or `-- CMD ARGS...`, not both")),
         (Some(f), []) if f.extension().is_some_and(|e| e == "toml") => berth_shared::jobfile::load(f).map_err(Fail::usage)?,
-        (Some(f), []) => {
-            return Err(Fail::usage(format!("`{}` is not a job.toml: put the command after `--`, as in `berth submit -- CMD ARGS`", f.display())))
-        }
+        (Some(f), []) => return Err(Fail::usage(format!("`{}` is not a job.toml: put the command after `--`, as in `berth submit -- CMD ARGS`", f.display()))),
         (None, argv) => JobSpec::new(Command::Argv(argv.to_vec())),
     };
     if a.name.is_some() {

@@ -30,7 +30,14 @@ fn caps() -> Arc<WorkerCaps> {
 
 async fn submit(store: &StoreHandle, spec: JobSpec) {
     store
-        .call(|reply| Op::Submit { spec: Box::new(spec), owner: "bench".into(), idempotency_key: uuid::Uuid::new_v4(), admission: Admission::default(), now: Utc::now(), reply })
+        .call(|reply| Op::Submit {
+            spec: Box::new(spec),
+            owner: "bench".into(),
+            idempotency_key: uuid::Uuid::new_v4(),
+            admission: Admission::default(),
+            now: Utc::now(),
+            reply,
+        })
         .await
         .expect("submit");
 }
@@ -48,10 +55,8 @@ async fn claim_complete(store: &StoreHandle, workers: usize) -> f64 {
             let caps = caps();
             let mut done = 0u64;
             loop {
-                let got = store
-                    .call(|reply| Op::Claim { worker: name.clone(), n: 6, caps: caps.clone(), now: Utc::now(), ttl: TTL, reply })
-                    .await
-                    .expect("claim");
+                let got =
+                    store.call(|reply| Op::Claim { worker: name.clone(), n: 6, caps: caps.clone(), now: Utc::now(), ttl: TTL, reply }).await.expect("claim");
                 if got.is_empty() {
                     return done;
                 }
@@ -81,10 +86,7 @@ async fn recover(store: &StoreHandle) -> Duration {
     submit(store, array(RECOVER)).await;
     let mut held = 0;
     while held < RECOVER {
-        let got = store
-            .call(|reply| Op::Claim { worker: "doomed".into(), n: 1000, caps: caps(), now: Utc::now(), ttl: TTL, reply })
-            .await
-            .expect("claim");
+        let got = store.call(|reply| Op::Claim { worker: "doomed".into(), n: 1000, caps: caps(), now: Utc::now(), ttl: TTL, reply }).await.expect("claim");
         assert!(!got.is_empty(), "ran out of tasks at {held}");
         held += got.len() as u32;
     }

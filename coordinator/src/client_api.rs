@@ -85,12 +85,7 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
         Request::Submit { spec, idempotency_key } => {
             spec.validate().map_err(|m| ApiError::new(ErrorKind::Invalid, m))?;
             let (spec, admission) = a.budget.send(budget::Admit { spec, owner: who.to_string() }).await.map_err(mailbox)??;
-            let s = a
-                .job_store
-                .send(job_store::Submit { spec, owner: who.to_string(), idempotency_key, admission })
-                .await
-                .map_err(mailbox)?
-                .map_err(api)?;
+            let s = a.job_store.send(job_store::Submit { spec, owner: who.to_string(), idempotency_key, admission }).await.map_err(mailbox)?.map_err(api)?;
             Response::Submitted { job: s.job, tasks: s.tasks, duplicate: s.duplicate }
         }
         Request::Status { job } => {
@@ -151,23 +146,19 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
             // A submitter sees its own account; approvers and admins see every account.
             let account = match (role, account) {
                 (Role::Admin | Role::Approver, a) => a,
-                (_, Some(a)) if a != who => return Err(ApiError::new(ErrorKind::Refused, format!("role {} may see only its own account `{who}`", role.as_str()))),
+                (_, Some(a)) if a != who => {
+                    return Err(ApiError::new(ErrorKind::Refused, format!("role {} may see only its own account `{who}`", role.as_str())))
+                }
                 (_, _) => Some(who.to_string()),
             };
             let month = crate::ledger::month_of(chrono::Utc::now());
             let rows = query(&a.reader, move |r| r.budgets(account.as_deref(), &month)).await.map_err(api)?;
-            Response::Budgets(
-                rows.into_iter()
-                    .map(|b| berth_shared::wire::BudgetInfo { account: b.account, month: b.month, run_cap: b.run_cap, month_cap: b.month_cap, reserved: b.reserved, spent: b.spent })
-                    .collect(),
-            )
+            Response::Budgets(rows)
         }
         Request::Enrol { token, name, csr_pem } => {
             validate_name(&name).map_err(|e| ApiError::new(ErrorKind::Invalid, e.to_string()))?;
-            let cert_pem = shared
-                .ca
-                .sign_csr(&csr_pem, &name, Role::Worker)
-                .map_err(|e| ApiError::new(ErrorKind::Invalid, format!("cannot sign the CSR: {e}")))?;
+            let cert_pem =
+                shared.ca.sign_csr(&csr_pem, &name, Role::Worker).map_err(|e| ApiError::new(ErrorKind::Invalid, format!("cannot sign the CSR: {e}")))?;
             a.job_store.send(job_store::UseToken { token, worker: name.clone() }).await.map_err(mailbox)?.map_err(api)?;
             tracing::info!(worker = %name, "worker enrolled");
             Response::Enrolled { cert_pem }

@@ -26,7 +26,11 @@ pub struct ConfigFile {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("config {path} is invalid: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -34,10 +38,8 @@ pub enum ConfigError {
 impl ConfigFile {
     pub fn from_file(path: &Path) -> Result<ConfigFile, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let c: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
-            path: path.into(),
-            message: e.message().split_whitespace().collect::<Vec<_>>().join(" "),
-        })?;
+        let c: ConfigFile = toml::from_str(&text)
+            .map_err(|e| ConfigError::Invalid { path: path.into(), message: e.message().split_whitespace().collect::<Vec<_>>().join(" ") })?;
         if let Some(l) = &c.listen {
             l.parse::<SocketAddr>().map_err(|_| ConfigError::Invalid { path: path.into(), message: format!("listen `{l}` is not HOST:PORT") })?;
         }

@@ -11,11 +11,23 @@ pub enum DataDirError {
     #[error("{path} is not initialised: run `berth-coordinator init --data-dir {dir}` first")]
     NotInitialised { path: PathBuf, dir: PathBuf },
     #[error("cannot read {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write {path}")]
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Tls { path: PathBuf, #[source] source: berth_shared::tls::TlsError },
+    Tls {
+        path: PathBuf,
+        #[source]
+        source: berth_shared::tls::TlsError,
+    },
 }
 
 pub struct DataDir {

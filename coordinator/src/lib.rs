@@ -23,11 +23,13 @@ use berth_shared::profile::Profile;
 use berth_shared::wire::Role;
 use chrono::Utc;
 
-use crate::actors::{budget::Budget, job_store::JobStore, lease_recovery::LeaseRecovery, log_store::LogStore, reader::StoreReader, registry::WorkerRegistry, Actors};
+use crate::actors::{
+    budget::Budget, job_store::JobStore, lease_recovery::LeaseRecovery, log_store::LogStore, reader::StoreReader, registry::WorkerRegistry, Actors,
+};
 use crate::config::RunConfig;
 use crate::datadir::{DataDir, DataDirError};
-use crate::store::engine::create_token;
 use crate::store::cluster::Leadership;
+use crate::store::engine::create_token;
 use crate::store::{Location, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,11 +39,19 @@ pub enum CoordError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot listen on {addr}")]
-    Bind { addr: SocketAddr, #[source] source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Usage(String),
     #[error("cannot write {path}")]
-    Write { path: String, #[source] source: berth_shared::profile::ProfileError },
+    Write {
+        path: String,
+        #[source]
+        source: berth_shared::profile::ProfileError,
+    },
 }
 
 /// A started coordinator: actors running, endpoint bound, not yet serving.

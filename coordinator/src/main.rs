@@ -98,11 +98,7 @@ enum UserCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
-        .init();
+    berth_shared::logs::init("info");
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, e)) => {
@@ -112,16 +108,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use berth_shared::logs::chain;
 
 fn fail(e: berth_coordinator::CoordError) -> (u8, String) {
     let code = if matches!(e, berth_coordinator::CoordError::Usage(_)) { 2 } else { 1 };

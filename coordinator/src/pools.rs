@@ -209,10 +209,7 @@ impl Pools {
         if named.is_empty() {
             return Ok(self.pools.values().collect());
         }
-        named
-            .iter()
-            .map(|n| self.pools.get(n).ok_or_else(|| format!("unknown pool `{n}`: the pools are {}", self.names().join(", "))))
-            .collect()
+        named.iter().map(|n| self.pools.get(n).ok_or_else(|| format!("unknown pool `{n}`: the pools are {}", self.names().join(", ")))).collect()
     }
 
     pub fn names(&self) -> Vec<String> {

@@ -175,10 +175,7 @@ async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>, id: u64) {
         }
     };
     let verdict: Result<(String, Role), String> = if hello.protocol != PROTOCOL_VERSION {
-        Err(format!(
-            "protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION}); upgrade the older side",
-            hello.protocol
-        ))
+        Err(format!("protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION}); upgrade the older side", hello.protocol))
     } else {
         match (hello.kind, identity) {
             (PeerKind::Client, Some((name, role))) if role != Role::Worker => Ok((name, role)),

@@ -256,7 +256,12 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
                             if got.is_empty() {
                                 None
                             } else {
-                                a.registry.do_send(registry::Leases { name: name.clone(), added: got.iter().map(|g| g.lease).collect(), removed: vec![], heartbeat: false });
+                                a.registry.do_send(registry::Leases {
+                                    name: name.clone(),
+                                    added: got.iter().map(|g| g.lease).collect(),
+                                    removed: vec![],
+                                    heartbeat: false,
+                                });
                                 Some(CoordMsg::Assign(got))
                             }
                         }

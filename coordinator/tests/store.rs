@@ -16,9 +16,8 @@ use std::time::{Duration, Instant};
 use berth_coordinator::store::engine::create_token;
 use berth_coordinator::store::sql::Val;
 use berth_coordinator::store::{
-    Admission,
-    BatchOutcome, ChunkVerdict, Db, Expired, FinishVerdict, KillOrder, Location, LogChunk, Op,
-    PgDb, Reader, Reconciled, SqliteDb, Store, StoreError, Submitted, Tx, WorkerCaps,
+    Admission, BatchOutcome, ChunkVerdict, Db, Expired, FinishVerdict, KillOrder, Location, LogChunk, Op, PgDb, Reader, Reconciled, SqliteDb, Store,
+    StoreError, Submitted, Tx, WorkerCaps,
 };
 use berth_shared::ids::{JobId, JobSelector, LeaseId};
 use berth_shared::job::{ArrayRange, Command, JobSpec, JobState, Outcome, Resources};
@@ -61,19 +60,10 @@ struct PgScratch {
 impl PgScratch {
     fn create(admin_url: &str) -> (PgScratch, String) {
         let name = format!("berth_t_{}", Uuid::new_v4().simple());
-        let mut admin = postgres::Client::connect(admin_url, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("cannot connect to BERTH_TEST_POSTGRES: {e}"));
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .unwrap_or_else(|e| panic!("cannot CREATE DATABASE {name}: {e}"));
+        let mut admin = postgres::Client::connect(admin_url, postgres::NoTls).unwrap_or_else(|e| panic!("cannot connect to BERTH_TEST_POSTGRES: {e}"));
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap_or_else(|e| panic!("cannot CREATE DATABASE {name}: {e}"));
         let url = with_database(admin_url, &name);
-        (
-            PgScratch {
-                admin_url: admin_url.to_string(),
-                name,
-            },
-            url,
-        )
+        (PgScratch { admin_url: admin_url.to_string(), name }, url)
     }
 }
 
@@ -83,10 +73,7 @@ impl Drop for PgScratch {
         // straggler (PostgreSQL 13+), the plain form older servers.
         if let Ok(mut admin) = postgres::Client::connect(&self.admin_url, postgres::NoTls) {
             let name = &self.name;
-            if admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .is_err()
-            {
+            if admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).is_err() {
                 let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"));
             }
         }
@@ -100,9 +87,7 @@ fn with_database(url: &str, db: &str) -> String {
         None => (url, None),
     };
     let authority = base.find("://").map_or(0, |i| i + 3);
-    let path = base[authority..]
-        .find('/')
-        .map_or(base.len(), |i| authority + i);
+    let path = base[authority..].find('/').map_or(base.len(), |i| authority + i);
     let mut out = format!("{}/{db}", &base[..path]);
     if let Some(q) = query {
         out.push('?');
@@ -112,9 +97,7 @@ fn with_database(url: &str, db: &str) -> String {
 }
 
 fn postgres_url() -> Option<String> {
-    std::env::var("BERTH_TEST_POSTGRES")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
+    std::env::var("BERTH_TEST_POSTGRES").ok().filter(|u| !u.trim().is_empty())
 }
 
 /// One test's store, its read connection, and where they live.
@@ -135,41 +118,22 @@ impl Harness {
         let store = Store::new(SqliteDb::open(&path).expect("open sqlite")).expect("sqlite schema");
         let loc = Location::Sqlite(path);
         let reader = loc.reader().expect("sqlite reader");
-        Harness {
-            backend: "sqlite",
-            store: Box::new(store),
-            reader,
-            loc,
-            _dir: Some(dir),
-            _pg: None,
-        }
+        Harness { backend: "sqlite", store: Box::new(store), reader, loc, _dir: Some(dir), _pg: None }
     }
 
     fn postgres(admin_url: &str) -> Harness {
         let (scratch, url) = PgScratch::create(admin_url);
-        let store = Store::new(PgDb::connect(&url).expect("connect to the test database"))
-            .expect("postgres schema");
+        let store = Store::new(PgDb::connect(&url).expect("connect to the test database")).expect("postgres schema");
         let loc = Location::Postgres(url);
         let reader = loc.reader().expect("postgres reader");
-        Harness {
-            backend: "postgres",
-            store: Box::new(store),
-            reader,
-            loc,
-            _dir: None,
-            _pg: Some(scratch),
-        }
+        Harness { backend: "postgres", store: Box::new(store), reader, loc, _dir: None, _pg: Some(scratch) }
     }
 
     /// Another coordinator's store on the same database.
     fn second_store(&self) -> Box<dyn Apply> {
         match &self.loc {
-            Location::Sqlite(p) => {
-                Box::new(Store::new(SqliteDb::open(p).expect("open")).expect("schema"))
-            }
-            Location::Postgres(u) => {
-                Box::new(Store::new(PgDb::connect(u).expect("connect")).expect("schema"))
-            }
+            Location::Sqlite(p) => Box::new(Store::new(SqliteDb::open(p).expect("open")).expect("schema")),
+            Location::Postgres(u) => Box::new(Store::new(PgDb::connect(u).expect("connect")).expect("schema")),
         }
     }
 
@@ -181,140 +145,59 @@ impl Harness {
         let spec = Box::new(spec.clone());
         let owner = owner.to_string();
         let admission = Admission { account: owner.clone(), ..Admission::default() };
-        self.call(|reply| Op::Submit {
-            spec,
-            owner,
-            idempotency_key: key,
-            admission,
-            now: at(0),
-            reply,
-        })
-        .expect("submit")
+        self.call(|reply| Op::Submit { spec, owner, idempotency_key: key, admission, now: at(0), reply }).expect("submit")
     }
 
     fn submit(&mut self, spec: &JobSpec) -> JobId {
         self.submit_as(spec, "alice", Uuid::new_v4()).job
     }
 
-    fn claim_with(
-        &mut self,
-        worker: &str,
-        n: u32,
-        caps: &WorkerCaps,
-        now: DateTime<Utc>,
-        ttl: Duration,
-    ) -> Vec<Assignment> {
+    fn claim_with(&mut self, worker: &str, n: u32, caps: &WorkerCaps, now: DateTime<Utc>, ttl: Duration) -> Vec<Assignment> {
         let (worker, caps) = (worker.to_string(), Arc::new(caps.clone()));
-        self.call(|reply| Op::Claim {
-            worker,
-            n,
-            caps,
-            now,
-            ttl,
-            reply,
-        })
-        .expect("claim")
+        self.call(|reply| Op::Claim { worker, n, caps, now, ttl, reply }).expect("claim")
     }
 
     fn claim(&mut self, worker: &str, n: u32, now: DateTime<Utc>) -> Vec<Assignment> {
         self.claim_with(worker, n, &cpu_worker(), now, TTL)
     }
 
-    fn finish(
-        &mut self,
-        worker: &str,
-        lease: LeaseId,
-        outcome: Outcome,
-        now: DateTime<Utc>,
-    ) -> FinishVerdict {
+    fn finish(&mut self, worker: &str, lease: LeaseId, outcome: Outcome, now: DateTime<Utc>) -> FinishVerdict {
         let worker = worker.to_string();
-        self.call(|reply| Op::Finish {
-            worker,
-            lease,
-            outcome,
-            now,
-            reply,
-        })
-        .expect("finish")
+        self.call(|reply| Op::Finish { worker, lease, outcome, now, reply }).expect("finish")
     }
 
     fn heartbeat(&mut self, worker: &str, leases: &[LeaseId], now: DateTime<Utc>) -> Vec<LeaseId> {
         let (worker, leases) = (worker.to_string(), leases.to_vec());
-        self.call(|reply| Op::Heartbeat {
-            worker,
-            leases,
-            now,
-            ttl: TTL,
-            reply,
-        })
-        .expect("heartbeat")
+        self.call(|reply| Op::Heartbeat { worker, leases, now, ttl: TTL, reply }).expect("heartbeat")
     }
 
     fn reconcile(&mut self, worker: &str, held: &[LeaseId], now: DateTime<Utc>) -> Reconciled {
         let (worker, held) = (worker.to_string(), held.to_vec());
-        self.call(|reply| Op::Reconcile {
-            worker,
-            pool: "default".into(),
-            held,
-            now,
-            ttl: TTL,
-            reply,
-        })
-        .expect("reconcile")
+        self.call(|reply| Op::Reconcile { worker, pool: "default".into(), held, now, ttl: TTL, reply }).expect("reconcile")
     }
 
     fn expire(&mut self, now: DateTime<Utc>) -> Vec<Expired> {
-        self.call(|reply| Op::ExpireLeases { now, reply })
-            .expect("expire leases")
+        self.call(|reply| Op::ExpireLeases { now, reply }).expect("expire leases")
     }
 
     fn append(&mut self, worker: &str, chunks: Vec<LogChunk>) -> Vec<ChunkVerdict> {
         let worker = worker.to_string();
-        self.call(|reply| Op::AppendLogs {
-            worker,
-            chunks,
-            reply,
-        })
-        .expect("append logs")
+        self.call(|reply| Op::AppendLogs { worker, chunks, reply }).expect("append logs")
     }
 
-    fn cancel(
-        &mut self,
-        job: JobId,
-        index: Option<u32>,
-        now: DateTime<Utc>,
-    ) -> Result<(JobId, u64, Vec<KillOrder>), StoreError> {
+    fn cancel(&mut self, job: JobId, index: Option<u32>, now: DateTime<Utc>) -> Result<(JobId, u64, Vec<KillOrder>), StoreError> {
         let job = sel(job, index);
-        self.call(|reply| Op::Cancel {
-            job,
-            reason: "cancelled by alice".into(),
-            now,
-            reply,
-        })
+        self.call(|reply| Op::Cancel { job, reason: "cancelled by alice".into(), now, reply })
     }
 
     fn set_drain(&mut self, worker: &str, drained: bool) -> Result<bool, StoreError> {
         let worker = worker.to_string();
-        self.call(|reply| Op::SetDrain {
-            worker,
-            drained,
-            reply,
-        })
+        self.call(|reply| Op::SetDrain { worker, drained, reply })
     }
 
-    fn use_token(
-        &mut self,
-        token: &str,
-        worker: &str,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    fn use_token(&mut self, token: &str, worker: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
         let (token, worker) = (token.to_string(), worker.to_string());
-        self.call(|reply| Op::UseToken {
-            token,
-            worker,
-            now,
-            reply,
-        })
+        self.call(|reply| Op::UseToken { token, worker, now, reply })
     }
 
     fn seq(&mut self, job: JobId) -> i64 {
@@ -334,25 +217,13 @@ impl Harness {
     fn task_rows(&mut self, job: JobId) -> i64 {
         let seq = self.seq(job);
         let mut db = self.loc.connect().expect("connect");
-        db.query_one(
-            "SELECT COUNT(*) FROM tasks WHERE job_seq = ?1",
-            &[Val::I64(seq)],
-        )
-        .expect("count tasks")
-        .i64(0)
-        .expect("a count")
+        db.query_one("SELECT COUNT(*) FROM tasks WHERE job_seq = ?1", &[Val::I64(seq)]).expect("count tasks").i64(0).expect("a count")
     }
 
     fn event_count(&mut self, job: JobId) -> i64 {
         let seq = self.seq(job);
         let mut db = self.loc.connect().expect("connect");
-        db.query_one(
-            "SELECT COUNT(*) FROM events WHERE job_seq = ?1",
-            &[Val::I64(seq)],
-        )
-        .expect("count events")
-        .i64(0)
-        .expect("a count")
+        db.query_one("SELECT COUNT(*) FROM events WHERE job_seq = ?1", &[Val::I64(seq)]).expect("count events").i64(0).expect("a count")
     }
 }
 
@@ -373,10 +244,7 @@ fn run_postgres(name: &str, test: fn(&mut Harness)) {
         ),
         None => {
             // Straight to stderr, past the test harness's capture, so the skip is seen.
-            let _ = writeln!(
-                std::io::stderr(),
-                "store::{name}: PostgreSQL half skipped (BERTH_TEST_POSTGRES is not set); SQLite only"
-            );
+            let _ = writeln!(std::io::stderr(), "store::{name}: PostgreSQL half skipped (BERTH_TEST_POSTGRES is not set); SQLite only");
         }
     }
 }
@@ -430,10 +298,7 @@ fn ttl_ms() -> i64 {
 }
 
 fn sel(job: JobId, index: Option<u32>) -> JobSelector {
-    JobSelector {
-        prefix: job.to_string(),
-        index,
-    }
+    JobSelector { prefix: job.to_string(), index }
 }
 
 fn job() -> JobSpec {
@@ -441,41 +306,19 @@ fn job() -> JobSpec {
 }
 
 fn array(start: u32, end: u32) -> JobSpec {
-    JobSpec {
-        array: Some(ArrayRange { start, end }),
-        ..job()
-    }
+    JobSpec { array: Some(ArrayRange { start, end }), ..job() }
 }
 
 fn cpu_worker() -> WorkerCaps {
-    WorkerCaps {
-        executors: vec!["process".into()],
-        cpus: 8,
-        mem_mib: 16 * 1024,
-        gpus: 0,
-        pool: "default".into(),
-        pool_free: true,
-    }
+    WorkerCaps { executors: vec!["process".into()], cpus: 8, mem_mib: 16 * 1024, gpus: 0, pool: "default".into(), pool_free: true }
 }
 
 fn exited(code: i32) -> Outcome {
-    Outcome {
-        exit_code: Some(code),
-        signal: None,
-        timed_out: false,
-        killed: false,
-        runtime_ms: 1500,
-        error: None,
-    }
+    Outcome { exit_code: Some(code), signal: None, timed_out: false, killed: false, runtime_ms: 1500, error: None }
 }
 
 fn chunk(lease: LeaseId, stream: OutStream, seq: u64, data: &str) -> LogChunk {
-    LogChunk {
-        lease,
-        stream,
-        seq,
-        data: data.as_bytes().to_vec(),
-    }
+    LogChunk { lease, stream, seq, data: data.as_bytes().to_vec() }
 }
 
 fn api_error<T: std::fmt::Debug>(r: Result<T, StoreError>) -> ApiError {
@@ -494,53 +337,23 @@ fn indices(a: &[Assignment]) -> Vec<Option<u32>> {
 fn submit_is_idempotent_per_owner(h: &mut Harness) {
     let key = Uuid::new_v4();
     let first = h.submit_as(&job(), "alice", key);
-    assert!(
-        !first.duplicate,
-        "[{}] a first submission is not a duplicate",
-        h.backend
-    );
+    assert!(!first.duplicate, "[{}] a first submission is not a duplicate", h.backend);
     assert_eq!(first.tasks, 1);
 
     let again = h.submit_as(&job(), "alice", key);
-    assert_eq!(
-        again.job, first.job,
-        "[{}] the same owner and key give the same job",
-        h.backend
-    );
-    assert!(
-        again.duplicate,
-        "[{}] a resent submission is reported as a duplicate",
-        h.backend
-    );
+    assert_eq!(again.job, first.job, "[{}] the same owner and key give the same job", h.backend);
+    assert!(again.duplicate, "[{}] a resent submission is reported as a duplicate", h.backend);
 
     let other = h.submit_as(&job(), "bob", key);
-    assert_ne!(
-        other.job, first.job,
-        "[{}] another owner's key is another job",
-        h.backend
-    );
+    assert_ne!(other.job, first.job, "[{}] another owner's key is another job", h.backend);
     assert!(!other.duplicate);
 
     let third = h.submit_as(&job(), "alice", Uuid::new_v4());
-    assert_ne!(
-        third.job, first.job,
-        "[{}] another key is another job",
-        h.backend
-    );
+    assert_ne!(third.job, first.job, "[{}] another key is another job", h.backend);
 
-    assert_eq!(
-        h.reader.list(None, 100).expect("list").len(),
-        3,
-        "[{}] the duplicate made no job",
-        h.backend
-    );
+    assert_eq!(h.reader.list(None, 100).expect("list").len(), 3, "[{}] the duplicate made no job", h.backend);
     let s = h.summary(first.job);
-    assert_eq!(
-        (s.counts.queued, s.counts.total(), s.state),
-        (1, 1, JobState::Queued),
-        "[{}] counted once",
-        h.backend
-    );
+    assert_eq!((s.counts.queued, s.counts.total(), s.state), (1, 1, JobState::Queued), "[{}] counted once", h.backend);
     assert_eq!(s.owner, "alice");
 }
 
@@ -550,141 +363,63 @@ fn million_task_array_is_one_row(h: &mut Harness) {
     let s = h.submit_as(&spec, "alice", Uuid::new_v4());
     let took = t.elapsed();
     assert_eq!(s.tasks, 1_000_000);
-    assert!(
-        took < Duration::from_secs(5),
-        "[{}] submitting a 1,000,000-task array took {took:?}",
-        h.backend
-    );
+    assert!(took < Duration::from_secs(5), "[{}] submitting a 1,000,000-task array took {took:?}", h.backend);
 
     let sum = h.summary(s.job);
     assert_eq!(sum.tasks, 1_000_000);
-    assert_eq!(
-        sum.counts.queued, 1_000_000,
-        "[{}] every task is queued",
-        h.backend
-    );
+    assert_eq!(sum.counts.queued, 1_000_000, "[{}] every task is queued", h.backend);
     assert_eq!(sum.counts.total(), 1_000_000);
     assert_eq!(sum.state, JobState::Queued);
-    assert_eq!(
-        h.task_rows(s.job),
-        0,
-        "[{}] no task is materialised at submit",
-        h.backend
-    );
+    assert_eq!(h.task_rows(s.job), 0, "[{}] no task is materialised at submit", h.backend);
     let st = h.status(s.job, Some(999_999));
-    assert_eq!(
-        st.task.map(|t| (t.state, t.attempt)),
-        Some((JobState::Queued, 1))
-    );
+    assert_eq!(st.task.map(|t| (t.state, t.attempt)), Some((JobState::Queued, 1)));
 
     let got = h.claim("w1", 10, at(1));
-    assert_eq!(
-        indices(&got),
-        (1..=10).map(Some).collect::<Vec<_>>(),
-        "[{}] claims start at the array's start",
-        h.backend
-    );
+    assert_eq!(indices(&got), (1..=10).map(Some).collect::<Vec<_>>(), "[{}] claims start at the array's start", h.backend);
     assert!(got.iter().all(|a| a.job == s.job && a.attempt == 1));
     let sum = h.summary(s.job);
     assert_eq!((sum.counts.queued, sum.counts.running), (999_990, 10));
     assert_eq!(sum.state, JobState::Running);
-    assert_eq!(
-        h.task_rows(s.job),
-        10,
-        "[{}] only claimed tasks get rows",
-        h.backend
-    );
+    assert_eq!(h.task_rows(s.job), 10, "[{}] only claimed tasks get rows", h.backend);
 }
 
 fn claim_leases_distinct_tasks_within_caps_and_drain(h: &mut Harness) {
-    let gpu_job = h.submit(&JobSpec {
-        priority: 10,
-        resources: Resources {
-            gpus: 1,
-            ..Resources::default()
-        },
-        ..job()
-    });
+    let gpu_job = h.submit(&JobSpec { priority: 10, resources: Resources { gpus: 1, ..Resources::default() }, ..job() });
     let arr = h.submit(&array(0, 9));
 
-    assert!(
-        h.claim("w1", 0, at(1)).is_empty(),
-        "[{}] n = 0 claims nothing",
-        h.backend
-    );
+    assert!(h.claim("w1", 0, at(1)).is_empty(), "[{}] n = 0 claims nothing", h.backend);
 
     // The GPU job comes first by priority, but a worker without GPUs cannot run it.
     let a = h.claim("w1", 3, at(1));
     assert_eq!(a.len(), 3, "[{}] a claim respects n", h.backend);
-    assert!(
-        a.iter().all(|x| x.job == arr && x.attempt == 1),
-        "[{}] the GPU job is skipped: {a:?}",
-        h.backend
-    );
+    assert!(a.iter().all(|x| x.job == arr && x.attempt == 1), "[{}] the GPU job is skipped: {a:?}", h.backend);
     assert_eq!(indices(&a), vec![Some(0), Some(1), Some(2)]);
 
-    let gpu_caps = WorkerCaps {
-        gpus: 1,
-        ..cpu_worker()
-    };
+    let gpu_caps = WorkerCaps { gpus: 1, ..cpu_worker() };
     let g = h.claim_with("g1", 1, &gpu_caps, at(1), TTL);
     assert_eq!(g.len(), 1);
-    assert_eq!(
-        (g[0].job, g[0].index, g[0].attempt),
-        (gpu_job, None, 1),
-        "[{}] a GPU worker gets the GPU job",
-        h.backend
-    );
+    assert_eq!((g[0].job, g[0].index, g[0].attempt), (gpu_job, None, 1), "[{}] a GPU worker gets the GPU job", h.backend);
 
     // A drained worker gets nothing until it is undrained.
-    assert_eq!(
-        api_error(h.set_drain("nobody", true)).kind,
-        ErrorKind::NotFound
-    );
+    assert_eq!(api_error(h.set_drain("nobody", true)).kind, ErrorKind::NotFound);
     h.reconcile("w2", &[], at(1));
     assert!(h.set_drain("w2", true).expect("drain"));
     assert!(h.reader.is_drained("w2").expect("is_drained"));
-    assert!(
-        h.claim("w2", 5, at(2)).is_empty(),
-        "[{}] a drained worker claims nothing",
-        h.backend
-    );
+    assert!(h.claim("w2", 5, at(2)).is_empty(), "[{}] a drained worker claims nothing", h.backend);
     assert!(!h.set_drain("w2", false).expect("undrain"));
     let b = h.claim("w2", 100, at(3));
-    assert_eq!(
-        indices(&b),
-        (3..=9).map(Some).collect::<Vec<_>>(),
-        "[{}] claims are bounded by what is left",
-        h.backend
-    );
-    assert!(
-        h.claim("w1", 5, at(4)).is_empty(),
-        "[{}] nothing is left to claim",
-        h.backend
-    );
+    assert_eq!(indices(&b), (3..=9).map(Some).collect::<Vec<_>>(), "[{}] claims are bounded by what is left", h.backend);
+    assert!(h.claim("w1", 5, at(4)).is_empty(), "[{}] nothing is left to claim", h.backend);
 
     let leases: HashSet<LeaseId> = a.iter().chain(&g).chain(&b).map(|x| x.lease).collect();
-    assert_eq!(
-        leases.len(),
-        11,
-        "[{}] every claim has its own lease",
-        h.backend
-    );
-    let tasks: HashSet<(JobId, Option<u32>)> = a
-        .iter()
-        .chain(&g)
-        .chain(&b)
-        .map(|x| (x.job, x.index))
-        .collect();
+    assert_eq!(leases.len(), 11, "[{}] every claim has its own lease", h.backend);
+    let tasks: HashSet<(JobId, Option<u32>)> = a.iter().chain(&g).chain(&b).map(|x| (x.job, x.index)).collect();
     assert_eq!(tasks.len(), 11, "[{}] no task is claimed twice", h.backend);
 
     let s = h.summary(arr);
     assert_eq!((s.counts.queued, s.counts.running), (0, 10));
     let s = h.summary(gpu_job);
-    assert_eq!(
-        (s.counts.queued, s.counts.running, s.state),
-        (0, 1, JobState::Running)
-    );
+    assert_eq!((s.counts.queued, s.counts.running, s.state), (0, 1, JobState::Running));
 }
 
 fn finish_records_once_and_only_with_the_live_lease(h: &mut Harness) {
@@ -693,121 +428,48 @@ fn finish_records_once_and_only_with_the_live_lease(h: &mut Harness) {
     let arr = h.submit(&array(0, 1));
     let got = h.claim("w1", 10, at(1));
     assert_eq!(got.len(), 4);
-    let lease = |job: JobId, index: Option<u32>| {
-        got.iter()
-            .find(|a| a.job == job && a.index == index)
-            .map(|a| a.lease)
-            .expect("claimed")
-    };
-    let (l_ok, l_bad, l_a0, l_a1) = (
-        lease(ok, None),
-        lease(bad, None),
-        lease(arr, Some(0)),
-        lease(arr, Some(1)),
-    );
+    let lease = |job: JobId, index: Option<u32>| got.iter().find(|a| a.job == job && a.index == index).map(|a| a.lease).expect("claimed");
+    let (l_ok, l_bad, l_a0, l_a1) = (lease(ok, None), lease(bad, None), lease(arr, Some(0)), lease(arr, Some(1)));
 
     // Stale: an unknown lease, and a live lease sent under another worker's name.
-    assert_eq!(
-        h.finish("w1", LeaseId::new(), exited(0), at(2)),
-        FinishVerdict::Stale
-    );
-    assert_eq!(
-        h.finish("w2", l_a0, exited(0), at(2)),
-        FinishVerdict::Stale,
-        "[{}] another worker's lease",
-        h.backend
-    );
+    assert_eq!(h.finish("w1", LeaseId::new(), exited(0), at(2)), FinishVerdict::Stale);
+    assert_eq!(h.finish("w2", l_a0, exited(0), at(2)), FinishVerdict::Stale, "[{}] another worker's lease", h.backend);
     let s = h.summary(arr);
-    assert_eq!(
-        (s.counts.running, s.counts.succeeded),
-        (2, 0),
-        "[{}] a stale finish changes nothing",
-        h.backend
-    );
-    assert_eq!(
-        h.status(arr, Some(0)).task.map(|t| t.state),
-        Some(JobState::Running)
-    );
+    assert_eq!((s.counts.running, s.counts.succeeded), (2, 0), "[{}] a stale finish changes nothing", h.backend);
+    assert_eq!(h.status(arr, Some(0)).task.map(|t| t.state), Some(JobState::Running));
 
-    assert_eq!(
-        h.finish("w1", l_ok, exited(0), at(5)),
-        FinishVerdict::Recorded
-    );
+    assert_eq!(h.finish("w1", l_ok, exited(0), at(5)), FinishVerdict::Recorded);
     let s = h.summary(ok);
-    assert_eq!(
-        (s.counts.running, s.counts.succeeded, s.state),
-        (0, 1, JobState::Succeeded),
-        "[{}]",
-        h.backend
-    );
-    assert!(
-        s.ended_at.is_some(),
-        "[{}] an ended job has an end time",
-        h.backend
-    );
+    assert_eq!((s.counts.running, s.counts.succeeded, s.state), (0, 1, JobState::Succeeded), "[{}]", h.backend);
+    assert!(s.ended_at.is_some(), "[{}] an ended job has an end time", h.backend);
     let seq = h.seq(ok);
     assert_eq!(h.reader.exit_code(seq).expect("exit code"), Some(0));
 
-    assert_eq!(
-        h.finish("w1", l_bad, exited(3), at(5)),
-        FinishVerdict::Recorded
-    );
+    assert_eq!(h.finish("w1", l_bad, exited(3), at(5)), FinishVerdict::Recorded);
     let s = h.summary(bad);
-    assert_eq!(
-        (s.counts.failed, s.state),
-        (1, JobState::Failed),
-        "[{}]",
-        h.backend
-    );
+    assert_eq!((s.counts.failed, s.state), (1, JobState::Failed), "[{}]", h.backend);
     let t = h.status(bad, None).task.expect("task");
-    assert_eq!(
-        (t.state, t.exit_code, t.reason.as_deref()),
-        (JobState::Failed, Some(3), Some("exit code 3"))
-    );
+    assert_eq!((t.state, t.exit_code, t.reason.as_deref()), (JobState::Failed, Some(3), Some("exit code 3")));
     let seq = h.seq(bad);
     assert_eq!(h.reader.exit_code(seq).expect("exit code"), Some(3));
 
     // The array aggregates: running while a task runs, failed once one failed.
-    assert_eq!(
-        h.finish("w1", l_a0, exited(0), at(6)),
-        FinishVerdict::Recorded
-    );
+    assert_eq!(h.finish("w1", l_a0, exited(0), at(6)), FinishVerdict::Recorded);
     let s = h.summary(arr);
-    assert_eq!(
-        (s.counts.running, s.counts.succeeded, s.state),
-        (1, 1, JobState::Running)
-    );
+    assert_eq!((s.counts.running, s.counts.succeeded, s.state), (1, 1, JobState::Running));
     assert!(s.ended_at.is_none());
-    assert_eq!(
-        h.finish("w1", l_a1, exited(1), at(7)),
-        FinishVerdict::Recorded
-    );
+    assert_eq!(h.finish("w1", l_a1, exited(1), at(7)), FinishVerdict::Recorded);
     let s = h.summary(arr);
-    assert_eq!(
-        (s.counts.succeeded, s.counts.failed, s.state),
-        (1, 1, JobState::Failed),
-        "[{}]",
-        h.backend
-    );
+    assert_eq!((s.counts.succeeded, s.counts.failed, s.state), (1, 1, JobState::Failed), "[{}]", h.backend);
     let seq = h.seq(arr);
     assert_eq!(h.reader.exit_code(seq).expect("exit code"), Some(1));
 
     // A result resent for the same lease is not recorded again...
     let events = h.event_count(ok);
     let v = h.finish("w1", l_ok, exited(0), at(8));
-    assert_ne!(
-        v,
-        FinishVerdict::Recorded,
-        "[{}] a second finish of one lease is recorded once",
-        h.backend
-    );
+    assert_ne!(v, FinishVerdict::Recorded, "[{}] a second finish of one lease is recorded once", h.backend);
     let s = h.summary(ok);
-    assert_eq!(
-        (s.counts.succeeded, s.counts.total(), s.state),
-        (1, 1, JobState::Succeeded),
-        "[{}]",
-        h.backend
-    );
+    assert_eq!((s.counts.succeeded, s.counts.total(), s.state), (1, 1, JobState::Succeeded), "[{}]", h.backend);
     assert_eq!(h.event_count(ok), events, "[{}] no second event", h.backend);
     // ...and cannot rewrite the recorded result either (exactly-once results).
     let v = h.finish("w1", l_ok, exited(7), at(9));
@@ -821,126 +483,55 @@ fn finish_records_once_and_only_with_the_live_lease(h: &mut Harness) {
         h.backend
     );
     let seq = h.seq(ok);
-    assert_eq!(
-        h.reader.exit_code(seq).expect("exit code"),
-        Some(0),
-        "[{}] `--wait` must still exit 0",
-        h.backend
-    );
+    assert_eq!(h.reader.exit_code(seq).expect("exit code"), Some(0), "[{}] `--wait` must still exit 0", h.backend);
 }
 
 fn heartbeat_renews_leases(h: &mut Harness) {
     h.submit(&job());
     let l = h.claim("w1", 1, at(0))[0].lease;
-    assert!(
-        h.expire(at_ms(ttl_ms() - 1)).is_empty(),
-        "[{}] a lease lives its TTL",
-        h.backend
-    );
+    assert!(h.expire(at_ms(ttl_ms() - 1)).is_empty(), "[{}] a lease lives its TTL", h.backend);
 
     let unknown = LeaseId::new();
     let stale = h.heartbeat("w1", &[l, unknown], at(20));
-    assert_eq!(
-        stale,
-        vec![unknown],
-        "[{}] only the unknown lease is stale",
-        h.backend
-    );
+    assert_eq!(stale, vec![unknown], "[{}] only the unknown lease is stale", h.backend);
     // Another worker cannot renew it.
-    assert_eq!(
-        h.heartbeat("w2", &[l], at(25)),
-        vec![l],
-        "[{}] another worker's heartbeat is stale",
-        h.backend
-    );
+    assert_eq!(h.heartbeat("w2", &[l], at(25)), vec![l], "[{}] another worker's heartbeat is stale", h.backend);
 
-    assert!(
-        h.expire(at(30)).is_empty(),
-        "[{}] renewed: not expired at the original expiry",
-        h.backend
-    );
-    assert!(
-        h.expire(at_ms(20_000 + ttl_ms() - 1)).is_empty(),
-        "[{}] not before renewal + TTL",
-        h.backend
-    );
+    assert!(h.expire(at(30)).is_empty(), "[{}] renewed: not expired at the original expiry", h.backend);
+    assert!(h.expire(at_ms(20_000 + ttl_ms() - 1)).is_empty(), "[{}] not before renewal + TTL", h.backend);
     let gone = h.expire(at_ms(20_000 + ttl_ms()));
-    assert_eq!(
-        gone.len(),
-        1,
-        "[{}] expires at renewal + TTL (w2's heartbeat did not extend it)",
-        h.backend
-    );
-    assert_eq!(
-        (gone[0].lease, gone[0].worker.as_str(), gone[0].requeued),
-        (l, "w1", true)
-    );
-    assert_eq!(
-        h.heartbeat("w1", &[l], at(60)),
-        vec![l],
-        "[{}] an expired lease is stale",
-        h.backend
-    );
+    assert_eq!(gone.len(), 1, "[{}] expires at renewal + TTL (w2's heartbeat did not extend it)", h.backend);
+    assert_eq!((gone[0].lease, gone[0].worker.as_str(), gone[0].requeued), (l, "w1", true));
+    assert_eq!(h.heartbeat("w1", &[l], at(60)), vec![l], "[{}] an expired lease is stale", h.backend);
 }
 
 fn expiry_requeues_then_fails_and_fences_old_leases(h: &mut Harness) {
-    let arr = h.submit(&JobSpec {
-        max_attempts: 2,
-        ..array(0, 4)
-    });
+    let arr = h.submit(&JobSpec { max_attempts: 2, ..array(0, 4) });
     let first = h.claim("w1", 1, at(0));
     assert_eq!((first[0].index, first[0].attempt), (Some(0), 1));
     let l1 = first[0].lease;
 
     let gone = h.expire(at_ms(ttl_ms()));
     assert_eq!(gone.len(), 1);
-    assert_eq!(
-        (gone[0].job, gone[0].index, gone[0].lease, gone[0].requeued),
-        (arr, Some(0), l1, true)
-    );
+    assert_eq!((gone[0].job, gone[0].index, gone[0].lease, gone[0].requeued), (arr, Some(0), l1, true));
     let st = h.status(arr, Some(0));
     let t = st.task.expect("task");
-    assert_eq!(
-        (t.state, t.attempt),
-        (JobState::Queued, 2),
-        "[{}] re-queued as attempt 2",
-        h.backend
-    );
+    assert_eq!((t.state, t.attempt), (JobState::Queued, 2), "[{}] re-queued as attempt 2", h.backend);
     let ev = st.events.last().expect("an event");
     assert_eq!((ev.state, ev.attempt), (JobState::Queued, 2));
-    assert!(
-        ev.reason
-            .as_deref()
-            .is_some_and(|r| r.contains("lease_lost")),
-        "[{}] event reason {:?}",
-        h.backend,
-        ev.reason
-    );
+    assert!(ev.reason.as_deref().is_some_and(|r| r.contains("lease_lost")), "[{}] event reason {:?}", h.backend, ev.reason);
     let s = h.summary(arr);
     assert_eq!((s.counts.queued, s.counts.running), (5, 0));
 
     // Fencing: the expired attempt's result is refused.
-    assert_eq!(
-        h.finish("w1", l1, exited(0), at(31)),
-        FinishVerdict::Stale,
-        "[{}] fenced",
-        h.backend
-    );
+    assert_eq!(h.finish("w1", l1, exited(0), at(31)), FinishVerdict::Stale, "[{}] fenced", h.backend);
     let s = h.summary(arr);
-    assert_eq!(
-        (s.counts.queued, s.counts.succeeded),
-        (5, 0),
-        "[{}] a fenced finish changes nothing",
-        h.backend
-    );
+    assert_eq!((s.counts.queued, s.counts.succeeded), (5, 0), "[{}] a fenced finish changes nothing", h.backend);
 
     // The re-queued task goes before fresh indices.
     let second = h.claim("w2", 2, at(40));
     assert_eq!(
-        second
-            .iter()
-            .map(|a| (a.index, a.attempt))
-            .collect::<Vec<_>>(),
+        second.iter().map(|a| (a.index, a.attempt)).collect::<Vec<_>>(),
         vec![(Some(0), 2), (Some(1), 1)],
         "[{}] the re-queued task is claimed first",
         h.backend
@@ -950,56 +541,20 @@ fn expiry_requeues_then_fails_and_fences_old_leases(h: &mut Harness) {
     // Attempt 2 of 2 lost: the task fails for good; index 1 is re-queued.
     let gone = h.expire(at_ms(40_000 + ttl_ms()));
     let by_index: HashMap<Option<u32>, bool> = gone.iter().map(|e| (e.index, e.requeued)).collect();
-    assert_eq!(
-        by_index,
-        HashMap::from([(Some(0), false), (Some(1), true)]),
-        "[{}]",
-        h.backend
-    );
+    assert_eq!(by_index, HashMap::from([(Some(0), false), (Some(1), true)]), "[{}]", h.backend);
     let t = h.status(arr, Some(0)).task.expect("task");
     assert_eq!(t.state, JobState::Failed, "[{}] out of attempts", h.backend);
-    assert!(
-        t.reason
-            .as_deref()
-            .is_some_and(|r| r.contains("out of attempts")),
-        "[{}] reason {:?}",
-        h.backend,
-        t.reason
-    );
+    assert!(t.reason.as_deref().is_some_and(|r| r.contains("out of attempts")), "[{}] reason {:?}", h.backend, t.reason);
     let s = h.summary(arr);
-    assert_eq!(
-        (
-            s.counts.failed,
-            s.counts.queued,
-            s.counts.running,
-            s.counts.total()
-        ),
-        (1, 4, 0, 5),
-        "[{}]",
-        h.backend
-    );
+    assert_eq!((s.counts.failed, s.counts.queued, s.counts.running, s.counts.total()), (1, 4, 0, 5), "[{}]", h.backend);
 
     let events = h.event_count(arr);
-    assert_eq!(
-        h.finish("w2", l2, exited(0), at(80)),
-        FinishVerdict::Stale,
-        "[{}] fenced after failing",
-        h.backend
-    );
+    assert_eq!(h.finish("w2", l2, exited(0), at(80)), FinishVerdict::Stale, "[{}] fenced after failing", h.backend);
     assert_eq!(h.finish("w1", l1, exited(0), at(80)), FinishVerdict::Stale);
     let s = h.summary(arr);
     assert_eq!((s.counts.failed, s.counts.succeeded), (1, 0));
-    assert_eq!(
-        h.event_count(arr),
-        events,
-        "[{}] stale finishes leave no event",
-        h.backend
-    );
-    assert!(
-        h.expire(at(10_000)).is_empty(),
-        "[{}] nothing runs any more",
-        h.backend
-    );
+    assert_eq!(h.event_count(arr), events, "[{}] stale finishes leave no event", h.backend);
+    assert!(h.expire(at(10_000)).is_empty(), "[{}] nothing runs any more", h.backend);
 }
 
 fn restart_gives_running_leases_a_full_ttl(h: &mut Harness) {
@@ -1010,45 +565,15 @@ fn restart_gives_running_leases_a_full_ttl(h: &mut Harness) {
 
     // The coordinator was down for an hour: a and b expired meanwhile, c did not.
     let up = 3_600_000;
-    let n = h
-        .call(|reply| Op::RestartLeases {
-            now: at_ms(up),
-            ttl: TTL,
-            reply,
-        })
-        .expect("restart leases");
-    assert_eq!(
-        n, 2,
-        "[{}] the two leases that ran out get a new TTL; the long one keeps its own",
-        h.backend
-    );
+    let n = h.call(|reply| Op::RestartLeases { now: at_ms(up), ttl: TTL, reply }).expect("restart leases");
+    assert_eq!(n, 2, "[{}] the two leases that ran out get a new TTL; the long one keeps its own", h.backend);
 
-    assert!(
-        h.expire(at_ms(up + ttl_ms() - 1)).is_empty(),
-        "[{}] no lease expires before restart + TTL",
-        h.backend
-    );
-    assert_eq!(
-        h.finish("w1", a, exited(0), at_ms(up + 10_000)),
-        FinishVerdict::Recorded,
-        "[{}] a survived",
-        h.backend
-    );
+    assert!(h.expire(at_ms(up + ttl_ms() - 1)).is_empty(), "[{}] no lease expires before restart + TTL", h.backend);
+    assert_eq!(h.finish("w1", a, exited(0), at_ms(up + 10_000)), FinishVerdict::Recorded, "[{}] a survived", h.backend);
     let gone = h.expire(at_ms(up + ttl_ms()));
-    assert_eq!(
-        gone.iter().map(|e| e.lease).collect::<Vec<_>>(),
-        vec![b],
-        "[{}] b expires at restart + TTL",
-        h.backend
-    );
+    assert_eq!(gone.iter().map(|e| e.lease).collect::<Vec<_>>(), vec![b], "[{}] b expires at restart + TTL", h.backend);
     assert!(h.expire(at_ms(7_200_000 - 1)).is_empty());
-    assert_eq!(
-        h.expire(at_ms(7_200_000))
-            .iter()
-            .map(|e| e.lease)
-            .collect::<Vec<_>>(),
-        vec![c]
-    );
+    assert_eq!(h.expire(at_ms(7_200_000)).iter().map(|e| e.lease).collect::<Vec<_>>(), vec![c]);
 }
 
 fn reconcile_sorts_out_a_returning_worker(h: &mut Harness) {
@@ -1060,71 +585,25 @@ fn reconcile_sorts_out_a_returning_worker(h: &mut Harness) {
 
     let r = h.reconcile("w1", &[l1, l2, unknown, other], at(20));
     let stale: BTreeSet<LeaseId> = r.stale.iter().copied().collect();
-    assert_eq!(
-        stale,
-        BTreeSet::from([unknown, other]),
-        "[{}] leases w1 reports but does not hold",
-        h.backend
-    );
-    assert_eq!(
-        r.lost, 1,
-        "[{}] the attempt w1 came back without",
-        h.backend
-    );
+    assert_eq!(stale, BTreeSet::from([unknown, other]), "[{}] leases w1 reports but does not hold", h.backend);
+    assert_eq!(r.lost, 1, "[{}] the attempt w1 came back without", h.backend);
 
     let s = h.summary(arr);
-    assert_eq!(
-        (s.counts.running, s.counts.queued),
-        (3, 2),
-        "[{}]",
-        h.backend
-    );
+    assert_eq!((s.counts.running, s.counts.queued), (3, 2), "[{}]", h.backend);
     let st = h.status(arr, mine[2].index);
     let t = st.task.expect("task");
-    assert_eq!(
-        (t.state, t.attempt),
-        (JobState::Queued, 2),
-        "[{}] the lost task is re-queued",
-        h.backend
-    );
+    assert_eq!((t.state, t.attempt), (JobState::Queued, 2), "[{}] the lost task is re-queued", h.backend);
     let ev = st.events.last().expect("event");
-    assert!(
-        ev.reason
-            .as_deref()
-            .is_some_and(|r| r.contains("lease_lost")),
-        "[{}] reason {:?}",
-        h.backend,
-        ev.reason
-    );
+    assert!(ev.reason.as_deref().is_some_and(|r| r.contains("lease_lost")), "[{}] reason {:?}", h.backend, ev.reason);
     assert_eq!(h.finish("w1", l3, exited(0), at(21)), FinishVerdict::Stale);
 
     // Held leases were renewed; w2's was left alone.
-    assert!(
-        h.heartbeat("w2", &[other], at(21)).is_empty(),
-        "[{}] w2's lease is still valid",
-        h.backend
-    );
+    assert!(h.heartbeat("w2", &[other], at(21)).is_empty(), "[{}] w2's lease is still valid", h.backend);
     let gone = h.expire(at_ms(20_000 + ttl_ms() - 1));
-    assert!(
-        gone.is_empty(),
-        "[{}] nothing expires before the renewals run out: {gone:?}",
-        h.backend
-    );
-    let gone: BTreeSet<LeaseId> = h
-        .expire(at_ms(21_000 + ttl_ms()))
-        .iter()
-        .map(|e| e.lease)
-        .collect();
+    assert!(gone.is_empty(), "[{}] nothing expires before the renewals run out: {gone:?}", h.backend);
+    let gone: BTreeSet<LeaseId> = h.expire(at_ms(21_000 + ttl_ms())).iter().map(|e| e.lease).collect();
     assert_eq!(gone, BTreeSet::from([l1, l2, other]));
-    assert!(
-        h.reader
-            .workers()
-            .expect("workers")
-            .iter()
-            .any(|(w, _)| w == "w1"),
-        "[{}] the worker is registered",
-        h.backend
-    );
+    assert!(h.reader.workers().expect("workers").iter().any(|(w, _)| w == "w1"), "[{}] the worker is registered", h.backend);
 }
 
 fn output_chunks_in_order_per_attempt(h: &mut Harness) {
@@ -1133,164 +612,69 @@ fn output_chunks_in_order_per_attempt(h: &mut Harness) {
     use ChunkVerdict::*;
     use OutStream::{Stderr, Stdout};
 
+    assert_eq!(h.append("w1", vec![chunk(l, Stdout, 1, "one\n"), chunk(l, Stdout, 2, "two\n")]), vec![Stored, Stored]);
+    assert_eq!(h.append("w1", vec![chunk(l, Stdout, 2, "two\n")]), vec![Duplicate], "[{}] a resent chunk", h.backend);
+    assert_eq!(h.append("w1", vec![chunk(l, Stdout, 4, "four\n")]), vec![OutOfOrder { expected: 3 }], "[{}] a gap", h.backend);
     assert_eq!(
-        h.append(
-            "w1",
-            vec![chunk(l, Stdout, 1, "one\n"), chunk(l, Stdout, 2, "two\n")]
-        ),
-        vec![Stored, Stored]
-    );
-    assert_eq!(
-        h.append("w1", vec![chunk(l, Stdout, 2, "two\n")]),
-        vec![Duplicate],
-        "[{}] a resent chunk",
-        h.backend
-    );
-    assert_eq!(
-        h.append("w1", vec![chunk(l, Stdout, 4, "four\n")]),
-        vec![OutOfOrder { expected: 3 }],
-        "[{}] a gap",
-        h.backend
-    );
-    assert_eq!(
-        h.append(
-            "w1",
-            vec![
-                chunk(l, Stdout, 3, "three\n"),
-                chunk(l, Stderr, 1, "err\n"),
-                chunk(l, Stdout, 3, "three\n")
-            ]
-        ),
+        h.append("w1", vec![chunk(l, Stdout, 3, "three\n"), chunk(l, Stderr, 1, "err\n"), chunk(l, Stdout, 3, "three\n")]),
         vec![Stored, Stored, Duplicate],
         "[{}] streams are sequenced apart",
         h.backend
     );
-    assert_eq!(
-        h.append("w1", vec![chunk(LeaseId::new(), Stdout, 1, "x")]),
-        vec![StaleLease],
-        "[{}] unknown lease",
-        h.backend
-    );
-    assert_eq!(
-        h.append("w2", vec![chunk(l, Stdout, 4, "x")]),
-        vec![StaleLease],
-        "[{}] another worker",
-        h.backend
-    );
+    assert_eq!(h.append("w1", vec![chunk(LeaseId::new(), Stdout, 1, "x")]), vec![StaleLease], "[{}] unknown lease", h.backend);
+    assert_eq!(h.append("w2", vec![chunk(l, Stdout, 4, "x")]), vec![StaleLease], "[{}] another worker", h.backend);
 
     let seq = h.seq(j);
-    let want: Vec<(OutStream, u64, Vec<u8>)> = vec![
-        (Stdout, 1, b"one\n".to_vec()),
-        (Stdout, 2, b"two\n".to_vec()),
-        (Stdout, 3, b"three\n".to_vec()),
-        (Stderr, 1, b"err\n".to_vec()),
-    ];
+    let want: Vec<(OutStream, u64, Vec<u8>)> =
+        vec![(Stdout, 1, b"one\n".to_vec()), (Stdout, 2, b"two\n".to_vec()), (Stdout, 3, b"three\n".to_vec()), (Stderr, 1, b"err\n".to_vec())];
     let r = h.reader.logs(seq, None, None, (0, 0)).expect("logs");
     assert_eq!((r.attempt, r.ended), (1, false));
     assert_eq!(r.chunks, want, "[{}] stored bytes, in order", h.backend);
     let r = h.reader.logs(seq, None, None, (2, 0)).expect("logs");
-    assert_eq!(
-        r.chunks,
-        want[2..].to_vec(),
-        "[{}] after per-stream positions",
-        h.backend
-    );
+    assert_eq!(r.chunks, want[2..].to_vec(), "[{}] after per-stream positions", h.backend);
 
     // The attempt's lease expires: its late output is refused; attempt 2 starts at 1.
     assert_eq!(h.expire(at_ms(ttl_ms())).len(), 1);
-    assert_eq!(
-        h.append("w1", vec![chunk(l, Stdout, 4, "late\n")]),
-        vec![StaleLease],
-        "[{}] stale lease",
-        h.backend
-    );
+    assert_eq!(h.append("w1", vec![chunk(l, Stdout, 4, "late\n")]), vec![StaleLease], "[{}] stale lease", h.backend);
     let l2 = h.claim("w2", 1, at(31))[0].lease;
-    assert_eq!(
-        h.append("w2", vec![chunk(l2, Stdout, 1, "again\n")]),
-        vec![Stored]
-    );
+    assert_eq!(h.append("w2", vec![chunk(l2, Stdout, 1, "again\n")]), vec![Stored]);
     let r = h.reader.logs(seq, None, Some(1), (0, 0)).expect("logs");
-    assert_eq!(
-        (r.attempt, r.ended),
-        (1, true),
-        "[{}] attempt 1 has ended",
-        h.backend
-    );
+    assert_eq!((r.attempt, r.ended), (1, true), "[{}] attempt 1 has ended", h.backend);
     assert_eq!(r.chunks, want, "[{}] attempt 1's output is kept", h.backend);
     let r = h.reader.logs(seq, None, None, (0, 0)).expect("logs");
-    assert_eq!(
-        (r.attempt, r.chunks),
-        (2, vec![(Stdout, 1, b"again\n".to_vec())])
-    );
+    assert_eq!((r.attempt, r.chunks), (2, vec![(Stdout, 1, b"again\n".to_vec())]));
 }
 
 fn cancel_whole_array(h: &mut Harness) {
     let arr = h.submit(&array(0, 9));
     let got = h.claim("w1", 3, at(1));
-    assert_eq!(
-        h.finish("w1", got[0].lease, exited(0), at(2)),
-        FinishVerdict::Recorded
-    );
+    assert_eq!(h.finish("w1", got[0].lease, exited(0), at(2)), FinishVerdict::Recorded);
 
     let (job, n, kills) = h.cancel(arr, None, at(3)).expect("cancel");
     assert_eq!(job, arr);
     assert_eq!(n, 9, "[{}] 2 running + 7 never claimed", h.backend);
-    let killed: BTreeSet<(String, LeaseId)> =
-        kills.into_iter().map(|k| (k.worker, k.lease)).collect();
-    let running: BTreeSet<(String, LeaseId)> = got[1..]
-        .iter()
-        .map(|a| ("w1".to_string(), a.lease))
-        .collect();
-    assert_eq!(
-        killed, running,
-        "[{}] the running attempts are to be killed",
-        h.backend
-    );
+    let killed: BTreeSet<(String, LeaseId)> = kills.into_iter().map(|k| (k.worker, k.lease)).collect();
+    let running: BTreeSet<(String, LeaseId)> = got[1..].iter().map(|a| ("w1".to_string(), a.lease)).collect();
+    assert_eq!(killed, running, "[{}] the running attempts are to be killed", h.backend);
 
     let s = h.summary(arr);
     assert_eq!(
-        (
-            s.counts.succeeded,
-            s.counts.cancelled,
-            s.counts.queued,
-            s.counts.running,
-            s.counts.total()
-        ),
+        (s.counts.succeeded, s.counts.cancelled, s.counts.queued, s.counts.running, s.counts.total()),
         (1, 9, 0, 0, 10),
         "[{}] counts add up",
         h.backend
     );
     assert_eq!(s.state, JobState::Cancelled);
     assert!(s.ended_at.is_some());
-    assert_eq!(
-        h.task_rows(arr),
-        3,
-        "[{}] unclaimed tasks are cancelled by the cursor, not row by row",
-        h.backend
-    );
-    assert!(
-        h.claim("w1", 10, at(4)).is_empty(),
-        "[{}] nothing left to claim",
-        h.backend
-    );
+    assert_eq!(h.task_rows(arr), 3, "[{}] unclaimed tasks are cancelled by the cursor, not row by row", h.backend);
+    assert!(h.claim("w1", 10, at(4)).is_empty(), "[{}] nothing left to claim", h.backend);
 
     // The killed attempt reports back: runtime kept, state stays cancelled.
-    assert_eq!(
-        h.finish("w1", got[1].lease, exited(137), at(5)),
-        FinishVerdict::AfterCancel
-    );
+    assert_eq!(h.finish("w1", got[1].lease, exited(137), at(5)), FinishVerdict::AfterCancel);
     let s = h.summary(arr);
-    assert_eq!(
-        (s.counts.cancelled, s.counts.failed, s.state),
-        (9, 0, JobState::Cancelled)
-    );
+    assert_eq!((s.counts.cancelled, s.counts.failed, s.state), (9, 0, JobState::Cancelled));
 
-    assert_eq!(
-        api_error(h.cancel(arr, None, at(6))).kind,
-        ErrorKind::Invalid,
-        "[{}] already ended",
-        h.backend
-    );
+    assert_eq!(api_error(h.cancel(arr, None, at(6))).kind, ErrorKind::Invalid, "[{}] already ended", h.backend);
 }
 
 fn cancel_one_index(h: &mut Harness) {
@@ -1299,24 +683,9 @@ fn cancel_one_index(h: &mut Harness) {
     h.cancel(other, Some(1), at(1)).expect("cancel other:1");
     let more = h.claim("w2", 10, at(1));
     assert!(more.iter().all(|a| a.job == other));
-    assert_eq!(
-        indices(&more),
-        vec![Some(0), Some(2), Some(3), Some(4)],
-        "[{}] index 1 is skipped",
-        h.backend
-    );
+    assert_eq!(indices(&more), vec![Some(0), Some(2), Some(3), Some(4)], "[{}] index 1 is skipped", h.backend);
     let s = h.summary(other);
-    assert_eq!(
-        (
-            s.counts.running,
-            s.counts.cancelled,
-            s.counts.queued,
-            s.counts.total()
-        ),
-        (4, 1, 0, 5),
-        "[{}]",
-        h.backend
-    );
+    assert_eq!((s.counts.running, s.counts.cancelled, s.counts.queued, s.counts.total()), (4, 1, 0, 5), "[{}]", h.backend);
 
     let arr = h.submit(&array(0, 9));
     let got = h.claim("w1", 2, at(1));
@@ -1324,63 +693,21 @@ fn cancel_one_index(h: &mut Harness) {
     // A running task: one kill order.
     let (_, n, kills) = h.cancel(arr, Some(1), at(2)).expect("cancel :1");
     assert_eq!(n, 1);
-    assert_eq!(
-        kills.iter().map(|k| k.lease).collect::<Vec<_>>(),
-        vec![got[1].lease],
-        "[{}]",
-        h.backend
-    );
+    assert_eq!(kills.iter().map(|k| k.lease).collect::<Vec<_>>(), vec![got[1].lease], "[{}]", h.backend);
     // An unclaimed one: no kill order.
     let (_, n, kills) = h.cancel(arr, Some(3), at(2)).expect("cancel :3");
-    assert_eq!(
-        (n, kills.len()),
-        (1, 0),
-        "[{}] an unclaimed task is cancelled in place",
-        h.backend
-    );
-    assert_eq!(
-        api_error(h.cancel(arr, Some(3), at(2))).kind,
-        ErrorKind::Invalid,
-        "[{}] cancelled twice",
-        h.backend
-    );
-    assert_eq!(
-        api_error(h.cancel(arr, Some(99), at(2))).kind,
-        ErrorKind::NotFound,
-        "[{}] no such index",
-        h.backend
-    );
-    assert_eq!(
-        h.status(arr, Some(3)).task.map(|t| t.state),
-        Some(JobState::Cancelled)
-    );
-    assert_eq!(
-        h.status(arr, Some(1)).task.map(|t| t.state),
-        Some(JobState::Cancelled)
-    );
+    assert_eq!((n, kills.len()), (1, 0), "[{}] an unclaimed task is cancelled in place", h.backend);
+    assert_eq!(api_error(h.cancel(arr, Some(3), at(2))).kind, ErrorKind::Invalid, "[{}] cancelled twice", h.backend);
+    assert_eq!(api_error(h.cancel(arr, Some(99), at(2))).kind, ErrorKind::NotFound, "[{}] no such index", h.backend);
+    assert_eq!(h.status(arr, Some(3)).task.map(|t| t.state), Some(JobState::Cancelled));
+    assert_eq!(h.status(arr, Some(1)).task.map(|t| t.state), Some(JobState::Cancelled));
     let s = h.summary(arr);
-    assert_eq!(
-        (
-            s.counts.running,
-            s.counts.cancelled,
-            s.counts.queued,
-            s.counts.total(),
-            s.state
-        ),
-        (1, 2, 7, 10, JobState::Running),
-        "[{}]",
-        h.backend
-    );
+    assert_eq!((s.counts.running, s.counts.cancelled, s.counts.queued, s.counts.total(), s.state), (1, 2, 7, 10, JobState::Running), "[{}]", h.backend);
 
     // Then the whole first array, while index 3 (cancelled on its own) is still behind
     // the cursor: 1 running (index 0) + 7 never claimed (2, 4..=9) are cancelled.
     let (_, n, kills) = h.cancel(arr, None, at(4)).expect("cancel all");
-    assert_eq!(
-        kills.iter().map(|k| k.lease).collect::<Vec<_>>(),
-        vec![got[0].lease],
-        "[{}]",
-        h.backend
-    );
+    assert_eq!(kills.iter().map(|k| k.lease).collect::<Vec<_>>(), vec![got[0].lease], "[{}]", h.backend);
     let s = h.summary(arr);
     assert_eq!(
         (n, s.counts.cancelled, s.counts.queued, s.counts.running, s.counts.total()),
@@ -1400,12 +727,7 @@ fn cancel_of_an_ended_job_is_refused(h: &mut Harness) {
     assert_eq!(h.finish("w1", l, exited(0), at(2)), FinishVerdict::Recorded);
     let e = api_error(h.cancel(j, None, at(3)));
     assert_eq!(e.kind, ErrorKind::Invalid, "[{}] {e:?}", h.backend);
-    assert!(
-        e.message.contains("already ended"),
-        "[{}] {}",
-        h.backend,
-        e.message
-    );
+    assert!(e.message.contains("already ended"), "[{}] {}", h.backend, e.message);
     assert_eq!(h.summary(j).state, JobState::Succeeded);
 
     // A queued single job is cancelled without a kill order.
@@ -1413,70 +735,33 @@ fn cancel_of_an_ended_job_is_refused(h: &mut Harness) {
     let (_, n, kills) = h.cancel(q, None, at(4)).expect("cancel");
     assert_eq!((n, kills.len()), (1, 0));
     let s = h.summary(q);
-    assert_eq!(
-        (s.counts.cancelled, s.counts.queued, s.state),
-        (1, 0, JobState::Cancelled)
-    );
+    assert_eq!((s.counts.cancelled, s.counts.queued, s.state), (1, 0, JobState::Cancelled));
     assert!(h.claim("w1", 1, at(5)).is_empty());
     assert_eq!(api_error(h.cancel(q, None, at(6))).kind, ErrorKind::Invalid);
-    assert_eq!(
-        api_error(h.cancel(JobId::new(), None, at(6))).kind,
-        ErrorKind::NotFound
-    );
+    assert_eq!(api_error(h.cancel(JobId::new(), None, at(6))).kind, ErrorKind::NotFound);
 }
 
 fn join_tokens_are_single_use_and_expire(h: &mut Harness) {
     let mut db: Box<dyn Db> = h.loc.connect().expect("connect");
     let ten_min = Duration::from_secs(600);
     let token = create_token(db.as_mut(), "worker", ten_min, at(0)).expect("token");
-    let expiring =
-        create_token(db.as_mut(), "worker", Duration::from_secs(60), at(0)).expect("token");
+    let expiring = create_token(db.as_mut(), "worker", Duration::from_secs(60), at(0)).expect("token");
     let admin = create_token(db.as_mut(), "admin", ten_min, at(0)).expect("token");
     drop(db);
 
-    h.use_token(&token, "w1", at(1))
-        .expect("a fresh token enrols a worker");
+    h.use_token(&token, "w1", at(1)).expect("a fresh token enrols a worker");
     let e = api_error(h.use_token(&token, "w2", at(2)));
     assert_eq!(e.kind, ErrorKind::Refused, "[{}] used once only", h.backend);
-    assert!(
-        e.message.contains("already been used"),
-        "[{}] {}",
-        h.backend,
-        e.message
-    );
+    assert!(e.message.contains("already been used"), "[{}] {}", h.backend, e.message);
 
     let e = api_error(h.use_token(&expiring, "w3", at(60)));
     assert_eq!(e.kind, ErrorKind::Refused, "[{}] expired", h.backend);
-    assert!(
-        e.message.contains("expired"),
-        "[{}] {}",
-        h.backend,
-        e.message
-    );
-    assert_eq!(
-        api_error(h.use_token(&admin, "w4", at(1))).kind,
-        ErrorKind::Refused,
-        "[{}] wrong role",
-        h.backend
-    );
-    assert_eq!(
-        api_error(h.use_token("bjt_nonsense", "w5", at(1))).kind,
-        ErrorKind::Refused
-    );
+    assert!(e.message.contains("expired"), "[{}] {}", h.backend, e.message);
+    assert_eq!(api_error(h.use_token(&admin, "w4", at(1))).kind, ErrorKind::Refused, "[{}] wrong role", h.backend);
+    assert_eq!(api_error(h.use_token("bjt_nonsense", "w5", at(1))).kind, ErrorKind::Refused);
 
-    let workers: Vec<String> = h
-        .reader
-        .workers()
-        .expect("workers")
-        .into_iter()
-        .map(|(w, _)| w)
-        .collect();
-    assert_eq!(
-        workers,
-        vec!["w1".to_string()],
-        "[{}] only the enrolled worker is registered",
-        h.backend
-    );
+    let workers: Vec<String> = h.reader.workers().expect("workers").into_iter().map(|(w, _)| w).collect();
+    assert_eq!(workers, vec!["w1".to_string()], "[{}] only the enrolled worker is registered", h.backend);
     assert!(h.set_drain("w1", true).expect("drain an enrolled worker"));
 }
 
@@ -1485,10 +770,7 @@ fn group_commit_answers_every_operation(h: &mut Harness) {
     let mut answers = Vec::new();
     for i in 0..500 {
         let (tx, rx) = oneshot::channel();
-        let spec = JobSpec {
-            name: Some(format!("job-{i}")),
-            ..job()
-        };
+        let spec = JobSpec { name: Some(format!("job-{i}")), ..job() };
         ops.push(Op::Submit {
             spec: Box::new(spec),
             owner: "alice".into(),
@@ -1500,21 +782,13 @@ fn group_commit_answers_every_operation(h: &mut Harness) {
         answers.push(rx);
     }
     let out = h.store.apply(ops);
-    assert_eq!(
-        out.replies.len(),
-        500,
-        "[{}] one reply per operation",
-        h.backend
-    );
+    assert_eq!(out.replies.len(), 500, "[{}] one reply per operation", h.backend);
     for reply in out.replies {
         reply();
     }
     let mut ids = HashSet::new();
     for rx in answers {
-        let s = rx
-            .blocking_recv()
-            .expect("a reply arrived")
-            .expect("submitted");
+        let s = rx.blocking_recv().expect("a reply arrived").expect("submitted");
         assert!(!s.duplicate);
         ids.insert(s.job);
     }
@@ -1541,23 +815,10 @@ fn group_commit_answers_every_operation(h: &mut Harness) {
     for reply in h.store.apply(ops).replies {
         reply();
     }
-    let r: Vec<Result<Submitted, StoreError>> = answers
-        .into_iter()
-        .map(|rx| rx.blocking_recv().expect("reply"))
-        .collect();
+    let r: Vec<Result<Submitted, StoreError>> = answers.into_iter().map(|rx| rx.blocking_recv().expect("reply")).collect();
     assert!(r[0].is_ok() && r[2].is_ok(), "[{}] {r:?}", h.backend);
-    assert!(
-        matches!(&r[1], Err(StoreError::Api(e)) if e.kind == ErrorKind::Invalid),
-        "[{}] {:?}",
-        h.backend,
-        r[1]
-    );
-    assert_eq!(
-        h.reader.list(None, 1000).expect("list").len(),
-        502,
-        "[{}]",
-        h.backend
-    );
+    assert!(matches!(&r[1], Err(StoreError::Api(e)) if e.kind == ErrorKind::Invalid), "[{}] {:?}", h.backend, r[1]);
+    assert_eq!(h.reader.list(None, 1000).expect("list").len(), 502, "[{}]", h.backend);
 }
 
 // ------------------------------------------------------------------ PostgreSQL only
@@ -1567,10 +828,7 @@ fn group_commit_answers_every_operation(h: &mut Harness) {
 /// are exact (no lost increments).
 #[test]
 fn two_coordinators_claim_each_task_exactly_once_postgres() {
-    run_postgres(
-        "two_coordinators_claim_each_task_exactly_once_postgres",
-        two_coordinators,
-    );
+    run_postgres("two_coordinators_claim_each_task_exactly_once_postgres", two_coordinators);
 }
 
 fn two_coordinators(h: &mut Harness) {
@@ -1591,34 +849,17 @@ fn two_coordinators(h: &mut Harness) {
             let mut verdicts = Vec::new();
             for lease in held.drain(..) {
                 let (tx, rx) = oneshot::channel();
-                ops.push(Op::Finish {
-                    worker: worker.into(),
-                    lease,
-                    outcome: exited(0),
-                    now,
-                    reply: Some(tx),
-                });
+                ops.push(Op::Finish { worker: worker.into(), lease, outcome: exited(0), now, reply: Some(tx) });
                 verdicts.push(rx);
             }
             let (tx, next) = oneshot::channel();
-            ops.push(Op::Claim {
-                worker: worker.into(),
-                n: 16,
-                caps: caps.clone(),
-                now,
-                ttl: TTL,
-                reply: Some(tx),
-            });
+            ops.push(Op::Claim { worker: worker.into(), n: 16, caps: caps.clone(), now, ttl: TTL, reply: Some(tx) });
             for reply in store.apply(ops).replies {
                 reply();
             }
             for rx in verdicts {
                 let v = rx.blocking_recv().expect("reply").expect("finish");
-                assert_eq!(
-                    v,
-                    FinishVerdict::Recorded,
-                    "{worker}: a claimed task's result is recorded"
-                );
+                assert_eq!(v, FinishVerdict::Recorded, "{worker}: a claimed task's result is recorded");
             }
             let got = next.blocking_recv().expect("reply").expect("claim");
             if got.is_empty() {
@@ -1637,57 +878,27 @@ fn two_coordinators(h: &mut Harness) {
         let theirs = other.as_mut();
         let ta = s.spawn(move || work(mine, "w-a"));
         let tb = s.spawn(move || work(theirs, "w-b"));
-        (
-            ta.join().expect("coordinator a"),
-            tb.join().expect("coordinator b"),
-        )
+        (ta.join().expect("coordinator a"), tb.join().expect("coordinator b"))
     });
-    assert!(
-        !a.is_empty() && !b.is_empty(),
-        "both coordinators claimed work (a {}, b {})",
-        a.len(),
-        b.len()
-    );
+    assert!(!a.is_empty() && !b.is_empty(), "both coordinators claimed work (a {}, b {})", a.len(), b.len());
     let mut seen = HashSet::new();
     for t in a.iter().chain(&b) {
         assert!(seen.insert(*t), "task {t:?} was claimed twice");
     }
-    assert_eq!(
-        seen.len(),
-        2200,
-        "every task claimed (a {}, b {})",
-        a.len(),
-        b.len()
-    );
-    assert!(call_on(other.as_mut(), |reply| Op::Claim {
-        worker: "w-c".into(),
-        n: 10,
-        caps: Arc::new(cpu_worker()),
-        now: at(100_000),
-        ttl: TTL,
-        reply
-    })
-    .expect("claim")
-    .is_empty());
+    assert_eq!(seen.len(), 2200, "every task claimed (a {}, b {})", a.len(), b.len());
+    assert!(call_on(other.as_mut(), |reply| Op::Claim { worker: "w-c".into(), n: 10, caps: Arc::new(cpu_worker()), now: at(100_000), ttl: TTL, reply })
+        .expect("claim")
+        .is_empty());
 
     let s = h.summary(arr);
     assert_eq!(
-        (
-            s.counts.succeeded,
-            s.counts.queued,
-            s.counts.running,
-            s.counts.total(),
-            s.state
-        ),
+        (s.counts.succeeded, s.counts.queued, s.counts.running, s.counts.total(), s.state),
         (2000, 0, 0, 2000, JobState::Succeeded),
         "the array's counts are exact"
     );
     for j in singles {
         let s = h.summary(j);
-        assert_eq!(
-            (s.counts.succeeded, s.counts.total(), s.state),
-            (1, 1, JobState::Succeeded)
-        );
+        assert_eq!((s.counts.succeeded, s.counts.total(), s.state), (1, 1, JobState::Succeeded));
     }
 }
 
@@ -1749,7 +960,7 @@ fn the_cap_holds_across_two_coordinators_postgres() {
 fn cap_across_coordinators(h: &mut Harness) {
     // $3.70 a month, $0.10 a job: 37 fit, whichever coordinator admits them.
     set_budget(h.store.as_mut(), "acme", "1", "3.7");
-    let mut stores = vec![h.second_store(), h.second_store()];
+    let mut stores = [h.second_store(), h.second_store()];
     let admitted: usize = std::thread::scope(|s| {
         let handles: Vec<_> = stores
             .iter_mut()
@@ -1759,7 +970,14 @@ fn cap_across_coordinators(h: &mut Harness) {
                     for _ in 0..100 {
                         let admission = Admission { account: "acme".into(), attempt_estimate: "0.1".parse().expect("decimal"), needs_approval: false };
                         let spec = Box::new(JobSpec { max_attempts: 1, ..job() });
-                        let r = call_on(store.as_mut(), |reply| Op::Submit { spec, owner: "acme".into(), idempotency_key: Uuid::new_v4(), admission, now: at(0), reply });
+                        let r = call_on(store.as_mut(), |reply| Op::Submit {
+                            spec,
+                            owner: "acme".into(),
+                            idempotency_key: Uuid::new_v4(),
+                            admission,
+                            now: at(0),
+                            reply,
+                        });
                         match r {
                             Ok(_) => n += 1,
                             Err(StoreError::Api(e)) => assert_eq!(e.kind, ErrorKind::Refused, "{}", e.message),

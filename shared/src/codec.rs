@@ -43,10 +43,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     let (msg, used) = bincode::serde::decode_from_slice(body, config()).map_err(CodecError::Decode)?;
     if used != body.len() {
-        return Err(CodecError::Decode(bincode::error::DecodeError::OtherString(format!(
-            "{} trailing bytes after the message",
-            body.len() - used
-        ))));
+        return Err(CodecError::Decode(bincode::error::DecodeError::OtherString(format!("{} trailing bytes after the message", body.len() - used))));
     }
     Ok(msg)
 }
@@ -73,13 +70,7 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) ->
         return Err(CodecError::TooLarge { len, limit: MAX_FRAME_BYTES });
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            CodecError::Truncated
-        } else {
-            CodecError::Io(e)
-        }
-    })?;
+    r.read_exact(&mut body).await.map_err(|e| if e.kind() == std::io::ErrorKind::UnexpectedEof { CodecError::Truncated } else { CodecError::Io(e) })?;
     decode(&body).map(Some)
 }
 
@@ -108,31 +99,19 @@ mod tests {
         let chunk = OutputFrame::Chunk { stream: OutStream::Stderr, seq: 3, data: b"hi\n".to_vec() };
         assert_eq!(hex(&encode(&chunk).expect("encodes")), "0000000701010303686a0a".replace("686a", "6869"));
         let ack = CoordMsg::OutputAck { lease, stream: OutStream::Stdout, seq: 300 };
-        assert_eq!(
-            hex(&encode(&ack).expect("encodes")),
-            "0000001603100102030405060708090a0b0c0d0e0f1000fb2c01"
-        );
+        assert_eq!(hex(&encode(&ack).expect("encodes")), "0000001603100102030405060708090a0b0c0d0e0f1000fb2c01");
     }
 
     #[test]
     fn golden_submit() {
         let spec = JobSpec::new(Command::Argv(vec!["true".into()]));
         let req = Request::Submit { spec, idempotency_key: Uuid::from_u128(1) };
-        assert_eq!(
-            hex(&encode(&req).expect("encodes")),
-            "000000290000000104747275650000000000000000000300000000001000000000000000000000000000000001"
-        );
+        assert_eq!(hex(&encode(&req).expect("encodes")), "000000290000000104747275650000000000000000000300000000001000000000000000000000000000000001");
     }
 
     #[test]
     fn round_trip_assignment() {
-        let a = Assignment {
-            lease: LeaseId::new(),
-            job: JobId::new(),
-            index: Some(7),
-            attempt: 2,
-            spec: JobSpec::new(Command::Script("echo hi".into())),
-        };
+        let a = Assignment { lease: LeaseId::new(), job: JobId::new(), index: Some(7), attempt: 2, spec: JobSpec::new(Command::Script("echo hi".into())) };
         let buf = encode(&CoordMsg::Assign(vec![a.clone()])).expect("encodes");
         let back: CoordMsg = decode(&buf[4..]).expect("decodes");
         assert_eq!(back, CoordMsg::Assign(vec![a]));

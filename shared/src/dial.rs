@@ -20,7 +20,11 @@ pub enum DialError {
     #[error("cannot authenticate to the coordinator at {addr}: {message}")]
     Auth { addr: String, message: String },
     #[error("protocol error talking to {addr}: {source}")]
-    Protocol { addr: String, #[source] source: CodecError },
+    Protocol {
+        addr: String,
+        #[source]
+        source: CodecError,
+    },
     #[error("no coordinator address given")]
     NoAddress,
 }

@@ -19,9 +19,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         if digits == 0 {
             return Err(format!("invalid duration `{s}`: use e.g. 30s, 5m, 2h or 1h30m"));
         }
-        let n: u128 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("invalid duration `{s}`: number too large"))?;
+        let n: u128 = rest[..digits].parse().map_err(|_| format!("invalid duration `{s}`: number too large"))?;
         rest = &rest[digits..];
         let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit = &rest[..unit_len];
@@ -35,9 +33,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "" => return Err(format!("invalid duration `{s}`: a unit is missing after {n} (s, m, h or d)")),
             other => return Err(format!("invalid duration `{s}`: unknown unit `{other}` (use ms, s, m, h or d)")),
         };
-        total_ms = total_ms
-            .checked_add(n.saturating_mul(ms))
-            .ok_or_else(|| format!("invalid duration `{s}`: too large"))?;
+        total_ms = total_ms.checked_add(n.saturating_mul(ms)).ok_or_else(|| format!("invalid duration `{s}`: too large"))?;
     }
     let ms = u64::try_from(total_ms).map_err(|_| format!("invalid duration `{s}`: too large"))?;
     Ok(Duration::from_millis(ms))
@@ -48,9 +44,7 @@ pub fn parse_size_mib(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size `{s}`: use e.g. 512M or 2G"))?;
+    let n: f64 = num.parse().map_err(|_| format!("invalid size `{s}`: use e.g. 512M or 2G"))?;
     if !n.is_finite() || n < 0.0 {
         return Err(format!("invalid size `{s}`: must be a positive amount"));
     }

@@ -89,9 +89,7 @@ impl FromStr for JobSelector {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (prefix, index) = match s.split_once(':') {
             Some((p, i)) => {
-                let i = i
-                    .parse::<u32>()
-                    .map_err(|_| format!("invalid task index `{i}` in `{s}`: expected JOB:INDEX with a number"))?;
+                let i = i.parse::<u32>().map_err(|_| format!("invalid task index `{i}` in `{s}`: expected JOB:INDEX with a number"))?;
                 (p, Some(i))
             }
             None => (s, None),

@@ -7,6 +7,7 @@ pub mod duration;
 pub mod ids;
 pub mod job;
 pub mod jobfile;
+pub mod logs;
 pub mod profile;
 pub mod tls;
 pub mod wire;

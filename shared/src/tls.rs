@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -54,9 +54,7 @@ pub struct Ca {
 
 /// Names of peers go into certificates and logs: keep them plain.
 pub fn validate_name(name: &str) -> Result<(), TlsError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let ok = !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
@@ -75,10 +73,8 @@ fn subject(name: &str, role: Option<Role>) -> DistinguishedName {
 }
 
 fn validity(params: &mut CertificateParams, days: i64) {
-    let now = rcgen::date_time_ymd(2000, 1, 1) + (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .saturating_sub(Duration::from_secs(946_684_800)));
+    let now = rcgen::date_time_ymd(2000, 1, 1)
+        + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().saturating_sub(Duration::from_secs(946_684_800)));
     // Back-date an hour so small clock differences between hosts do not matter.
     params.not_before = now - Duration::from_secs(3600);
     params.not_after = now + Duration::from_secs(days as u64 * 86_400);
@@ -185,9 +181,7 @@ pub fn parse_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>
 }
 
 pub fn parse_key(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    rustls_pemfile::private_key(&mut pem.as_bytes())
-        .map_err(|_| TlsError::Pem { what: what.into() })?
-        .ok_or_else(|| TlsError::NoKey { what: what.into() })
+    rustls_pemfile::private_key(&mut pem.as_bytes()).map_err(|_| TlsError::Pem { what: what.into() })?.ok_or_else(|| TlsError::NoKey { what: what.into() })
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -218,10 +212,8 @@ fn transport(idle: Duration) -> Arc<quinn::TransportConfig> {
 /// from our CA verified when presented (a peer without one may only enrol).
 pub fn server_config(ca_pem: &str, server: &CertKey) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(TlsError::Verifier)?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider.clone()).allow_unauthenticated().build().map_err(TlsError::Verifier)?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Rustls)?

@@ -93,25 +93,60 @@ impl Role {
 pub enum Request {
     /// Submit a job or an array. The idempotency key makes a retried submission
     /// return the job the first one made.
-    Submit { spec: JobSpec, idempotency_key: uuid::Uuid },
-    Status { job: JobSelector },
-    List { state: Option<JobState>, limit: u32 },
+    Submit {
+        spec: JobSpec,
+        idempotency_key: uuid::Uuid,
+    },
+    Status {
+        job: JobSelector,
+    },
+    List {
+        state: Option<JobState>,
+        limit: u32,
+    },
     /// Output of one task (the first task of an array when no index is given).
-    Logs { job: JobSelector, attempt: Option<u32>, follow: bool },
-    Cancel { job: JobSelector, reason: Option<String> },
+    Logs {
+        job: JobSelector,
+        attempt: Option<u32>,
+        follow: bool,
+    },
+    Cancel {
+        job: JobSelector,
+        reason: Option<String>,
+    },
     /// Stream `Progress` until every task of the job has ended, then `Finished`;
     /// with `tasks`, also a `TaskDone` as each task ends.
-    Watch { job: JobSelector, tasks: bool },
+    Watch {
+        job: JobSelector,
+        tasks: bool,
+    },
     Workers,
-    Drain { worker: String, drain: bool },
+    Drain {
+        worker: String,
+        drain: bool,
+    },
     /// Enrol a worker: only on an `Enrol` connection.
-    Enrol { token: String, name: String, csr_pem: String },
+    Enrol {
+        token: String,
+        name: String,
+        csr_pem: String,
+    },
     /// Approve or reject a job waiting for approval (approver or admin).
-    Decide { job: JobSelector, approve: bool, reason: String },
+    Decide {
+        job: JobSelector,
+        approve: bool,
+        reason: String,
+    },
     /// Set an account's caps (admin).
-    SetBudget { account: String, run: rust_decimal::Decimal, month: rust_decimal::Decimal },
+    SetBudget {
+        account: String,
+        run: rust_decimal::Decimal,
+        month: rust_decimal::Decimal,
+    },
     /// Caps and this month's use: one account, or every account the caller may see.
-    Budgets { account: Option<String> },
+    Budgets {
+        account: Option<String>,
+    },
 }
 
 /// An account's caps and this month's use of them.
@@ -219,25 +254,56 @@ pub struct WorkerInfo {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
-    Submitted { job: JobId, tasks: u64, duplicate: bool },
+    Submitted {
+        job: JobId,
+        tasks: u64,
+        duplicate: bool,
+    },
     Status(Box<JobStatus>),
     List(Vec<JobSummary>),
-    Output { stream: OutStream, data: Vec<u8> },
-    Progress { counts: Counts },
+    Output {
+        stream: OutStream,
+        data: Vec<u8>,
+    },
+    Progress {
+        counts: Counts,
+    },
     /// One task ended (its output is complete).
-    TaskDone { index: Option<u32>, attempt: u32, state: JobState },
+    TaskDone {
+        index: Option<u32>,
+        attempt: u32,
+        state: JobState,
+    },
     /// Every task has ended; `exit_code` is the single job's code, or for an
     /// array 0 when every task succeeded and the first failing code otherwise.
-    Finished { state: JobState, counts: Counts, exit_code: Option<i32> },
-    Cancelled { job: JobId, tasks: u64 },
+    Finished {
+        state: JobState,
+        counts: Counts,
+        exit_code: Option<i32>,
+    },
+    Cancelled {
+        job: JobId,
+        tasks: u64,
+    },
     Workers(Vec<WorkerInfo>),
-    Drained { worker: String, drained: bool },
-    Enrolled { cert_pem: String },
+    Drained {
+        worker: String,
+        drained: bool,
+    },
+    Enrolled {
+        cert_pem: String,
+    },
     /// The end of a stream of responses.
     End,
     Error(ApiError),
-    Decided { job: JobId, state: JobState, tasks: u64 },
-    BudgetSet { account: String },
+    Decided {
+        job: JobId,
+        state: JobState,
+        tasks: u64,
+    },
+    BudgetSet {
+        account: String,
+    },
     Budgets(Vec<BudgetInfo>),
 }
 
@@ -312,19 +378,39 @@ pub enum CoordMsg {
         stale: Vec<LeaseId>,
     },
     Assign(Vec<Assignment>),
-    Kill { lease: LeaseId, reason: KillReason },
+    Kill {
+        lease: LeaseId,
+        reason: KillReason,
+    },
     /// Output chunks up to and including `seq` of that stream are durable.
-    OutputAck { lease: LeaseId, stream: OutStream, seq: u64 },
+    OutputAck {
+        lease: LeaseId,
+        stream: OutStream,
+        seq: u64,
+    },
     /// The result was recorded (`accepted`), or rejected because the lease is stale.
-    FinishedAck { lease: LeaseId, accepted: bool },
-    HeartbeatAck { stale: Vec<LeaseId> },
-    Refused { reason: String },
+    FinishedAck {
+        lease: LeaseId,
+        accepted: bool,
+    },
+    HeartbeatAck {
+        stale: Vec<LeaseId>,
+    },
+    Refused {
+        reason: String,
+    },
 }
 
 /// Frames on an attempt's output stream: one `Open`, then chunks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OutputFrame {
-    Open { lease: LeaseId },
+    Open {
+        lease: LeaseId,
+    },
     /// `seq` counts from 1 per stream per attempt; duplicates are dropped.
-    Chunk { stream: OutStream, seq: u64, data: Vec<u8> },
+    Chunk {
+        stream: OutStream,
+        seq: u64,
+        data: Vec<u8>,
+    },
 }

@@ -52,19 +52,12 @@ const TOTAL_BUDGET: Duration = Duration::from_secs(170);
 /// executable's directory: `target/release/` under `cargo bench`).
 fn binaries_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("bench executable path")?;
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .ok_or_else(|| anyhow!("no target directory above {}", exe.display()))
+    exe.parent().and_then(Path::parent).map(Path::to_path_buf).ok_or_else(|| anyhow!("no target directory above {}", exe.display()))
 }
 
 fn missing_binaries() -> Result<Vec<PathBuf>> {
     let dir = binaries_dir()?;
-    Ok(["berth", "berth-coordinator", "berth-worker"]
-        .iter()
-        .map(|n| dir.join(n))
-        .filter(|p| !p.exists())
-        .collect())
+    Ok(["berth", "berth-coordinator", "berth-worker"].iter().map(|n| dir.join(n)).filter(|p| !p.exists()).collect())
 }
 
 // ---------------------------------------------------------------- statistics
@@ -91,15 +84,11 @@ fn percentile(v: &[f64], p: f64) -> Option<f64> {
 }
 
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
-    v.map(|x| format!("{x:.digits$}"))
-        .unwrap_or_else(|| "n/a".into())
+    v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "n/a".into())
 }
 
 fn fmt_list(v: &[f64], digits: usize) -> String {
-    v.iter()
-        .map(|x| format!("{x:.digits$}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    v.iter().map(|x| format!("{x:.digits$}")).collect::<Vec<_>>().join(", ")
 }
 
 // ---------------------------------------------------------------- timestamps
@@ -171,11 +160,7 @@ fn spawn_rate_std(total: usize, limit: Duration) -> Rate {
         for _ in 0..DRIVERS {
             s.spawn(|| {
                 while Instant::now() < deadline && next.fetch_add(1, Ordering::Relaxed) < total {
-                    let st = Command::new("/bin/true")
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status();
+                    let st = Command::new("/bin/true").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
                     match st {
                         Ok(st) if st.success() => done.fetch_add(1, Ordering::Relaxed),
                         _ => failed.fetch_add(1, Ordering::Relaxed),
@@ -184,21 +169,12 @@ fn spawn_rate_std(total: usize, limit: Duration) -> Rate {
             });
         }
     });
-    Rate {
-        done: done.into_inner(),
-        failed: failed.into_inner(),
-        elapsed: start.elapsed(),
-    }
+    Rate { done: done.into_inner(), failed: failed.into_inner(), elapsed: start.elapsed() }
 }
 
 /// The same through the worker's executor: `DRIVERS` tasks on a tokio runtime, each
 /// attempt with its own spool file in a per-driver workspace, as a slot runs it.
-fn spawn_rate_executor(
-    rt: &tokio::runtime::Runtime,
-    dir: &Path,
-    total: usize,
-    limit: Duration,
-) -> Result<Rate> {
+fn spawn_rate_executor(rt: &tokio::runtime::Runtime, dir: &Path, total: usize, limit: Duration) -> Result<Rate> {
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
@@ -245,8 +221,7 @@ fn spawn_rate_executor(
         }
         for h in handles {
             // Each driver stops at the deadline; a stuck attempt is abandoned.
-            let left =
-                (deadline + Duration::from_secs(5)).saturating_duration_since(Instant::now());
+            let left = (deadline + Duration::from_secs(5)).saturating_duration_since(Instant::now());
             let abort = h.abort_handle();
             if tokio::time::timeout(left, h).await.is_err() {
                 abort.abort();
@@ -254,21 +229,14 @@ fn spawn_rate_executor(
         }
     });
     let elapsed = start.elapsed();
-    Ok(Rate {
-        done: done.load(Ordering::Relaxed),
-        failed: failed.load(Ordering::Relaxed),
-        elapsed,
-    })
+    Ok(Rate { done: done.load(Ordering::Relaxed), failed: failed.load(Ordering::Relaxed), elapsed })
 }
 
 // ---------------------------------------------------------------- the cluster
 
 fn berth_cmd(c: &Cluster, dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(dir.join("berth"));
-    cmd.args(args)
-        .env("BERTH_PROFILE", &c.profile)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null());
+    cmd.args(args).env("BERTH_PROFILE", &c.profile).env("NO_COLOR", "1").stdin(Stdio::null());
     cmd
 }
 
@@ -276,11 +244,7 @@ fn berth_cmd(c: &Cluster, dir: &Path, args: &[&str]) -> Command {
 fn berth_json(c: &Cluster, dir: &Path, args: &[&str], limit: Duration) -> Result<Value> {
     let out = run_timeout(berth_cmd(c, dir, args), limit)?;
     if !out.status.success() {
-        bail!(
-            "berth {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("berth {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     serde_json::from_slice(&out.stdout).with_context(|| format!("berth {args:?} printed no JSON"))
 }
@@ -288,12 +252,7 @@ fn berth_json(c: &Cluster, dir: &Path, args: &[&str], limit: Duration) -> Result
 /// Cancels whatever is still queued or running (after a phase ran out of time), so
 /// the next phase measures an idle cluster.
 fn cancel_unfinished(c: &Cluster, dir: &Path) {
-    let Ok(Value::Array(jobs)) = berth_json(
-        c,
-        dir,
-        &["list", "--json", "--limit", "20"],
-        Duration::from_secs(10),
-    ) else {
+    let Ok(Value::Array(jobs)) = berth_json(c, dir, &["list", "--json", "--limit", "20"], Duration::from_secs(10)) else {
         return;
     };
     for j in jobs {
@@ -315,21 +274,11 @@ struct ArrayRun {
 fn array_run(c: &Cluster, dir: &Path, tasks: u32, limit: Duration) -> Result<ArrayRun> {
     let range = format!("0-{}", tasks - 1);
     let start = Instant::now();
-    let v = berth_json(
-        c,
-        dir,
-        &[
-            "submit", "--wait", "--json", "--array", &range, "--", "true",
-        ],
-        limit,
-    )?;
+    let v = berth_json(c, dir, &["submit", "--wait", "--json", "--array", &range, "--", "true"], limit)?;
     let wall = start.elapsed();
     let ok = v["counts"]["succeeded"].as_u64().unwrap_or(0);
     if ok != u64::from(tasks) {
-        bail!(
-            "the array ended with {ok} of {tasks} tasks succeeded: {}",
-            v["counts"]
-        );
+        bail!("the array ended with {ok} of {tasks} tasks succeeded: {}", v["counts"]);
     }
     let t = |k: &str| v[k].as_str().and_then(rfc3339_ms);
     let server_ms = t("submitted_at").zip(t("ended_at")).map(|(a, b)| b - a);
@@ -346,43 +295,26 @@ struct Latency {
 }
 
 fn event_time(v: &Value, state: &str) -> Option<i64> {
-    v["events"]
-        .as_array()?
-        .iter()
-        .find(|e| e["state"] == state)
-        .and_then(|e| e["time"].as_str())
-        .and_then(rfc3339_ms)
+    v["events"].as_array()?.iter().find(|e| e["state"] == state).and_then(|e| e["time"].as_str()).and_then(rfc3339_ms)
 }
 
 /// One single `true` job: submit, wait for it, read its history.
 fn latency_one(c: &Cluster, dir: &Path) -> Result<Latency> {
     let start = Instant::now();
     // `--wait --json` prints the job's `berth status --json` once it has ended.
-    let mut v = berth_json(
-        c,
-        dir,
-        &["submit", "--wait", "--json", "--", "true"],
-        LATENCY_JOB_LIMIT,
-    )?;
+    let mut v = berth_json(c, dir, &["submit", "--wait", "--json", "--", "true"], LATENCY_JOB_LIMIT)?;
     let round_trip_ms = start.elapsed().as_secs_f64() * 1e3;
     if v["state"] != "succeeded" {
         bail!("the job ended {}: {v}", v["state"]);
     }
     if event_time(&v, "running").is_none() || v["started_at"].is_null() {
-        let id = v["id"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no job id in {v}"))?
-            .to_string();
+        let id = v["id"].as_str().ok_or_else(|| anyhow!("no job id in {v}"))?.to_string();
         v = berth_json(c, dir, &["status", &id, "--json"], Duration::from_secs(10))?;
     }
     let queued = event_time(&v, "queued").ok_or_else(|| anyhow!("no queued event: {v}"))?;
     let running = event_time(&v, "running").ok_or_else(|| anyhow!("no running event: {v}"))?;
     let started = v["started_at"].as_str().and_then(rfc3339_ms);
-    Ok(Latency {
-        claim_ms: (running - queued) as f64,
-        started_ms: started.map(|s| (s - queued) as f64),
-        round_trip_ms,
-    })
+    Ok(Latency { claim_ms: (running - queued) as f64, started_ms: started.map(|s| (s - queued) as f64), round_trip_ms })
 }
 
 // ---------------------------------------------------------------- the table
@@ -393,8 +325,7 @@ struct Table {
 
 impl Table {
     fn section(&mut self, title: &str) {
-        self.rows
-            .push([title.to_string(), String::new(), String::new()]);
+        self.rows.push([title.to_string(), String::new(), String::new()]);
     }
 
     fn row(&mut self, what: &str, value: String, detail: String) {
@@ -403,11 +334,7 @@ impl Table {
 
     fn print(&self) {
         // Section titles span the row; only measurement rows set the columns.
-        let rows = || {
-            self.rows
-                .iter()
-                .filter(|r| !r[1].is_empty() || !r[2].is_empty())
-        };
+        let rows = || self.rows.iter().filter(|r| !r[1].is_empty() || !r[2].is_empty());
         let w0 = rows().map(|r| r[0].len()).max().unwrap_or(0);
         let w1 = rows().map(|r| r[1].len()).max().unwrap_or(0);
         let rule = "-".repeat(w0 + w1 + 60);
@@ -425,16 +352,11 @@ impl Table {
 
 fn cpu_model() -> Option<String> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    info.lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, m)| m.trim().to_string())
+    info.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, m)| m.trim().to_string())
 }
 
 fn kernel() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .ok()
-        .map(|s| s.trim().to_string())
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string())
 }
 
 /// The 1-minute load average (other work on the machine skews every figure here).
@@ -459,10 +381,7 @@ fn real_main() -> Result<()> {
     let left = || budget_end.saturating_duration_since(Instant::now());
     // The timestamp parser against two known instants.
     assert_eq!(rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
-    assert_eq!(
-        rfc3339_ms("2000-03-01T01:00:00.5+01:00"),
-        Some(951_868_800_500)
-    );
+    assert_eq!(rfc3339_ms("2000-03-01T01:00:00.5+01:00"), Some(951_868_800_500));
 
     let missing = missing_binaries()?;
     if !missing.is_empty() {
@@ -474,16 +393,12 @@ fn real_main() -> Result<()> {
     }
     let bins = binaries_dir()?;
     let load_at_start = load_avg();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
 
     let mut t = Table { rows: Vec::new() };
 
     // 1. Raw spawn rate.
-    eprintln!(
-        "[1/3] raw spawn rate of /bin/true: {DRIVERS} drivers x {SPAWN_ROUNDS} rounds of {SPAWNS}"
-    );
+    eprintln!("[1/3] raw spawn rate of /bin/true: {DRIVERS} drivers x {SPAWN_ROUNDS} rounds of {SPAWNS}");
     let mut std_rates = Vec::new();
     let mut std_failed = 0;
     for _ in 0..SPAWN_ROUNDS {
@@ -492,17 +407,10 @@ fn real_main() -> Result<()> {
         if r.done > 0 {
             std_rates.push(r.per_sec());
         }
-        eprintln!(
-            "      std::process::Command: {} spawns in {:.2?} ({:.0}/s)",
-            r.done,
-            r.elapsed,
-            r.per_sec()
-        );
+        eprintln!("      std::process::Command: {} spawns in {:.2?} ({:.0}/s)", r.done, r.elapsed, r.per_sec());
     }
     let scratch = tempfile::Builder::new().prefix("berth-bench-").tempdir()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut exec_rates = Vec::new();
     let mut exec_failed = 0;
     let mut exec_note = String::new();
@@ -517,12 +425,7 @@ fn real_main() -> Result<()> {
                 if r.done > 0 {
                     exec_rates.push(r.per_sec());
                 }
-                eprintln!(
-                    "      worker executor: {} spawns in {:.2?} ({:.0}/s)",
-                    r.done,
-                    r.elapsed,
-                    r.per_sec()
-                );
+                eprintln!("      worker executor: {} spawns in {:.2?} ({:.0}/s)", r.done, r.elapsed, r.per_sec());
             }
             Err(e) => {
                 exec_note = format!(" (error: {e:#})");
@@ -537,20 +440,12 @@ fn real_main() -> Result<()> {
     t.row(
         "std::process::Command (threads, spawn+wait)",
         format!("{} spawns/s", fmt_opt(raw_std, 0)),
-        format!(
-            "median of {} rounds [{}], {std_failed} failed",
-            std_rates.len(),
-            fmt_list(&std_rates, 0)
-        ),
+        format!("median of {} rounds [{}], {std_failed} failed", std_rates.len(), fmt_list(&std_rates, 0)),
     );
     t.row(
         "worker executor process::run (tokio tasks)",
         format!("{} spawns/s", fmt_opt(raw_exec, 0)),
-        format!(
-            "median of {} rounds [{}], {exec_failed} failed; pipes+pgroup+spool file per attempt{exec_note}",
-            exec_rates.len(),
-            fmt_list(&exec_rates, 0)
-        ),
+        format!("median of {} rounds [{}], {exec_failed} failed; pipes+pgroup+spool file per attempt{exec_note}", exec_rates.len(), fmt_list(&exec_rates, 0)),
     );
 
     // 2 and 3 need a cluster.
@@ -572,10 +467,7 @@ fn real_main() -> Result<()> {
         }
         match array_run(&c, &bins, ARRAY_TASKS, ARRAY_LIMIT.min(left())) {
             Ok(r) => {
-                eprintln!(
-                    "      array of {ARRAY_TASKS}: {:.2?} wall, server span {:?} ms",
-                    r.wall, r.server_ms
-                );
+                eprintln!("      array of {ARRAY_TASKS}: {:.2?} wall, server span {:?} ms", r.wall, r.server_ms);
                 walls.push(r.wall.as_secs_f64());
                 if let Some(ms) = r.server_ms.filter(|ms| *ms > 0) {
                     server_rates.push(f64::from(ARRAY_TASKS) * 1e3 / ms as f64);
@@ -595,38 +487,19 @@ fn real_main() -> Result<()> {
         (Some(e), Some(r)) if r > 0.0 => format!("{:.1}%", e / r * 100.0),
         _ => "n/a".into(),
     };
-    t.section(&format!(
-        "2. end-to-end: array of {ARRAY_TASKS} x `true`, 1 worker x {DRIVERS} slots, coordinator + worker on loopback"
-    ));
+    t.section(&format!("2. end-to-end: array of {ARRAY_TASKS} x `true`, 1 worker x {DRIVERS} slots, coordinator + worker on loopback"));
     t.row(
         "`berth submit --wait --array` start to exit",
         format!("{} jobs/s", fmt_opt(e2e, 0)),
-        format!(
-            "median of {} rounds [{}]; wall s [{}]{array_note}",
-            wall_rates.len(),
-            fmt_list(&wall_rates, 0),
-            fmt_list(&walls, 2)
-        ),
+        format!("median of {} rounds [{}]; wall s [{}]{array_note}", wall_rates.len(), fmt_list(&wall_rates, 0), fmt_list(&walls, 2)),
     );
     t.row(
         "coordinator clock: submitted_at to ended_at",
         format!("{} jobs/s", fmt_opt(median(&server_rates), 0)),
-        format!(
-            "median of {} rounds [{}] (ms timestamps)",
-            server_rates.len(),
-            fmt_list(&server_rates, 0)
-        ),
+        format!("median of {} rounds [{}] (ms timestamps)", server_rates.len(), fmt_list(&server_rates, 0)),
     );
-    t.row(
-        "ratio to raw std::process::Command rate",
-        ratio(raw_std),
-        "end-to-end jobs/s / raw spawns/s".into(),
-    );
-    t.row(
-        "ratio to raw worker executor rate",
-        ratio(raw_exec),
-        "end-to-end jobs/s / executor spawns/s".into(),
-    );
+    t.row("ratio to raw std::process::Command rate", ratio(raw_std), "end-to-end jobs/s / raw spawns/s".into());
+    t.row("ratio to raw worker executor rate", ratio(raw_exec), "end-to-end jobs/s / executor spawns/s".into());
 
     // 3. Submit-to-start latency, one job at a time on the idle cluster.
     eprintln!("[3/3] submit-to-start latency: {LATENCY_JOBS} single jobs, one after another");
@@ -653,37 +526,13 @@ fn real_main() -> Result<()> {
             }
         }
     }
-    let p = |v: &[f64]| {
-        format!(
-            "p50 {} ms  p99 {} ms",
-            fmt_opt(percentile(v, 50.0), 0),
-            fmt_opt(percentile(v, 99.0), 0)
-        )
-    };
-    t.section(&format!(
-        "3. submit-to-start latency, idle cluster, single `true` jobs one at a time (n={})",
-        claim.len()
-    ));
-    t.row(
-        "queued event -> running event",
-        p(&claim),
-        format!("coordinator handed the task to the worker; events are ms resolution{lat_note}"),
-    );
-    t.row(
-        "queued event -> task started_at",
-        p(&started),
-        format!(
-            "worker reported the process running (n={}); ms resolution",
-            started.len()
-        ),
-    );
+    let p = |v: &[f64]| format!("p50 {} ms  p99 {} ms", fmt_opt(percentile(v, 50.0), 0), fmt_opt(percentile(v, 99.0), 0));
+    t.section(&format!("3. submit-to-start latency, idle cluster, single `true` jobs one at a time (n={})", claim.len()));
+    t.row("queued event -> running event", p(&claim), format!("coordinator handed the task to the worker; events are ms resolution{lat_note}"));
+    t.row("queued event -> task started_at", p(&started), format!("worker reported the process running (n={}); ms resolution", started.len()));
     t.row(
         "`berth submit --wait` start to exit",
-        format!(
-            "p50 {} ms  p99 {} ms",
-            fmt_opt(percentile(&rtt, 50.0), 1),
-            fmt_opt(percentile(&rtt, 99.0), 1)
-        ),
+        format!("p50 {} ms  p99 {} ms", fmt_opt(percentile(&rtt, 50.0), 1), fmt_opt(percentile(&rtt, 99.0), 1)),
         "client wall clock: process start, QUIC+TLS connect, submit, run, watch".into(),
     );
     drop(c);
@@ -695,11 +544,7 @@ fn real_main() -> Result<()> {
         cpu_model().unwrap_or_else(|| "unknown CPU".into()),
         kernel().unwrap_or_else(|| "?".into())
     );
-    println!(
-        "load average (1 min): {} at start, {} at end",
-        load_at_start.unwrap_or_else(|| "?".into()),
-        load_avg().unwrap_or_else(|| "?".into())
-    );
+    println!("load average (1 min): {} at start, {} at end", load_at_start.unwrap_or_else(|| "?".into()), load_avg().unwrap_or_else(|| "?".into()));
     t.print();
     println!("total bench time {:.1?}", begin.elapsed());
     Ok(())

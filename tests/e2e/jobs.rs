@@ -111,12 +111,8 @@ fn logs_follow_shows_lines_as_they_are_printed() -> Result<()> {
     let gate = c.path("gate");
     let script = format!("echo first; while [ ! -e {} ]; do sleep 0.05; done; echo second", gate.display());
     let id = c.submit(&["--", "sh", "-c", &script])?;
-    let mut follow = Command::new(bin("berth"))
-        .args(["logs", "-f", &id])
-        .env("BERTH_PROFILE", &c.profile)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let mut follow =
+        Command::new(bin("berth")).args(["logs", "-f", &id]).env("BERTH_PROFILE", &c.profile).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
     let mut lines = BufReader::new(follow.stdout.take().expect("stdout")).lines();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -150,7 +146,10 @@ fn job_file_and_follow() -> Result<()> {
     let mut c = Cluster::start()?;
     c.add_worker("w1", 2)?;
     let file = c.path("job.toml");
-    std::fs::write(&file, "name = \"from-file\"\nscript = \"echo $GREETING from $BERTH_ARRAY_INDEX\"\narray = \"1-3\"\nenv = { GREETING = \"hello\" }\nmax_runtime = \"1m\"\n")?;
+    std::fs::write(
+        &file,
+        "name = \"from-file\"\nscript = \"echo $GREETING from $BERTH_ARRAY_INDEX\"\narray = \"1-3\"\nenv = { GREETING = \"hello\" }\nmax_runtime = \"1m\"\n",
+    )?;
     let out = c.berth(&["submit", "--follow", file.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);

@@ -80,7 +80,10 @@ fn group_alive(pgid: i32) -> bool {
 /// A script that records its process group in `pids/INDEX.ATTEMPT`, prints `start`,
 /// sleeps (`first` seconds on attempt 1, `later` seconds after), prints `done`.
 fn recording_script(pids: &Path, first: &str, later: &str) -> String {
-    format!("echo $$ > {}/$BERTH_ARRAY_INDEX.$BERTH_ATTEMPT; echo start; if [ $BERTH_ATTEMPT = 1 ]; then sleep {first}; else sleep {later}; fi; echo done", pids.display())
+    format!(
+        "echo $$ > {}/$BERTH_ARRAY_INDEX.$BERTH_ATTEMPT; echo start; if [ $BERTH_ATTEMPT = 1 ]; then sleep {first}; else sleep {later}; fi; echo done",
+        pids.display()
+    )
 }
 
 /// Runs a test body on a fresh cluster; an error fails the test while the cluster
@@ -212,7 +215,9 @@ fn a_stopped_worker_loses_its_leases_and_its_late_output_and_results_are_rejecte
             let (worker, coord) = (c.logs_of("worker-w1"), c.logs_of("coordinator"));
             leases.iter().all(|l| {
                 worker.lines().any(|x| x.contains(l.as_str()) && (x.contains("stale") || x.contains("rejected")))
-                    && coord.lines().any(|x| x.contains(l.as_str()) && x.contains("worker=w1") && (x.contains("stale") || x.contains("not valid") || x.contains("does not hold")))
+                    && coord.lines().any(|x| {
+                        x.contains(l.as_str()) && x.contains("worker=w1") && (x.contains("stale") || x.contains("not valid") || x.contains("does not hold"))
+                    })
             })
         })?;
         check_won_by(c, &id, 1..=2, 2, "w2", "start\ndone\n")?;
@@ -233,7 +238,9 @@ fn a_coordinator_killed_during_a_500_task_array_records_each_task_once() {
         }
         let id = c.submit(&["--array", "1-500", "--", "sh", "-c", "for i in 1 2 3; do echo line $i; done"])?;
         for at in [50, 250] {
-            wait_until(&format!("{at} tasks to succeed"), Duration::from_secs(120), || c.status(&id).is_ok_and(|st| st["counts"]["succeeded"].as_u64().unwrap_or(0) >= at))?;
+            wait_until(&format!("{at} tasks to succeed"), Duration::from_secs(120), || {
+                c.status(&id).is_ok_and(|st| st["counts"]["succeeded"].as_u64().unwrap_or(0) >= at)
+            })?;
             c.kill_coordinator();
             c.restart_coordinator()?;
         }
@@ -452,7 +459,11 @@ fn leases_a_worker_does_not_hold_and_chunks_out_of_order_are_rejected() {
             ("rejected output carrying a stale lease", theirs),
         ] {
             let lease = lease.to_string();
-            assert!(by_mallory.iter().any(|l| l.contains(what) && l.contains(&lease)), "`{what}` for {lease} logged with the worker's name:\n{}", by_mallory.join("\n"));
+            assert!(
+                by_mallory.iter().any(|l| l.contains(what) && l.contains(&lease)),
+                "`{what}` for {lease} logged with the worker's name:\n{}",
+                by_mallory.join("\n")
+            );
         }
         assert!(by_mallory.iter().any(|l| l.contains("out-of-order")), "{}", by_mallory.join("\n"));
         assert!(by_mallory.iter().any(|l| l.contains("duplicate")), "{}", by_mallory.join("\n"));

@@ -86,7 +86,8 @@ impl Pair {
                 .arg(dir.path().join(name))
                 .env("BERTH_LOG", "info,berth_coordinator=debug")
                 .env("NO_COLOR", "1");
-            let (p, addr) = spawn_ready(&format!("coordinator {name}"), cmd, &dir.path().join(format!("coord-{name}.log")), "ready addr=", Duration::from_secs(30))?;
+            let (p, addr) =
+                spawn_ready(&format!("coordinator {name}"), cmd, &dir.path().join(format!("coord-{name}.log")), "ready addr=", Duration::from_secs(30))?;
             coords.push((addr, Some(p)));
         }
         let profile = dir.path().join("alice.toml");
@@ -185,18 +186,14 @@ fn two_coordinators_share_the_work_and_survive_losing_one() -> Result<()> {
         }
         let job = String::from_utf8(out.stdout)?.trim().to_string();
         // Both coordinators serve a worker: each must have handed out tasks.
-        wait_until("both workers running tasks", Duration::from_secs(60), || {
-            pair.status(&job).map(|st| counts(&st, "succeeded") >= 300).unwrap_or(false)
-        })?;
+        wait_until("both workers running tasks", Duration::from_secs(60), || pair.status(&job).map(|st| counts(&st, "succeeded") >= 300).unwrap_or(false))?;
         // Kill the coordinator that runs lease recovery, midway.
         if let Some(mut p) = pair.coords[leader].1.take() {
             p.kill9();
         }
         let survivor = 1 - leader;
         wait_until("lease recovery to move to the survivor", Duration::from_secs(20), || pair.log(survivor).contains("now runs lease recovery"))?;
-        wait_until("all 1000 tasks to succeed", Duration::from_secs(120), || {
-            pair.status(&job).map(|st| counts(&st, "succeeded") == 1000).unwrap_or(false)
-        })?;
+        wait_until("all 1000 tasks to succeed", Duration::from_secs(120), || pair.status(&job).map(|st| counts(&st, "succeeded") == 1000).unwrap_or(false))?;
         let st = pair.status(&job)?;
         assert_eq!(st["state"], "succeeded", "{st}");
         // Exactly once: one recorded success per task, each task in the tasks table once.
@@ -207,7 +204,8 @@ fn two_coordinators_share_the_work_and_survive_losing_one() -> Result<()> {
         )?;
         let (n, distinct): (i64, i64) = (row.get(0), row.get(1));
         assert_eq!((n, distinct), (1000, 1000), "each task succeeded exactly once");
-        let row = c.query_one("SELECT count(*) FROM tasks t JOIN jobs j ON j.seq = t.job_seq WHERE j.id = $1 AND t.state = 'succeeded'", &[&job_full_id(&st)])?;
+        let row =
+            c.query_one("SELECT count(*) FROM tasks t JOIN jobs j ON j.seq = t.job_seq WHERE j.id = $1 AND t.state = 'succeeded'", &[&job_full_id(&st)])?;
         assert_eq!(row.get::<_, i64>(0), 1000);
         // Both coordinators had workers: the survivor's log names both by the end
         // (the dead one's worker failed over to it).

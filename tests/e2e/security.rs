@@ -87,11 +87,7 @@ fn a_worker_certificate_from_another_ca_is_refused() -> Result<()> {
     let c = Cluster::start()?;
     // The worker enrolled with `other`; point its work dir at `c`.
     let mut cmd = Command::new(bin("berth-worker"));
-    cmd.args(["--coordinator", &c.addr, "--ca"])
-        .arg(c.data.join("ca.pem"))
-        .arg("--work-dir")
-        .arg(other.path("w-w9"))
-        .args(["--slots", "1", "--name", "w9"]);
+    cmd.args(["--coordinator", &c.addr, "--ca"]).arg(c.data.join("ca.pem")).arg("--work-dir").arg(other.path("w-w9")).args(["--slots", "1", "--name", "w9"]);
     other.worker("w9").expect("worker").stop(Duration::from_secs(10));
     let out = run_timeout(cmd, Duration::from_secs(60))?;
     assert_ne!(out.status.code(), Some(0));

@@ -239,11 +239,12 @@ impl Cluster {
     /// The worker command line (without starting it).
     pub fn worker_cmd(&self, name: &str, slots: usize, token: Option<&str>) -> Command {
         let mut cmd = Command::new(bin("berth-worker"));
-        cmd.args(["--coordinator", &self.addr, "--ca"])
-            .arg(self.data.join("ca.pem"))
-            .arg("--work-dir")
-            .arg(self.path(&format!("w-{name}")))
-            .args(["--slots", &slots.to_string(), "--name", name]);
+        cmd.args(["--coordinator", &self.addr, "--ca"]).arg(self.data.join("ca.pem")).arg("--work-dir").arg(self.path(&format!("w-{name}"))).args([
+            "--slots",
+            &slots.to_string(),
+            "--name",
+            name,
+        ]);
         if let Some(t) = token {
             cmd.args(["--join-token", t]);
         }

@@ -78,7 +78,14 @@ pub struct RawWorker {
 impl RawWorker {
     /// Enrols `name` with `token` (certificate and key in `work_dir`), connects as a
     /// worker, registers holding `held`, and returns with the `Registered` answer.
-    pub async fn enrol_and_register(coordinator: &str, ca_pem: &str, work_dir: &Path, name: &str, token: &str, held: Vec<LeaseId>) -> Result<(RawWorker, CoordMsg)> {
+    pub async fn enrol_and_register(
+        coordinator: &str,
+        ca_pem: &str,
+        work_dir: &Path,
+        name: &str,
+        token: &str,
+        held: Vec<LeaseId>,
+    ) -> Result<(RawWorker, CoordMsg)> {
         let cfg = berth_worker::WorkerConfig {
             coordinators: vec![coordinator.to_string()],
             ca_pem: ca_pem.to_string(),

@@ -16,11 +16,7 @@ pub fn detect(executors: &[String]) -> HostInfo {
 }
 
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "worker".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "worker".into())
 }
 
 fn mem_total_mib() -> Option<u64> {
@@ -32,10 +28,7 @@ fn mem_total_mib() -> Option<u64> {
 
 /// GPUs from `nvidia-smi --query-gpu=index,uuid,name,memory.total --format=csv,noheader`.
 fn nvidia_smi_gpus() -> Option<Vec<GpuInfo>> {
-    let out = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader"])
-        .output()
-        .ok()?;
+    let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader"]).output().ok()?;
     if !out.status.success() {
         return None;
     }

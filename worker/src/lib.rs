@@ -34,7 +34,11 @@ pub enum WorkerError {
     #[error(transparent)]
     Dial(#[from] berth_shared::dial::DialError),
     #[error("cannot use work dir {path}")]
-    WorkDir { path: PathBuf, #[source] source: std::io::Error },
+    WorkDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the coordinator refused this worker: {0}")]
     Refused(String),
 }

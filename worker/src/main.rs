@@ -56,11 +56,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
-        .init();
+    berth_shared::logs::init("info");
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, msg)) => {
@@ -70,16 +66,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use berth_shared::logs::chain;
 
 fn real_main(cli: Cli) -> Result<(), (u8, String)> {
     for e in &cli.executors {

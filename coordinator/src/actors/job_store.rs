@@ -10,7 +10,9 @@ use berth_shared::job::{JobSpec, Outcome};
 use berth_shared::wire::Assignment;
 use chrono::Utc;
 
-use crate::store::{Admission, ChunkVerdict, Decided, Expired, FinishVerdict, KillOrder, LogChunk, Op, Reconciled, StoreError, StoreHandle, Submitted, WorkerCaps};
+use crate::store::{
+    Admission, ChunkVerdict, Decided, Expired, FinishVerdict, KillOrder, LogChunk, Op, Reconciled, StoreError, StoreHandle, Submitted, WorkerCaps,
+};
 
 pub struct JobStore {
     store: StoreHandle,

@@ -36,10 +36,7 @@ fn invalid(msg: impl Into<String>) -> StoreError {
 }
 
 fn not_found(sel: &JobSelector) -> StoreError {
-    StoreError::Api(ApiError::new(
-        ErrorKind::NotFound,
-        format!("no job matches `{}`: `berth list` shows the jobs", sel.prefix),
-    ))
+    StoreError::Api(ApiError::new(ErrorKind::NotFound, format!("no job matches `{}`: `berth list` shows the jobs", sel.prefix)))
 }
 
 fn stream_code(s: OutStream) -> i64 {
@@ -174,11 +171,7 @@ impl<D: Db> Store<D> {
         for attempt in 1..=TRIES {
             match self.try_batch(&mut ops) {
                 Ok((pending, scratch)) => {
-                    let replies = ops
-                        .into_iter()
-                        .zip(pending)
-                        .map(|(mut op, p)| Box::new(move || p(&mut op, true)) as Box<dyn FnOnce() + Send>)
-                        .collect();
+                    let replies = ops.into_iter().zip(pending).map(|(mut op, p)| Box::new(move || p(&mut op, true)) as Box<dyn FnOnce() + Send>).collect();
                     return BatchOutcome { notices: scratch.notices, work_available: scratch.work, replies };
                 }
                 Err(e) if e.is_retryable() && attempt < TRIES => {
@@ -413,7 +406,16 @@ impl<D: Db> Store<D> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn event(&mut self, job_seq: i64, idx: Option<i64>, now: DateTime<Utc>, state: JobState, attempt: u32, worker: Option<&str>, reason: Option<&str>) -> Result<(), StoreError> {
+    fn event(
+        &mut self,
+        job_seq: i64,
+        idx: Option<i64>,
+        now: DateTime<Utc>,
+        state: JobState,
+        attempt: u32,
+        worker: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.db.exec(
             "INSERT INTO events(job_seq, idx, time, state, attempt, worker, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             p![job_seq, idx, ms(now), state.as_str(), attempt, worker, reason],
@@ -425,7 +427,15 @@ impl<D: Db> Store<D> {
         meta.is_array.then_some(idx as u32)
     }
 
-    fn submit(&mut self, spec: JobSpec, owner: &str, key: uuid::Uuid, admission: &Admission, now: DateTime<Utc>, s: &mut Scratch) -> Result<Submitted, StoreError> {
+    fn submit(
+        &mut self,
+        spec: JobSpec,
+        owner: &str,
+        key: uuid::Uuid,
+        admission: &Admission,
+        now: DateTime<Utc>,
+        s: &mut Scratch,
+    ) -> Result<Submitted, StoreError> {
         let key = key.to_string();
         if let Some(mut row) = self.db.query_opt("SELECT id, idx_start, idx_end, spec FROM jobs WHERE owner = ?1 AND idem = ?2", p![owner, key.as_str()])? {
             let job = job_id(&row.str(0)?)?;
@@ -612,10 +622,7 @@ impl<D: Db> Store<D> {
             return Ok(FinishVerdict::AlreadyRecorded);
         } else if state == JobState::Cancelled {
             // Cancelled while running: keep the state, record what the attempt did.
-            self.db.exec(
-                "UPDATE tasks SET exit_code = ?1, runtime_ms = ?2 WHERE job_seq = ?3 AND idx = ?4",
-                p![o.exit_code, o.runtime_ms, job_seq, idx],
-            )?;
+            self.db.exec("UPDATE tasks SET exit_code = ?1, runtime_ms = ?2 WHERE job_seq = ?3 AND idx = ?4", p![o.exit_code, o.runtime_ms, job_seq, idx])?;
             FinishVerdict::AfterCancel
         } else {
             return Ok(FinishVerdict::Stale);
@@ -634,10 +641,9 @@ impl<D: Db> Store<D> {
         let mut sorted = leases.to_vec();
         sorted.sort();
         for l in sorted {
-            let n = self.db.exec(
-                "UPDATE tasks SET lease_expires = ?1 WHERE lease = ?2 AND worker = ?3 AND state = 'running'",
-                p![expires, l.to_string(), worker],
-            )?;
+            let n = self
+                .db
+                .exec("UPDATE tasks SET lease_expires = ?1 WHERE lease = ?2 AND worker = ?3 AND state = 'running'", p![expires, l.to_string(), worker])?;
             if n == 0 && !self.ended_here(worker, l)? {
                 stale.push(l);
             }
@@ -663,7 +669,8 @@ impl<D: Db> Store<D> {
         let stale = self.renew(worker, held, now, ttl)?;
         // Tasks we think run there that the worker no longer has: lost with its restart.
         let held: HashSet<String> = held.iter().map(|l| l.to_string()).collect();
-        let sql = format!("SELECT job_seq, idx, attempt, lease FROM tasks WHERE worker = ?1 AND state = 'running' ORDER BY job_seq, idx{}", self.db.for_update());
+        let sql =
+            format!("SELECT job_seq, idx, attempt, lease FROM tasks WHERE worker = ?1 AND state = 'running' ORDER BY job_seq, idx{}", self.db.for_update());
         let running = self.db.query(&sql, p![worker])?;
         let mut lost = 0;
         for row in running {
@@ -796,10 +803,8 @@ impl<D: Db> Store<D> {
         let live = self.db.query(&sql, p![job_seq, one.unwrap_or(-1)])?;
         for row in live {
             let (idx, from, attempt, worker, l) = (row.i64(0)?, state_of(&row.str(1)?), row.u32(2)?, row.opt_str(3)?, row.opt_str(4)?);
-            self.db.exec(
-                "UPDATE tasks SET state = 'cancelled', ended_at = ?1, reason = ?2 WHERE job_seq = ?3 AND idx = ?4",
-                p![ms(now), reason, job_seq, idx],
-            )?;
+            self.db
+                .exec("UPDATE tasks SET state = 'cancelled', ended_at = ?1, reason = ?2 WHERE job_seq = ?3 AND idx = ?4", p![ms(now), reason, job_seq, idx])?;
             self.event(job_seq, Self::task_index(&meta, idx).map(i64::from), now, JobState::Cancelled, attempt, worker.as_deref(), Some(reason))?;
             self.shift(job_seq, from, JobState::Cancelled, 1, s);
             // A running attempt is charged for its time so far; what is left is released.
@@ -1026,7 +1031,10 @@ impl<D: Db> Store<D> {
             let owner = match owners.get(&c.lease) {
                 Some(o) => *o,
                 None => {
-                    let o = match self.db.query_opt("SELECT job_seq, idx, attempt FROM tasks WHERE lease = ?1 AND worker = ?2 AND state = 'running'", p![c.lease.to_string(), worker])? {
+                    let o = match self.db.query_opt(
+                        "SELECT job_seq, idx, attempt FROM tasks WHERE lease = ?1 AND worker = ?2 AND state = 'running'",
+                        p![c.lease.to_string(), worker],
+                    )? {
                         Some(r) => Some((r.i64(0)?, r.i64(1)?, r.u32(2)?)),
                         None => None,
                     };
@@ -1267,7 +1275,10 @@ impl<D: Db> Reader for ReadView<D> {
             (true, Some(i)) => {
                 let r = spec.array.unwrap_or(berth_shared::job::ArrayRange { start: 0, end: 0 });
                 if i < r.start || i > r.end {
-                    return Err(StoreError::Api(ApiError::new(ErrorKind::NotFound, format!("job {job} has no task {i} (its indices are {}-{})", r.start, r.end))));
+                    return Err(StoreError::Api(ApiError::new(
+                        ErrorKind::NotFound,
+                        format!("job {job} has no task {i} (its indices are {}-{})", r.start, r.end),
+                    )));
                 }
                 let t = self.task(job_seq, i64::from(i), true)?.unwrap_or(TaskStatus {
                     index: Some(i),
@@ -1300,7 +1311,12 @@ impl<D: Db> Reader for ReadView<D> {
         let Some(task) = self.db.query_opt("SELECT state, attempt FROM tasks WHERE job_seq = ?1 AND idx = ?2", p![job_seq, idx])? else {
             // Not started yet (or cancelled before it ran).
             let st = state_of(&self.db.query_one("SELECT state FROM jobs WHERE seq = ?1", p![job_seq])?.str(0)?);
-            return Ok(LogRead { attempt: 1, chunks: Vec::new(), ended: st.is_terminal(), task_state: Some(if st.is_terminal() { st } else { JobState::Queued }) });
+            return Ok(LogRead {
+                attempt: 1,
+                chunks: Vec::new(),
+                ended: st.is_terminal(),
+                task_state: Some(if st.is_terminal() { st } else { JobState::Queued }),
+            });
         };
         let (state, current) = (state_of(&task.str(0)?), task.u32(1)?);
         let attempt = attempt.unwrap_or(current);
@@ -1364,11 +1380,25 @@ impl<D: Db> Reader for ReadView<D> {
         for r in rows {
             let account = r.str(0)?;
             let amount = |i: usize| -> Result<Decimal, StoreError> { r.opt_str(i)?.map_or(Ok(Decimal::ZERO), |v| decimal(&v, &account)) };
-            out.push(BudgetRow { account: account.clone(), month: month.to_string(), run_cap: amount(1)?, month_cap: amount(2)?, reserved: amount(3)?, spent: amount(4)? });
+            out.push(BudgetRow {
+                account: account.clone(),
+                month: month.to_string(),
+                run_cap: amount(1)?,
+                month_cap: amount(2)?,
+                reserved: amount(3)?,
+                spent: amount(4)?,
+            });
         }
         if out.is_empty() {
             if let Some(a) = account {
-                out.push(BudgetRow { account: a.to_string(), month: month.to_string(), run_cap: Decimal::ZERO, month_cap: Decimal::ZERO, reserved: Decimal::ZERO, spent: Decimal::ZERO });
+                out.push(BudgetRow {
+                    account: a.to_string(),
+                    month: month.to_string(),
+                    run_cap: Decimal::ZERO,
+                    month_cap: Decimal::ZERO,
+                    reserved: Decimal::ZERO,
+                    spent: Decimal::ZERO,
+                });
             }
         }
         Ok(out)

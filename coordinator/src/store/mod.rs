@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use berth_shared::ids::{JobId, JobSelector, LeaseId};
 use berth_shared::job::{Counts, JobSpec, JobState, Outcome};
-use berth_shared::wire::{Assignment, ApiError, JobStatus, JobSummary, OutStream};
+use berth_shared::wire::{ApiError, Assignment, JobStatus, JobSummary, OutStream};
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -52,9 +52,9 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Retry(_) => true,
-            StoreError::Pg(e) => e.code().is_some_and(|c| {
-                *c == postgres::error::SqlState::T_R_DEADLOCK_DETECTED || *c == postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
-            }),
+            StoreError::Pg(e) => {
+                e.code().is_some_and(|c| *c == postgres::error::SqlState::T_R_DEADLOCK_DETECTED || *c == postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
+            }
             StoreError::Db(rusqlite::Error::SqliteFailure(e, _)) => e.code == rusqlite::ErrorCode::DatabaseBusy,
             _ => false,
         }
@@ -95,7 +95,7 @@ impl WorkerCaps {
             && (r.millicpus == 0 || r.millicpus <= self.cpus.saturating_mul(1000))
             && (r.mem_mib == 0 || r.mem_mib <= self.mem_mib)
             && r.gpus <= self.gpus
-            && (spec.pools.is_empty() || spec.pools.iter().any(|p| *p == self.pool))
+            && (spec.pools.is_empty() || spec.pools.contains(&self.pool))
             && (self.pool_free || spec.max_runtime_ms.is_some())
     }
 }
@@ -117,7 +117,9 @@ pub enum ChunkVerdict {
     /// The lease is unknown or no longer the task's: kill that attempt.
     StaleLease,
     /// A gap in the sequence: the chunk is dropped and must be resent in order.
-    OutOfOrder { expected: u64 },
+    OutOfOrder {
+        expected: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -187,15 +189,7 @@ pub struct Decided {
 }
 
 /// An account's budget and this month's use of it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct BudgetRow {
-    pub account: String,
-    pub month: String,
-    pub run_cap: rust_decimal::Decimal,
-    pub month_cap: rust_decimal::Decimal,
-    pub reserved: rust_decimal::Decimal,
-    pub spent: rust_decimal::Decimal,
-}
+pub use berth_shared::wire::BudgetInfo as BudgetRow;
 
 /// The pools and their rates, shared by the Budget actor (which reloads them) and
 /// the store (which charges finished attempts at the rates of their worker's pool).
@@ -203,22 +197,98 @@ pub type SharedPools = Arc<std::sync::RwLock<Arc<crate::pools::Pools>>>;
 
 /// The write operations. Each is applied inside the batch transaction.
 pub enum Op {
-    Submit { spec: Box<JobSpec>, owner: String, idempotency_key: uuid::Uuid, admission: Admission, now: DateTime<Utc>, reply: Tx<Submitted> },
+    Submit {
+        spec: Box<JobSpec>,
+        owner: String,
+        idempotency_key: uuid::Uuid,
+        admission: Admission,
+        now: DateTime<Utc>,
+        reply: Tx<Submitted>,
+    },
     /// Approve (reserving then) or reject a job held for approval.
-    Decide { job: JobSelector, approve: bool, by: String, reason: String, now: DateTime<Utc>, reply: Tx<Decided> },
-    SetBudget { account: String, run: rust_decimal::Decimal, month: rust_decimal::Decimal, by: String, now: DateTime<Utc>, reply: Tx<()> },
-    Claim { worker: String, n: u32, caps: Arc<WorkerCaps>, now: DateTime<Utc>, ttl: Duration, reply: Tx<Vec<Assignment>> },
-    Started { worker: String, lease: LeaseId, now: DateTime<Utc> },
-    Finish { worker: String, lease: LeaseId, outcome: Outcome, now: DateTime<Utc>, reply: Tx<FinishVerdict> },
-    Heartbeat { worker: String, leases: Vec<LeaseId>, now: DateTime<Utc>, ttl: Duration, reply: Tx<Vec<LeaseId>> },
-    Reconcile { worker: String, pool: String, held: Vec<LeaseId>, now: DateTime<Utc>, ttl: Duration, reply: Tx<Reconciled> },
-    AppendLogs { worker: String, chunks: Vec<LogChunk>, reply: Tx<Vec<ChunkVerdict>> },
-    Cancel { job: JobSelector, reason: String, now: DateTime<Utc>, reply: Tx<(JobId, u64, Vec<KillOrder>)> },
-    ExpireLeases { now: DateTime<Utc>, reply: Tx<Vec<Expired>> },
+    Decide {
+        job: JobSelector,
+        approve: bool,
+        by: String,
+        reason: String,
+        now: DateTime<Utc>,
+        reply: Tx<Decided>,
+    },
+    SetBudget {
+        account: String,
+        run: rust_decimal::Decimal,
+        month: rust_decimal::Decimal,
+        by: String,
+        now: DateTime<Utc>,
+        reply: Tx<()>,
+    },
+    Claim {
+        worker: String,
+        n: u32,
+        caps: Arc<WorkerCaps>,
+        now: DateTime<Utc>,
+        ttl: Duration,
+        reply: Tx<Vec<Assignment>>,
+    },
+    Started {
+        worker: String,
+        lease: LeaseId,
+        now: DateTime<Utc>,
+    },
+    Finish {
+        worker: String,
+        lease: LeaseId,
+        outcome: Outcome,
+        now: DateTime<Utc>,
+        reply: Tx<FinishVerdict>,
+    },
+    Heartbeat {
+        worker: String,
+        leases: Vec<LeaseId>,
+        now: DateTime<Utc>,
+        ttl: Duration,
+        reply: Tx<Vec<LeaseId>>,
+    },
+    Reconcile {
+        worker: String,
+        pool: String,
+        held: Vec<LeaseId>,
+        now: DateTime<Utc>,
+        ttl: Duration,
+        reply: Tx<Reconciled>,
+    },
+    AppendLogs {
+        worker: String,
+        chunks: Vec<LogChunk>,
+        reply: Tx<Vec<ChunkVerdict>>,
+    },
+    Cancel {
+        job: JobSelector,
+        reason: String,
+        now: DateTime<Utc>,
+        reply: Tx<(JobId, u64, Vec<KillOrder>)>,
+    },
+    ExpireLeases {
+        now: DateTime<Utc>,
+        reply: Tx<Vec<Expired>>,
+    },
     /// Coordinator start: every running lease gets a full TTL from now.
-    RestartLeases { now: DateTime<Utc>, ttl: Duration, reply: Tx<u64> },
-    UseToken { token: String, worker: String, now: DateTime<Utc>, reply: Tx<()> },
-    SetDrain { worker: String, drained: bool, reply: Tx<bool> },
+    RestartLeases {
+        now: DateTime<Utc>,
+        ttl: Duration,
+        reply: Tx<u64>,
+    },
+    UseToken {
+        token: String,
+        worker: String,
+        now: DateTime<Utc>,
+        reply: Tx<()>,
+    },
+    SetDrain {
+        worker: String,
+        drained: bool,
+        reply: Tx<bool>,
+    },
 }
 
 /// What the store tells the rest of the coordinator after a commit.

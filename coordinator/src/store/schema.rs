@@ -118,113 +118,16 @@ CREATE TABLE IF NOT EXISTS ledger(
 INSERT INTO meta(key, value) VALUES ('schema', '2') ON CONFLICT DO NOTHING;
 "#;
 
-const POSTGRES: &str = r#"
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs(
-    seq BIGSERIAL PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    name TEXT,
-    owner TEXT NOT NULL,
-    account TEXT,
-    idem TEXT,
-    spec BYTEA NOT NULL,
-    is_array BIGINT NOT NULL,
-    idx_start BIGINT NOT NULL,
-    idx_end BIGINT NOT NULL,
-    next_idx BIGINT NOT NULL,
-    priority BIGINT NOT NULL,
-    max_attempts BIGINT NOT NULL,
-    state TEXT NOT NULL,
-    n_pending BIGINT NOT NULL DEFAULT 0,
-    n_queued BIGINT NOT NULL DEFAULT 0,
-    n_running BIGINT NOT NULL DEFAULT 0,
-    n_succeeded BIGINT NOT NULL DEFAULT 0,
-    n_failed BIGINT NOT NULL DEFAULT 0,
-    n_cancelled BIGINT NOT NULL DEFAULT 0,
-    n_timed_out BIGINT NOT NULL DEFAULT 0,
-    n_rejected BIGINT NOT NULL DEFAULT 0,
-    n_frozen BIGINT NOT NULL DEFAULT 0,
-    created_at BIGINT NOT NULL,
-    ended_at BIGINT,
-    month TEXT NOT NULL DEFAULT '',
-    attempt_estimate TEXT NOT NULL DEFAULT '0',
-    held BIGINT NOT NULL DEFAULT 0,
-    decision TEXT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
-CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs(priority DESC, seq) WHERE next_idx <= idx_end AND held = 0;
-CREATE TABLE IF NOT EXISTS tasks(
-    job_seq BIGINT NOT NULL,
-    idx BIGINT NOT NULL,
-    state TEXT NOT NULL,
-    attempt BIGINT NOT NULL,
-    lease TEXT,
-    worker TEXT,
-    lease_expires BIGINT,
-    exit_code BIGINT,
-    started_at BIGINT,
-    ended_at BIGINT,
-    runtime_ms BIGINT,
-    reason TEXT,
-    charged TEXT NOT NULL DEFAULT '0',
-    PRIMARY KEY(job_seq, idx)
-);
-CREATE INDEX IF NOT EXISTS tasks_queued ON tasks(job_seq, idx) WHERE state = 'queued';
-CREATE UNIQUE INDEX IF NOT EXISTS tasks_lease ON tasks(lease) WHERE lease IS NOT NULL;
-CREATE INDEX IF NOT EXISTS tasks_running ON tasks(lease_expires) WHERE state = 'running';
-CREATE INDEX IF NOT EXISTS tasks_worker ON tasks(worker) WHERE state = 'running';
-CREATE TABLE IF NOT EXISTS events(
-    id BIGSERIAL PRIMARY KEY,
-    job_seq BIGINT NOT NULL,
-    idx BIGINT,
-    time BIGINT NOT NULL,
-    state TEXT NOT NULL,
-    attempt BIGINT NOT NULL,
-    worker TEXT,
-    reason TEXT
-);
-CREATE INDEX IF NOT EXISTS events_job ON events(job_seq, idx);
-CREATE TABLE IF NOT EXISTS logs(
-    id BIGSERIAL PRIMARY KEY,
-    job_seq BIGINT NOT NULL,
-    idx BIGINT NOT NULL,
-    attempt BIGINT NOT NULL,
-    stream BIGINT NOT NULL,
-    seq BIGINT NOT NULL,
-    data BYTEA NOT NULL,
-    UNIQUE(job_seq, idx, attempt, stream, seq)
-);
-CREATE TABLE IF NOT EXISTS tokens(
-    hash TEXT PRIMARY KEY,
-    role TEXT NOT NULL,
-    created_at BIGINT NOT NULL,
-    expires_at BIGINT NOT NULL,
-    used_at BIGINT,
-    used_by TEXT
-);
-CREATE TABLE IF NOT EXISTS workers(
-    name TEXT PRIMARY KEY,
-    enrolled_at BIGINT NOT NULL,
-    drained BIGINT NOT NULL DEFAULT 0,
-    pool TEXT NOT NULL DEFAULT 'default'
-);
-CREATE TABLE IF NOT EXISTS budgets(
-    account TEXT PRIMARY KEY,
-    run_cap TEXT NOT NULL,
-    month_cap TEXT NOT NULL,
-    set_by TEXT NOT NULL,
-    set_at BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS ledger(
-    account TEXT NOT NULL,
-    month TEXT NOT NULL,
-    reserved TEXT NOT NULL,
-    spent TEXT NOT NULL,
-    PRIMARY KEY(account, month)
-);
-INSERT INTO meta(key, value) VALUES ('schema', '2') ON CONFLICT DO NOTHING;
-"#;
+/// The PostgreSQL tables, derived from the SQLite ones: the same shapes with
+/// PostgreSQL's types (64-bit integers, `BYTEA`, sequences for row ids).
+fn postgres() -> String {
+    SQLITE
+        .replace("seq INTEGER PRIMARY KEY", "seq BIGSERIAL PRIMARY KEY")
+        .replace("id INTEGER PRIMARY KEY", "id BIGSERIAL PRIMARY KEY")
+        .replace("INTEGER", "BIGINT")
+        .replace("BLOB", "BYTEA")
+        .replace(") WITHOUT ROWID;", ");")
+}
 
 /// The advisory lock that serialises schema creation among coordinators starting at
 /// once on one PostgreSQL database.
@@ -236,9 +139,21 @@ pub fn migrate(db: &mut dyn Db) -> Result<(), StoreError> {
         Backend::Sqlite => db.batch(SQLITE),
         Backend::Postgres => {
             db.batch(&format!("SELECT pg_advisory_lock({PG_MIGRATE_LOCK})"))?;
-            let r = db.batch(POSTGRES);
+            let r = db.batch(&postgres());
             db.batch(&format!("SELECT pg_advisory_unlock({PG_MIGRATE_LOCK})"))?;
             r
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_postgres_schema_has_only_postgres_types() {
+        let pg = super::postgres();
+        for sqlite_only in ["INTEGER", "BLOB", "WITHOUT ROWID"] {
+            assert!(!pg.contains(sqlite_only), "{sqlite_only} left in:\n{pg}");
+        }
+        assert_eq!(pg.matches("BIGSERIAL PRIMARY KEY").count(), 3, "jobs, events and logs have row ids");
     }
 }
