@@ -54,8 +54,21 @@ pub struct SubmitArgs {
     /// Memory, e.g. 512M or 2G.
     #[arg(long, value_parser = parse_size_mib)]
     pub mem: Option<u64>,
+    /// GPUs (whole devices); the job sees only the ones it was given.
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub gpus: Option<u32>,
+    /// Only GPUs whose model name contains this (case-insensitive), e.g. H100.
+    #[arg(long)]
+    pub gpu_model: Option<String>,
+    /// Only GPUs with at least this much memory, e.g. 40G.
+    #[arg(long, value_parser = parse_size_mib)]
+    pub min_vram: Option<u64>,
+    /// Only workers with this label KEY=VALUE (repeatable).
+    #[arg(long = "label-constraint", value_parser = parse_kv, value_name = "KEY=VALUE")]
+    pub constraints: Vec<(String, String)>,
+    /// Wait for JOB to end first: `JOB` or `JOB:ok` (run only if it succeeded) or `JOB:any` (repeatable).
+    #[arg(long = "after", value_parser = |s: &str| s.parse::<berth_shared::job::Dependency>(), value_name = "JOB[:ok|:any]")]
+    pub after: Vec<berth_shared::job::Dependency>,
     #[arg(long)]
     pub account: Option<String>,
     /// Only run in these pools (repeatable).
@@ -120,6 +133,14 @@ pub fn build_spec(a: &SubmitArgs) -> Result<JobSpec, Fail> {
     if let Some(g) = a.gpus {
         spec.resources.gpus = g;
     }
+    if a.gpu_model.is_some() {
+        spec.resources.gpu_model = a.gpu_model.clone();
+    }
+    if a.min_vram.is_some() {
+        spec.resources.min_vram_mib = a.min_vram;
+    }
+    spec.constraints.extend(a.constraints.iter().cloned());
+    spec.after.extend(a.after.iter().cloned());
     if a.account.is_some() {
         spec.account = a.account.clone();
     }

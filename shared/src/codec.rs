@@ -103,10 +103,11 @@ mod tests {
     }
 
     #[test]
+    /// Protocol 1 as of the job constraints and dependencies (two empty lists before the key).
     fn golden_submit() {
         let spec = JobSpec::new(Command::Argv(vec!["true".into()]));
         let req = Request::Submit { spec, idempotency_key: Uuid::from_u128(1) };
-        assert_eq!(hex(&encode(&req).expect("encodes")), "000000290000000104747275650000000000000000000300000000001000000000000000000000000000000001");
+        assert_eq!(hex(&encode(&req).expect("encodes")), "0000002b00000001047472756500000000000000000003000000000000001000000000000000000000000000000001");
     }
 
     #[test]

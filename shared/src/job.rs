@@ -101,6 +101,43 @@ pub struct JobSpec {
     pub labels: Vec<(String, String)>,
     pub pools: Vec<String>,
     pub array: Option<ArrayRange>,
+    /// Worker labels the job needs (`--label-constraint k=v`): all must match.
+    pub constraints: Vec<(String, String)>,
+    /// Jobs that must end first (`--after JOB[:ok|:any]`); an array is one parent.
+    pub after: Vec<Dependency>,
+}
+
+/// A parent job and what its end must be for the child to run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependency {
+    /// The parent's id, or a unique prefix of it (resolved at submission).
+    pub job: String,
+    pub on: AfterCond,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AfterCond {
+    /// Run only if the parent succeeded; otherwise the child is cancelled.
+    Ok,
+    /// Run once the parent has ended, however it ended.
+    Any,
+}
+
+impl FromStr for Dependency {
+    type Err = String;
+    /// `JOB`, `JOB:ok` or `JOB:any` (`ok` when not given).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (job, on) = match s.rsplit_once(':') {
+            Some((j, "ok")) => (j, AfterCond::Ok),
+            Some((j, "any")) => (j, AfterCond::Any),
+            Some((_, other)) => return Err(format!("`{s}`: the condition `{other}` is neither ok nor any")),
+            None => (s, AfterCond::Ok),
+        };
+        if job.len() < 4 || !job.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(format!("`{s}` is not a job id or a prefix of at least 4 characters"));
+        }
+        Ok(Dependency { job: job.to_ascii_lowercase(), on })
+    }
 }
 
 impl JobSpec {
@@ -120,6 +157,8 @@ impl JobSpec {
             labels: Vec::new(),
             pools: Vec::new(),
             array: None,
+            constraints: Vec::new(),
+            after: Vec::new(),
         }
     }
 
@@ -149,6 +188,14 @@ impl JobSpec {
         }
         if self.max_runtime_ms == Some(0) {
             return Err("max runtime must be more than zero".into());
+        }
+        if self.after.len() > 64 {
+            return Err(format!("{} dependencies is more than the limit of 64", self.after.len()));
+        }
+        if let Some(m) = &self.resources.gpu_model {
+            if m.trim().is_empty() {
+                return Err("the GPU model is empty".into());
+            }
         }
         Ok(())
     }

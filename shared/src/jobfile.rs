@@ -36,6 +36,12 @@ struct JobFile {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     pools: Vec<String>,
+    /// Worker labels the job needs.
+    #[serde(default)]
+    constraints: BTreeMap<String, String>,
+    /// Parents: `["JOB", "JOB:any"]`.
+    #[serde(default)]
+    after: Vec<Spanned<String>>,
 }
 
 /// Reads and checks a job file.
@@ -86,6 +92,11 @@ pub fn parse(text: &str) -> Result<JobSpec, String> {
     spec.account = f.account;
     spec.priority = f.priority.unwrap_or(0);
     spec.resources.gpu_model = f.gpu_model;
+    spec.constraints = f.constraints.into_iter().collect();
+    for a in f.after {
+        let span = a.span();
+        spec.after.push(a.get_ref().parse().map_err(|e| at(span, "after", e))?);
+    }
     if let Some(a) = f.array {
         let span = a.span();
         spec.array = Some(a.into_inner().parse::<ArrayRange>().map_err(|e| at(span, "array", e))?);
