@@ -35,6 +35,173 @@ pub enum Executor {
     Docker { image: String, network: Option<String> },
 }
 
+/// The repository a frozen task's image is committed to (`berth-frozen:TAG`).
+pub const FROZEN_REPO: &str = "berth-frozen";
+
+/// Labels with this prefix are the coordinator's (set on jobs it makes, such as a
+/// resumed one); a submission may not carry them.
+pub const SYSTEM_LABEL_PREFIX: &str = "berth.";
+/// A spec carrying this label runs only on the named worker (a resumed job runs where
+/// its frozen image is).
+pub const LABEL_PINNED_WORKER: &str = "berth.worker";
+/// The job a resumed job was resumed from.
+pub const LABEL_RESUMED_FROM: &str = "berth.resumed_from";
+/// Added by the coordinator to a frozen task's status: the image it was frozen into.
+pub const LABEL_FROZEN_IMAGE: &str = "berth.frozen_image";
+
+impl Executor {
+    /// The name a worker offers it under (`--executor`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Executor::Process => "process",
+            Executor::Docker { .. } => "docker",
+        }
+    }
+
+    /// Checks the image reference and network name of a Docker job.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Executor::Docker { image, network } = self {
+            validate_image(image)?;
+            if let Some(n) = network {
+                validate_network(n)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_lower_alnum(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit()
+}
+
+/// One path component of an image name: lowercase letters and digits, separated by
+/// `.`, `_`, `__` or runs of `-`.
+fn valid_path_component(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.is_empty() || !is_lower_alnum(b[0] as char) || !is_lower_alnum(b[b.len() - 1] as char) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i] as char;
+        if is_lower_alnum(c) {
+            i += 1;
+            continue;
+        }
+        // A separator, between alphanumerics.
+        let start = i;
+        while i < b.len() && !is_lower_alnum(b[i] as char) {
+            i += 1;
+        }
+        let sep = &s[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.chars().all(|c| c == '-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// A registry host: `localhost`, or a name with a dot, optionally `:PORT`.
+fn valid_domain(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    if let Some(p) = port {
+        if p.is_empty() || p.len() > 5 || !p.chars().all(|c| c.is_ascii_digit()) {
+            return false;
+        }
+    }
+    !host.is_empty()
+        && host
+            .split('.')
+            .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !part.starts_with('-') && !part.ends_with('-'))
+}
+
+/// Checks an image tag: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn validate_tag(tag: &str) -> Result<(), String> {
+    let mut chars = tag.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !first_ok || tag.len() > 128 || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+        return Err(format!("invalid image tag `{tag}`: use up to 128 letters, digits, `_`, `.` and `-`, not starting with `.` or `-`"));
+    }
+    Ok(())
+}
+
+/// Checks a Docker image reference the way the engine parses one:
+/// `[HOST[:PORT]/]NAME[:TAG][@ALGO:HEX]`, NAME being lowercase path components.
+pub fn validate_image(image: &str) -> Result<(), String> {
+    let bad = |why: &str| format!("invalid image `{image}`: {why}");
+    if image.is_empty() {
+        return Err("the image name is empty".into());
+    }
+    if image.len() > 255 {
+        return Err(bad("longer than 255 characters"));
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("it contains whitespace"));
+    }
+    let (rest, digest) = match image.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (image, None),
+    };
+    if let Some(d) = digest {
+        let ok = d.split_once(':').is_some_and(|(algo, hex)| {
+            !algo.is_empty()
+                && algo.chars().all(|c| is_lower_alnum(c) || matches!(c, '+' | '.' | '_' | '-'))
+                && hex.len() >= 32
+                && hex.chars().all(|c| c.is_ascii_hexdigit())
+        });
+        if !ok {
+            return Err(bad("the digest after `@` must be ALGORITHM:HEX, e.g. sha256:<64 hex digits>"));
+        }
+    }
+    // A tag is after the last `:` that follows the last `/` (a `:` before it is a port).
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(t) = tag {
+        validate_tag(t).map_err(|_| bad("the tag after `:` may hold letters, digits, `_`, `.` and `-` (at most 128)"))?;
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    if parts.len() > 1 && (parts[0].contains('.') || parts[0].contains(':') || parts[0] == "localhost") {
+        let domain = parts.remove(0);
+        if !valid_domain(domain) {
+            return Err(bad(&format!("`{domain}` is not a registry host")));
+        }
+    }
+    if parts.iter().any(|p| !valid_path_component(p)) {
+        return Err(bad("names are lowercase letters and digits, separated by `.`, `_`, `-` or `/`"));
+    }
+    Ok(())
+}
+
+/// Checks a `--network` value: `none`, `bridge` or the name of a network on the
+/// worker's engine. Sharing the host's or another container's network is refused: a
+/// job gets a network namespace of its own.
+pub fn validate_network(network: &str) -> Result<(), String> {
+    if network == "host" || network.starts_with("container:") {
+        return Err(format!("network `{network}` is not allowed: a job gets a network of its own (`none`, `bridge` or a named network)"));
+    }
+    let mut chars = network.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first_ok || network.len() > 128 || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+        return Err(format!("invalid network `{network}`: use `none`, `bridge` or a network name (letters, digits, `_`, `.`, `-`)"));
+    }
+    Ok(())
+}
+
+/// Refuses labels only the coordinator may set.
+pub fn check_user_labels(labels: &[(String, String)]) -> Result<(), String> {
+    match labels.iter().find(|(k, _)| k.starts_with(SYSTEM_LABEL_PREFIX)) {
+        Some((k, _)) => Err(format!("label `{k}`: labels starting with `{SYSTEM_LABEL_PREFIX}` are berth's own; use another name")),
+        None => Ok(()),
+    }
+}
+
 /// Resources a task needs on its worker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Resources {
@@ -164,6 +331,7 @@ impl JobSpec {
 
     /// Checks what a coordinator must refuse whatever the client said.
     pub fn validate(&self) -> Result<(), String> {
+        self.executor.validate()?;
         match &self.command {
             Command::Argv(v) if v.is_empty() => return Err("the command is empty: give CMD ARGS after --, or a script".into()),
             Command::Argv(v) if v[0].is_empty() => return Err("the command's program name is empty".into()),
@@ -466,5 +634,44 @@ mod tests {
         assert_eq!(failed.final_state(), JobState::Failed);
         let late = Outcome { timed_out: true, ..ok };
         assert_eq!(late.final_state(), JobState::TimedOut);
+    }
+
+    #[test]
+    fn image_references() {
+        for ok in [
+            "busybox",
+            "berth-frozen:0192f3ab-cdef-7abc",
+            "library/ubuntu:22.04",
+            "localhost:5000/team/app:v1.2_rc-3",
+            "registry.example.com/a/b__c/d-e:latest",
+            "alpine@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(validate_image(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "Busybox", "a b", "img:", "img:-x", "a//b", "-a", "a-", "img@sha256:xyz", "reg.example.com:port/a", "a:b:c"] {
+            assert!(validate_image(bad).is_err(), "{bad} should be refused");
+        }
+        let e = validate_image("Ubuntu").expect_err("uppercase");
+        assert!(e.starts_with("invalid image `Ubuntu`") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn networks_tags_and_labels() {
+        for ok in ["none", "bridge", "berth-test_net.1"] {
+            assert_eq!(validate_network(ok), Ok(()), "{ok}");
+        }
+        for bad in ["host", "container:abc", "", "-x", "a b", "a/b"] {
+            assert!(validate_network(bad).is_err(), "{bad}");
+        }
+        assert!(validate_tag("v1.0").is_ok());
+        assert!(validate_tag(".x").is_err());
+        assert!(validate_tag(&"a".repeat(129)).is_err());
+        assert!(check_user_labels(&[("team".into(), "a".into())]).is_ok());
+        assert!(check_user_labels(&[(LABEL_PINNED_WORKER.into(), "w".into())]).is_err());
+        let mut spec = JobSpec::new(Command::Argv(vec!["true".into()]));
+        spec.executor = Executor::Docker { image: "busybox".into(), network: Some("host".into()) };
+        assert!(spec.validate().is_err());
+        spec.executor = Executor::Docker { image: "busybox".into(), network: Some("bridge".into()) };
+        assert!(spec.validate().is_ok());
     }
 }
