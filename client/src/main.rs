@@ -33,6 +33,8 @@ fn job_selector(s: &str) -> Result<JobSelector, String> {
     s.parse()
 }
 
+// Parsed once per run; boxing the submit flags would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Submit a job or an array: `berth submit [OPTIONS] -- CMD ARGS...` or `berth submit job.toml`.
@@ -98,6 +100,43 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Freeze a running container job (or JOB:INDEX): stop it and commit its filesystem
+    /// and workspace to an image. Process memory is not kept: a resumed job starts its
+    /// command again from that state. Prints the image.
+    Freeze {
+        #[arg(value_parser = job_selector)]
+        job: JobSelector,
+        /// The image's tag (default: the job's short id): the image is berth-frozen:TAG.
+        #[arg(long, value_parser = |s: &str| berth_shared::job::validate_tag(s).map(|()| s.to_string()))]
+        tag: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submit a new job from a frozen job's image, with its command and resources (or
+    /// the command after --cmd or --), linked to it. Prints the new job's id.
+    Resume {
+        #[arg(value_parser = job_selector)]
+        job: JobSelector,
+        /// Run this instead of the job's command (takes the rest of the line).
+        #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "CMD")]
+        cmd: Vec<String>,
+        /// Wait for the new job and exit with its exit code.
+        #[arg(long)]
+        wait: bool,
+        /// Stream the new job's output, then exit with its exit code.
+        #[arg(long)]
+        follow: bool,
+        /// The command and its arguments, after `--` (as --cmd).
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Frozen images: list them, or remove one (`images rm IMAGE`).
+    Images {
+        #[command(subcommand)]
+        command: Option<ImagesCmd>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Run a coordinator and a local worker in the foreground.
@@ -130,6 +169,15 @@ fn parse_usd(s: &str) -> Result<rust_decimal::Decimal, String> {
         return Err(format!("`{s}` is negative: a cap is zero or more"));
     }
     Ok(d)
+}
+
+#[derive(Subcommand)]
+enum ImagesCmd {
+    /// Remove a frozen image from the engine of the worker that holds it.
+    Rm {
+        #[arg(value_parser = |s: &str| berth_shared::job::validate_image(s).map(|()| s.to_string()))]
+        image: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -260,6 +308,57 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
             } else {
                 print!("{}", show::budgets_text(style, &rows));
             }
+            Ok(0)
+        }
+        Cmd::Freeze { job, tag, json } => {
+            let r = client.call(&Request::Freeze { job, tag }).await?;
+            let Response::Frozen { job, index, image } = r else { return Err(unexpected(r)) };
+            let task = index.map(|i| format!("{job}:{i}")).unwrap_or_else(|| job.to_string());
+            if json {
+                println!("{}", serde_json::json!({ "job": job.to_string(), "index": index, "image": image }));
+            } else {
+                println!("{image}");
+            }
+            eprintln!(
+                "froze {task} into {image}: its filesystem and workspace are kept, not the memory of its processes; \
+                 `berth resume {task}` starts its command again from that state"
+            );
+            Ok(0)
+        }
+        Cmd::Resume { job, cmd, wait, follow, command } => {
+            let command = match (cmd.is_empty(), command.is_empty()) {
+                (false, false) => return Err(Fail::usage("give the new command either after --cmd or after --, not both")),
+                (false, true) => Some(berth_shared::job::Command::Argv(cmd)),
+                (true, false) => Some(berth_shared::job::Command::Argv(command)),
+                (true, true) => None,
+            };
+            if command.as_ref().is_some_and(|c| matches!(c, berth_shared::job::Command::Argv(v) if v[0].is_empty())) {
+                return Err(Fail::usage("the command's program name is empty"));
+            }
+            let key = uuid::Uuid::new_v4();
+            let r = client.call_idempotent(&Request::Resume { job: job.clone(), command, idempotency_key: key }, std::time::Duration::from_secs(60)).await?;
+            let Response::Submitted { job: new, .. } = r else { return Err(unexpected(r)) };
+            if !wait && !follow {
+                println!("{new}");
+                return Ok(0);
+            }
+            eprintln!("resumed {} as {new}", job.prefix);
+            submit::wait(client, new, false, follow, style).await
+        }
+        Cmd::Images { command: None, json } => {
+            let r = client.call(&Request::Images).await?;
+            let Response::Images(list) = r else { return Err(unexpected(r)) };
+            if json {
+                println!("{}", show::images_json(&list));
+            } else {
+                print!("{}", show::images_text(style, &list));
+            }
+            Ok(0)
+        }
+        Cmd::Images { command: Some(ImagesCmd::Rm { image }), .. } => {
+            let r = client.call(&Request::RemoveImage { image }).await?;
+            let Response::ImageRemoved { image } = r else { return Err(unexpected(r)) };
+            eprintln!("removed {image}");
             Ok(0)
         }
         Cmd::Completions { .. } | Cmd::Dev(_) => Ok(0),

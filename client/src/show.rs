@@ -4,8 +4,8 @@
 use std::io::IsTerminal;
 
 use berth_shared::duration::format_duration;
-use berth_shared::job::{Command, Counts, Event, JobState};
-use berth_shared::wire::{JobStatus, JobSummary, WorkerInfo};
+use berth_shared::job::{Command, Counts, Event, Executor, JobState, LABEL_FROZEN_IMAGE, LABEL_RESUMED_FROM};
+use berth_shared::wire::{FrozenImage, JobStatus, JobSummary, WorkerInfo};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
@@ -159,6 +159,12 @@ pub fn status_json(st: &JobStatus) -> Value {
         m.insert("runtime_ms".into(), json!(t.and_then(|t| t.runtime_ms)));
         m.insert("reason".into(), json!(t.and_then(|t| t.reason.clone())));
         m.insert("command".into(), json!(command_text(&st.spec.command)));
+        if let Executor::Docker { image, network } = &st.spec.executor {
+            m.insert("image".into(), json!(image));
+            m.insert("network".into(), json!(network.clone().unwrap_or_else(|| "none".into())));
+        }
+        m.insert("resumed_from".into(), json!(label(st, LABEL_RESUMED_FROM)));
+        m.insert("frozen_image".into(), json!(label(st, LABEL_FROZEN_IMAGE)));
         m.insert("events".into(), Value::Array(st.events.iter().map(event_json).collect()));
     }
     v
@@ -199,6 +205,16 @@ pub fn status_text(style: Style, st: &JobStatus) -> String {
         rows.push(("tasks", format!("{} ({})", s.tasks, counts_text(&s.counts))));
     }
     rows.push(("command", command_text(&st.spec.command)));
+    if let Executor::Docker { image, network } = &st.spec.executor {
+        rows.push(("image", image.clone()));
+        rows.push(("network", network.clone().unwrap_or_else(|| "none".into())));
+    }
+    if let Some(from) = label(st, LABEL_RESUMED_FROM) {
+        rows.push(("resumed from", from.to_string()));
+    }
+    if let Some(image) = label(st, LABEL_FROZEN_IMAGE) {
+        rows.push(("frozen into", format!("{image} (filesystem and workspace; not process memory)")));
+    }
     rows.push(("owner", s.owner.clone()));
     rows.push(("submitted", time(s.submitted_at)));
     if let (Some(e), None) = (s.ended_at, &st.task) {
@@ -278,6 +294,42 @@ pub fn workers_json(ws: &[WorkerInfo]) -> Value {
                     "host": w.host,
                     "leases": w.leases.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
                     "last_heartbeat": w.last_heartbeat.map(|t| t.to_rfc3339()),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// A label of the job (berth's own are set by the coordinator).
+fn label<'a>(st: &'a JobStatus, key: &str) -> Option<&'a str> {
+    st.spec.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+pub fn images_text(style: Style, list: &[FrozenImage]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|i| {
+            let job = match i.index {
+                Some(n) => format!("{}:{n}", i.job.short()),
+                None => i.job.short(),
+            };
+            vec![i.image.clone(), job, i.worker.clone(), i.owner.clone(), time(i.created_at)]
+        })
+        .collect();
+    table(style, &["IMAGE", "FROZEN FROM", "WORKER", "OWNER", "FROZEN AT"], &rows)
+}
+
+pub fn images_json(list: &[FrozenImage]) -> Value {
+    Value::Array(
+        list.iter()
+            .map(|i| {
+                json!({
+                    "image": i.image,
+                    "job": i.job.to_string(),
+                    "index": i.index,
+                    "worker": i.worker,
+                    "owner": i.owner,
+                    "created_at": i.created_at.to_rfc3339(),
                 })
             })
             .collect(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use berth_shared::duration::{parse_duration, parse_size_mib};
 use berth_shared::ids::{JobId, JobSelector};
-use berth_shared::job::{ArrayRange, Command, JobSpec, JobState};
+use berth_shared::job::{ArrayRange, Command, Executor, JobSpec, JobState};
 use berth_shared::wire::{OutStream, Request, Response};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -74,6 +74,13 @@ pub struct SubmitArgs {
     /// Only run in these pools (repeatable).
     #[arg(long = "pool")]
     pub pools: Vec<String>,
+    /// Run in a container of this image, on a worker offering the docker executor, with
+    /// the workspace at /workspace. Workers do not pull: the image must be on them.
+    #[arg(long, value_parser = |s: &str| berth_shared::job::validate_image(s).map(|()| s.to_string()))]
+    pub image: Option<String>,
+    /// The container's network: `none` (the default), `bridge` or a network's name.
+    #[arg(long, value_parser = |s: &str| berth_shared::job::validate_network(s).map(|()| s.to_string()))]
+    pub network: Option<String>,
     #[arg(long, allow_hyphen_values = true)]
     pub priority: Option<i32>,
     /// Wait for the job and exit with its exit code (an array: 0 only if every task succeeded).
@@ -147,6 +154,20 @@ pub fn build_spec(a: &SubmitArgs) -> Result<JobSpec, Fail> {
     if !a.pools.is_empty() {
         spec.pools = a.pools.clone();
     }
+    if let Some(image) = &a.image {
+        let network = match &spec.executor {
+            Executor::Docker { network, .. } => network.clone(),
+            Executor::Process => None,
+        };
+        spec.executor = Executor::Docker { image: image.clone(), network };
+    }
+    if let Some(n) = &a.network {
+        match &mut spec.executor {
+            Executor::Docker { network, .. } => *network = Some(n.clone()),
+            Executor::Process => return Err(Fail::usage("--network applies to container jobs: give --image too")),
+        }
+    }
+    berth_shared::job::check_user_labels(&spec.labels).map_err(Fail::usage)?;
     if let Some(p) = a.priority {
         spec.priority = p;
     }
@@ -304,5 +325,17 @@ mod tests {
         assert_eq!(spec.max_attempts, 2);
         let empty = T::parse_from(["x"]);
         assert_eq!(build_spec(&empty.a).map_err(|f| f.code).err(), Some(crate::exit::EXIT_USAGE));
+    }
+
+    #[test]
+    fn container_flags() {
+        let t = T::parse_from(["x", "--image", "busybox:1.36", "--network", "bridge", "--mem", "32m", "--cpus", "0.5", "--", "true"]);
+        let spec = build_spec(&t.a).expect("valid");
+        assert_eq!(spec.executor, Executor::Docker { image: "busybox:1.36".into(), network: Some("bridge".into()) });
+        assert_eq!((spec.resources.mem_mib, spec.resources.millicpus), (32, 500));
+        assert!(T::try_parse_from(["x", "--image", "Not Valid", "--", "true"]).is_err());
+        assert!(T::try_parse_from(["x", "--image", "a", "--network", "host", "--", "true"]).is_err());
+        let t = T::parse_from(["x", "--network", "bridge", "--", "true"]);
+        assert_eq!(build_spec(&t.a).map_err(|f| f.code).err(), Some(crate::exit::EXIT_USAGE));
     }
 }

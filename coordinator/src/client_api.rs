@@ -69,7 +69,7 @@ async fn request(conn: quinn::Connection, mut send: quinn::SendStream, mut recv:
         Ok(None) => return,
         Err(e) => return close_for(&conn, &e),
     };
-    let result = match allowed(role, &req) {
+    let result = match allowed(role, &req).and_then(|()| crate::freeze_api::labels_allowed(&req)) {
         Err(e) => Err(e),
         Ok(()) => answer(req, &mut send, &shared, &who, role).await,
     };
@@ -163,6 +163,13 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
             tracing::info!(worker = %name, "worker enrolled");
             Response::Enrolled { cert_pem }
         }
+        Request::Freeze { job, tag } => crate::freeze_api::freeze(shared, who, role, job, tag).await?,
+        Request::Resume { job, command, idempotency_key } => {
+            let spec = crate::freeze_api::resume_spec(shared, who, role, job, command).await?;
+            return Box::pin(answer(Request::Submit { spec, idempotency_key }, send, shared, who, role)).await;
+        }
+        Request::Images => crate::freeze_api::images(shared, who, role).await?,
+        Request::RemoveImage { image } => crate::freeze_api::remove_image(shared, who, role, image).await?,
     };
     write_frame(send, &out).await.map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
 }

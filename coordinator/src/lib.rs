@@ -5,6 +5,7 @@ pub mod actors;
 pub mod client_api;
 pub mod config;
 pub mod datadir;
+pub mod freeze_api;
 pub mod lease;
 pub mod ledger;
 pub mod pools;

@@ -56,6 +56,14 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
             conn.close(CLOSE_PROTOCOL.into(), b"the first worker message must be Register");
             return;
         };
+        // Labels starting with `berth.` are berth's: every worker carries its own name as
+        // `berth.worker=NAME` (so a job can ask for one worker, as a resumed job asks for
+        // the one holding its image), and none may claim another's.
+        let labels: Vec<(String, String)> = labels
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(berth_shared::job::SYSTEM_LABEL_PREFIX))
+            .chain([(berth_shared::job::LABEL_PINNED_WORKER.to_string(), name.clone())])
+            .collect();
         if claimed != name {
             let reason = format!("worker calls itself `{claimed}` but its certificate says `{name}`");
             refuse(&conn, &mut send, &reason).await;
@@ -239,6 +247,18 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
                         let r = store.send(job_store::Heartbeat { worker, leases }).await.unwrap_or(Err(StoreError::Stopped));
                         let _ = ev_tx.send(Event::Renewed(r));
                     });
+                    None
+                }
+                Event::Frame(WorkerMsg::Frozen { lease, image, outcome }) => {
+                    let (store, worker, ev_tx) = (a.job_store.clone(), name.clone(), ev_tx.clone());
+                    actix_rt::spawn(async move {
+                        let result = store.send(job_store::Frozen { worker, lease, outcome, image }).await.unwrap_or(Err(StoreError::Stopped));
+                        let _ = ev_tx.send(Event::Finished { lease, result });
+                    });
+                    None
+                }
+                Event::Frame(WorkerMsg::ImageRemoved { image, error }) => {
+                    a.registry.do_send(registry::ImageRemoved { worker: name.clone(), image, error });
                     None
                 }
                 Event::Frame(WorkerMsg::Register { .. }) => {

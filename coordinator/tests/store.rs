@@ -281,6 +281,7 @@ on_both_backends!(
     join_tokens_are_single_use_and_expire,
     group_commit_answers_every_operation,
     budget_months_roll_at_midnight_utc_and_settle_exactly,
+    freeze_reserves_an_image_and_records_the_task_frozen,
 );
 
 // ------------------------------------------------------------------ helpers
@@ -994,4 +995,61 @@ fn cap_across_coordinators(h: &mut Harness) {
     let month = berth_coordinator::ledger::month_of(at(0));
     let rows = h.reader.budgets(Some("acme"), &month).expect("budgets");
     assert_eq!(rows[0].reserved.to_string(), "3.7");
+}
+
+// ------------------------------------------------------------------ freeze
+
+fn freeze_as(h: &mut Harness, job: JobId, tag: Option<&str>, by: &str, admin: bool) -> Result<berth_coordinator::store::FreezeOrder, StoreError> {
+    let (tag, by) = (tag.map(String::from), by.to_string());
+    h.call(|reply| Op::FreezeStart { job: sel(job, None), tag, by, admin, now: at(2), reply })
+}
+
+/// A freeze reserves its image name for a running Docker task of the caller's (or any,
+/// for an admin); the worker's report ends the task `frozen` with its image; the name
+/// stays taken until the image is forgotten, and a freeze that never happened does not
+/// hold it.
+fn freeze_reserves_an_image_and_records_the_task_frozen(h: &mut Harness) {
+    let docker = JobSpec { executor: berth_shared::job::Executor::Docker { image: "busybox".into(), network: None }, ..job() };
+    let caps = WorkerCaps { executors: vec!["process".into(), "docker".into()], ..cpu_worker() };
+    let id = h.submit(&docker);
+    let plain = h.submit(&job());
+    let got = h.claim_with("w1", 2, &caps, at(1), TTL);
+    assert_eq!(got.len(), 2);
+    let lease = got.iter().find(|a| a.job == id).expect("the docker task").lease;
+
+    assert_eq!(api_error(freeze_as(h, id, None, "bob", false)).kind, ErrorKind::Refused, "not bob's");
+    assert_eq!(api_error(freeze_as(h, plain, None, "alice", false)).kind, ErrorKind::Invalid, "not a container");
+    assert_eq!(api_error(freeze_as(h, id, Some(".bad"), "alice", false)).kind, ErrorKind::Invalid);
+    let order = freeze_as(h, id, Some("t1"), "root", true).expect("an admin may freeze anyone's");
+    assert_eq!((order.worker.as_str(), order.lease, order.image.as_str(), order.index), ("w1", lease, "berth-frozen:t1", None));
+    assert!(api_error(freeze_as(h, id, Some("t2"), "alice", false)).message.contains("being frozen"), "one freeze at a time");
+
+    let bad = h.call(|reply| Op::Frozen { worker: "w1".into(), lease, outcome: exited(137), image: "evil:latest".into(), now: at(3), reply });
+    assert_eq!(api_error(bad).kind, ErrorKind::Invalid, "only berth-frozen:TAG is recorded");
+    let v = h.call(|reply| Op::Frozen { worker: "w1".into(), lease, outcome: exited(137), image: "berth-frozen:t1".into(), now: at(3), reply });
+    assert_eq!(v.expect("frozen"), FinishVerdict::Recorded);
+    let st = h.status(id, None);
+    assert_eq!(st.task.as_ref().map(|t| t.state), Some(JobState::Frozen));
+    assert_eq!(st.summary.state, JobState::Frozen);
+    assert!(st.task.as_ref().and_then(|t| t.reason.as_deref()).is_some_and(|r| r.contains("not process memory")), "{st:?}");
+    assert!(st.spec.labels.contains(&(berth_shared::job::LABEL_FROZEN_IMAGE.into(), "berth-frozen:t1".into())), "{:?}", st.spec.labels);
+    let seq = h.seq(id);
+    let img = h.reader.frozen_image(seq, None).expect("read").expect("recorded");
+    assert_eq!((img.image.as_str(), img.worker.as_str(), img.owner.as_str(), img.job), ("berth-frozen:t1", "w1", "alice", id));
+    assert_eq!(h.reader.images(Some("alice")).expect("images").len(), 1);
+    assert!(h.reader.images(Some("bob")).expect("images").is_empty());
+    assert_eq!(h.reader.images(None).expect("images").len(), 1);
+
+    // The name is taken while the image exists.
+    let other = h.submit(&docker);
+    assert_eq!(h.claim_with("w1", 1, &caps, at(4), TTL).len(), 1);
+    assert!(api_error(freeze_as(h, other, Some("t1"), "alice", false)).message.contains("already exists"));
+    h.call(|reply| Op::ForgetImage { image: "berth-frozen:t1".into(), only_reserved: false, reply }).expect("forget");
+    assert!(h.reader.image("berth-frozen:t1").expect("read").is_none());
+    let order = freeze_as(h, other, Some("t1"), "alice", false).expect("free again");
+    // That task ends on its own before it is frozen: the reservation holds nothing.
+    assert_eq!(h.finish("w1", order.lease, exited(0), at(5)), FinishVerdict::Recorded);
+    let third = h.submit(&docker);
+    assert_eq!(h.claim_with("w1", 1, &caps, at(6), TTL).len(), 1);
+    freeze_as(h, third, Some("t1"), "alice", false).expect("a reservation of an ended task does not hold the name");
 }

@@ -110,6 +110,20 @@ mod tests {
         assert_eq!(hex(&encode(&req).expect("encodes")), "0000002b00000001047472756500000000000000000003000000000000001000000000000000000000000000000001");
     }
 
+    /// The freeze messages, appended to their enums so every earlier message keeps its
+    /// bytes.
+    #[test]
+    fn golden_freeze() {
+        let lease = LeaseId(Uuid::from_u128(0x0102030405060708090a0b0c0d0e0f10));
+        let freeze = CoordMsg::Freeze { lease, tag: "t1".into() };
+        assert_eq!(hex(&encode(&freeze).expect("encodes")), "0000001507100102030405060708090a0b0c0d0e0f10027431");
+        let outcome = crate::job::Outcome { exit_code: Some(143), signal: None, timed_out: false, killed: false, runtime_ms: 5, error: None };
+        let frozen = WorkerMsg::Frozen { lease, image: "berth-frozen:t1".into(), outcome };
+        assert_eq!(hex(&encode(&frozen).expect("encodes")), "0000002b05100102030405060708090a0b0c0d0e0f100f62657274682d66726f7a656e3a743101fb1e010000000500");
+        let req = Request::Freeze { job: "0192f3ab".parse().expect("selector"), tag: None };
+        assert_eq!(hex(&encode(&req).expect("encodes")), "0000000c0c0830313932663361620000");
+    }
+
     #[test]
     fn round_trip_assignment() {
         let a = Assignment { lease: LeaseId::new(), job: JobId::new(), index: Some(7), attempt: 2, spec: JobSpec::new(Command::Script("echo hi".into())) };

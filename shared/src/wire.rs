@@ -9,7 +9,7 @@
 //! running attempt for output (`OutputFrame`).
 
 use crate::ids::{JobId, JobSelector, LeaseId};
-use crate::job::{Counts, Event, JobSpec, JobState, Outcome};
+use crate::job::{Command, Counts, Event, JobSpec, JobState, Outcome};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -147,6 +147,40 @@ pub enum Request {
     Budgets {
         account: Option<String>,
     },
+    /// Freeze a running Docker task (owner or admin): its worker stops the container and
+    /// commits it, with a copy of its workspace, to `berth-frozen:TAG` (`tag`, or the
+    /// job's short id). Answered once the task has ended: `Frozen`, or an error saying
+    /// how it ended instead. A freeze keeps the filesystem, not process memory.
+    Freeze {
+        job: JobSelector,
+        tag: Option<String>,
+    },
+    /// Submit a new job from a frozen task's image with the same command and resources
+    /// (or `command`), linked to it; answered like `Submit`.
+    Resume {
+        job: JobSelector,
+        command: Option<Command>,
+        idempotency_key: uuid::Uuid,
+    },
+    /// Frozen images (a submitter sees its own).
+    Images,
+    /// Remove a frozen image from the engine of the worker that holds it (owner or admin).
+    RemoveImage {
+        image: String,
+    },
+}
+
+/// An image a task was frozen into.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrozenImage {
+    /// `berth-frozen:TAG`.
+    pub image: String,
+    pub job: JobId,
+    pub index: Option<u32>,
+    /// The worker whose Docker engine holds the image.
+    pub worker: String,
+    pub owner: String,
+    pub created_at: DateTime<Utc>,
 }
 
 /// An account's caps and this month's use of them.
@@ -305,6 +339,16 @@ pub enum Response {
         account: String,
     },
     Budgets(Vec<BudgetInfo>),
+    /// The task was frozen into `image`.
+    Frozen {
+        job: JobId,
+        index: Option<u32>,
+        image: String,
+    },
+    Images(Vec<FrozenImage>),
+    ImageRemoved {
+        image: String,
+    },
 }
 
 // ---------------------------------------------------------------- worker protocol
@@ -349,6 +393,11 @@ pub enum WorkerMsg {
     Finished { lease: LeaseId, outcome: Outcome },
     /// Renew these leases.
     Heartbeat { leases: Vec<LeaseId> },
+    /// The attempt was frozen into `image` (its container stopped and committed); sent
+    /// instead of `Finished`, once every output chunk has been acknowledged.
+    Frozen { lease: LeaseId, image: String, outcome: Outcome },
+    /// The answer to `CoordMsg::RemoveImage`: removed, or why not.
+    ImageRemoved { image: String, error: Option<String> },
 }
 
 /// One task handed to a worker.
@@ -398,6 +447,15 @@ pub enum CoordMsg {
     },
     Refused {
         reason: String,
+    },
+    /// Freeze this Docker attempt into `berth-frozen:TAG`.
+    Freeze {
+        lease: LeaseId,
+        tag: String,
+    },
+    /// Remove this frozen image from the worker's engine; answered by `ImageRemoved`.
+    RemoveImage {
+        image: String,
     },
 }
 

@@ -1,5 +1,5 @@
 //! berth-worker: connects to a coordinator over QUIC with mutual TLS, claims tasks for
-//! its free slots, runs them (process executor), streams their output through an
+//! its free slots, runs them (process or Docker executor), streams their output through an
 //! on-disk spool, heartbeats its leases, and reconnects with backoff keeping its
 //! attempts alive.
 
@@ -9,6 +9,7 @@ pub mod identity;
 pub mod session;
 pub mod slot;
 pub mod spool;
+pub mod sweep;
 
 use std::path::PathBuf;
 
@@ -25,6 +26,8 @@ pub struct WorkerConfig {
     pub labels: Vec<(String, String)>,
     pub executors: Vec<String>,
     pub server_name: Option<String>,
+    /// The most processes a job's container may hold.
+    pub docker_pids_limit: i64,
 }
 
 #[derive(Debug, thiserror::Error)]

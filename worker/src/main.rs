@@ -7,7 +7,13 @@ use berth_worker::WorkerConfig;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "berth-worker", version, about = "A berth worker: claims jobs and runs them in slots")]
+#[command(
+    name = "berth-worker",
+    version,
+    about = "A berth worker: claims jobs and runs them in slots",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     /// Coordinator address HOST:PORT (repeatable, or comma-separated, for failover).
     #[arg(long = "coordinator", value_delimiter = ',', required_unless_present = "print_host")]
@@ -36,19 +42,44 @@ struct Cli {
     /// The worker's name (default: the host name).
     #[arg(long)]
     name: Option<String>,
-    /// Executors offered (comma-separated): process.
+    /// Executors offered (comma-separated): process, docker (offered only when the
+    /// Docker engine answers).
     #[arg(long = "executor", value_delimiter = ',', default_value = "process")]
     executors: Vec<String>,
+    /// The most processes a job's container may hold.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(i64).range(16..=4_194_304))]
+    docker_pids_limit: i64,
     /// The name the coordinator's certificate is checked against (default: the address's host).
     #[arg(long)]
     server_name: Option<String>,
     /// Print what this host has and exit.
     #[arg(long)]
     print_host: bool,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(clap::Subcommand)]
+enum Sub {
+    /// Remove what this worker left behind: its containers whose lease it no longer
+    /// holds or whose expiry passed, unfinished freeze images, and (when the worker is
+    /// not running) its slot workspaces. Prints one line per thing removed. Touches
+    /// nothing without berth's labels.
+    Sweep {
+        /// The worker's work dir.
+        #[arg(long)]
+        work_dir: PathBuf,
+        /// The worker's name (default: the name it enrolled with, else the host name).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
+        Some((k, _)) if k.starts_with(berth_shared::job::SYSTEM_LABEL_PREFIX) => {
+            Err(format!("label `{k}`: labels starting with `{}` are berth's own", berth_shared::job::SYSTEM_LABEL_PREFIX))
+        }
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("invalid label `{s}`: use KEY=VALUE")),
     }
@@ -69,9 +100,12 @@ fn main() -> ExitCode {
 use berth_shared::logs::chain;
 
 fn real_main(cli: Cli) -> Result<(), (u8, String)> {
+    if let Some(Sub::Sweep { work_dir, name }) = cli.command {
+        return sweep(&work_dir, name);
+    }
     for e in &cli.executors {
-        if e != "process" {
-            return Err((2, format!("unknown executor `{e}`: this worker offers `process`")));
+        if e != "process" && e != "docker" {
+            return Err((2, format!("unknown executor `{e}`: this worker offers `process` and `docker`")));
         }
     }
     let host = berth_worker::host::detect(&cli.executors);
@@ -101,9 +135,65 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
         labels: cli.labels,
         executors: cli.executors,
         server_name: cli.server_name,
+        docker_pids_limit: cli.docker_pids_limit,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| (1, format!("cannot start the runtime: {e}")))?;
     rt.block_on(berth_worker::run(cfg, shutdown_signal())).map_err(|e| (1, chain(&e)))
+}
+
+/// `berth-worker sweep`: what `sweep.rs` says, on demand; one line per thing removed on
+/// stdout, what could not be done on stderr (and exit 1).
+fn sweep(work_dir: &std::path::Path, name: Option<String>) -> Result<(), (u8, String)> {
+    use berth_worker::sweep::{self, Held, Swept};
+    let work_dir = std::fs::canonicalize(work_dir).map_err(|e| (2, format!("--work-dir {}: {e}", work_dir.display())))?;
+    let name = match name {
+        Some(n) => n,
+        None => std::fs::read_to_string(work_dir.join("worker.pem"))
+            .ok()
+            .and_then(|pem| berth_shared::tls::identity_of_pem(&pem))
+            .map(|(n, _)| n)
+            .unwrap_or_else(berth_worker::host::hostname),
+    };
+    berth_shared::tls::validate_name(&name).map_err(|e| (2, format!("--name: {e}")))?;
+    let lock = sweep::lock_work_dir(&work_dir).map_err(|e| (1, format!("cannot open the work dir's lock: {e}")))?;
+    let held = match &lock {
+        Some(_) => Held::Nothing,
+        None => Held::Leases(sweep::records(&work_dir)),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| (1, format!("cannot start the runtime: {e}")))?;
+    let mut out = Swept::default();
+    match sweep::cluster_of(&work_dir) {
+        // Containers are found by worker and cluster; a worker that never offered the
+        // docker executor here has made none.
+        None => eprintln!("{} has no {}: this worker never ran with the docker executor; no containers to sweep", work_dir.display(), sweep::CLUSTER_FILE),
+        Some(cluster) => rt.block_on(async {
+            match berth_worker::executor::docker::Engine::connect(std::time::Duration::from_secs(10), cluster).await {
+                Ok(engine) => {
+                    sweep::containers(&engine, &name, &held, sweep::now_secs(), &mut out).await;
+                    if lock.is_some() {
+                        sweep::images(&engine, &name, &mut out).await;
+                    }
+                }
+                Err(e) => out.failed.push(format!("containers not swept: {}", chain(&e))),
+            }
+        }),
+    }
+    if lock.is_some() {
+        sweep::workspaces(&work_dir, &mut out);
+    }
+    for line in &out.removed {
+        println!("removed {line}");
+    }
+    for line in &out.failed {
+        eprintln!("error: {line}");
+    }
+    let running = if lock.is_none() { " (the worker is running: only what it does not hold)" } else { "" };
+    eprintln!("swept {} thing{} for worker {name}{running}", out.removed.len(), if out.removed.len() == 1 { "" } else { "s" });
+    if out.failed.is_empty() {
+        Ok(())
+    } else {
+        Err((1, format!("{} thing(s) could not be swept", out.failed.len())))
+    }
 }
 
 async fn shutdown_signal() {

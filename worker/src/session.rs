@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::executor::{process, Launch};
+use crate::executor::{docker, process, Launch};
 use crate::slot::{to_request, SlotTable};
 use crate::spool::Spool;
 use crate::{identity, WorkerConfig, WorkerError};
@@ -42,11 +42,19 @@ struct Attempt {
     slot: Option<usize>,
     finish_sent: bool,
     stale: bool,
+    /// Asks a Docker attempt to freeze (the tag); set once it runs.
+    freeze: Option<watch::Sender<Option<String>>>,
+    /// The image a frozen attempt was committed to.
+    frozen: Option<String>,
 }
 
 enum RunEvent {
     Started(LeaseId),
     Exited(LeaseId, Outcome),
+    /// The attempt was frozen into this image (sent before its `Exited`).
+    Frozen(LeaseId, String),
+    /// A frozen image was removed (or why not), for `ImageRemoved`.
+    ImageRemoved(String, Option<String>),
 }
 
 /// What the current connection carries.
@@ -99,6 +107,8 @@ struct State {
     queue: VecDeque<LeaseId>,
     slots: SlotTable,
     ev_tx: mpsc::UnboundedSender<RunEvent>,
+    /// The Docker engine, when this worker offers the docker executor.
+    engine: Option<docker::Engine>,
 }
 
 impl State {
@@ -142,7 +152,8 @@ impl State {
                 }
             };
             let (kill, _) = watch::channel(None);
-            self.attempts.insert(lease, Attempt { a, spool, kill, phase: Phase::Queued, slot: None, finish_sent: false, stale: false });
+            self.attempts
+                .insert(lease, Attempt { a, spool, kill, phase: Phase::Queued, slot: None, finish_sent: false, stale: false, freeze: None, frozen: None });
             self.queue.push_back(lease);
         }
     }
@@ -161,17 +172,36 @@ impl State {
             at.phase = Phase::Running;
             let workspace = cfg.work_dir.join("slots").join(slot.to_string());
             let prepared = prepare_workspace(&workspace);
+            let cluster = self.engine.as_ref().map_or("", |e| e.cluster());
+            let container = docker::ContainerSpec::for_attempt(&at.a, &cfg.name, cluster, cfg.docker_pids_limit, GRACE, std::time::SystemTime::now());
+            // A freeze asked for before the container ran is carried out once it runs.
+            let freeze = match &at.freeze {
+                Some(tx) => tx.subscribe(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    at.freeze = Some(tx);
+                    rx
+                }
+            };
             let env = job_env(&at.a, slot, &workspace, &cfg.name);
+            // In a container the workspace is at /workspace.
+            let env = env.map(|mut env| {
+                if container.is_some() {
+                    env.iter_mut().filter(|(k, _)| k == "BERTH_WORKSPACE").for_each(|(_, v)| *v = docker::WORKSPACE_IN_CONTAINER.into());
+                }
+                env
+            });
             let launch = Launch {
                 argv: at.a.spec.command.argv(),
                 env: env.clone().unwrap_or_default(),
                 workspace,
                 max_runtime: at.a.spec.max_runtime_ms.map(Duration::from_millis),
                 grace: GRACE,
-                record: Some(cfg.work_dir.join("groups").join(lease.to_string())),
+                record: Some(cfg.work_dir.join(if container.is_some() { "containers" } else { "groups" }).join(lease.to_string())),
             };
             let spool = at.spool.clone();
             let kill = at.kill.subscribe();
+            let engine = self.engine.clone();
             let ev = self.ev_tx.clone();
             let span = tracing::info_span!("attempt", task = %Self::task_name(&at.a), attempt = at.a.attempt, lease = %lease);
             let setup_error = match (prepared, env) {
@@ -188,10 +218,24 @@ impl State {
                         }
                         None => {
                             let ev2 = ev.clone();
-                            process::run(launch, spool, kill, move |_| {
+                            let started = move || {
                                 let _ = ev2.send(RunEvent::Started(lease));
-                            })
-                            .await
+                            };
+                            match (container, engine) {
+                                (None, _) => process::run(launch, spool, kill, move |_| started()).await,
+                                (Some(c), Some(engine)) => {
+                                    let ended = docker::run(engine, launch, c, spool, docker::Controls { kill, freeze }, started).await;
+                                    if let Some(image) = ended.frozen {
+                                        let _ = ev.send(RunEvent::Frozen(lease, image));
+                                    }
+                                    ended.outcome
+                                }
+                                (Some(_), None) => {
+                                    spool.close();
+                                    let error = "this worker has no Docker engine: it does not offer the docker executor".to_string();
+                                    Outcome { exit_code: Some(125), signal: None, timed_out: false, killed: false, runtime_ms: 0, error: Some(error) }
+                                }
+                            }
                         }
                     };
                     tracing::debug!(exit = ?outcome.exit_code, "attempt ended");
@@ -228,6 +272,16 @@ impl State {
                 self.want_more(link).await;
                 self.maybe_finish(lease, link).await;
             }
+            RunEvent::Frozen(lease, image) => {
+                if let Some(at) = self.attempts.get_mut(&lease) {
+                    at.frozen = Some(image);
+                }
+            }
+            RunEvent::ImageRemoved(image, error) => {
+                if let Some(l) = link.as_mut() {
+                    l.send(&WorkerMsg::ImageRemoved { image, error }).await;
+                }
+            }
         }
     }
 
@@ -239,7 +293,11 @@ impl State {
             return;
         }
         if let Phase::Done(o) = &at.phase {
-            at.finish_sent = l.send(&WorkerMsg::Finished { lease, outcome: o.clone() }).await;
+            let msg = match &at.frozen {
+                Some(image) => WorkerMsg::Frozen { lease, image: image.clone(), outcome: o.clone() },
+                None => WorkerMsg::Finished { lease, outcome: o.clone() },
+            };
+            at.finish_sent = l.send(&msg).await;
         }
     }
 
@@ -295,6 +353,14 @@ impl State {
             CoordMsg::FinishedAck { lease, accepted } => {
                 if !accepted {
                     tracing::warn!(lease = %lease, "the coordinator rejected this attempt's result (its lease was no longer valid)");
+                    // An image nobody will know of: remove it.
+                    if let (Some(image), Some(engine)) = (self.attempts.get(&lease).and_then(|a| a.frozen.clone()), self.engine.clone()) {
+                        tokio::spawn(async move {
+                            if let Err(e) = engine.remove_frozen_image(&image).await {
+                                tracing::warn!(image = %image, error = %e, "cannot remove the image of a rejected freeze");
+                            }
+                        });
+                    }
                 }
                 if let Some(at) = self.attempts.remove(&lease) {
                     at.spool.remove();
@@ -311,6 +377,37 @@ impl State {
             }
             CoordMsg::Registered { .. } => {}
             CoordMsg::Refused { reason } => return Err(WorkerError::Refused(reason)),
+            CoordMsg::Freeze { lease, tag } => match self.attempts.get_mut(&lease) {
+                Some(at) if !matches!(at.phase, Phase::Done(_)) && matches!(at.a.spec.executor, berth_shared::job::Executor::Docker { .. }) => {
+                    tracing::info!(lease = %lease, tag = %tag, "freezing attempt");
+                    match &at.freeze {
+                        Some(f) => {
+                            let _ = f.send(Some(tag));
+                        }
+                        // Not started yet: it freezes as soon as its container runs.
+                        None => at.freeze = Some(watch::channel(Some(tag)).0),
+                    }
+                }
+                _ => tracing::warn!(lease = %lease, "asked to freeze an attempt that is not a running container here; ignored"),
+            },
+            CoordMsg::RemoveImage { image } => {
+                let ev = self.ev_tx.clone();
+                match self.engine.clone() {
+                    Some(engine) => {
+                        tokio::spawn(async move {
+                            let r = engine.remove_frozen_image(&image).await;
+                            match &r {
+                                Ok(how) => tracing::info!(image = %image, ?how, "frozen image removed"),
+                                Err(e) => tracing::warn!(image = %image, error = %e, "cannot remove a frozen image"),
+                            }
+                            let _ = ev.send(RunEvent::ImageRemoved(image, r.err()));
+                        });
+                    }
+                    None => {
+                        let _ = ev.send(RunEvent::ImageRemoved(image, Some("this worker has no Docker engine".into())));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -329,7 +426,7 @@ impl State {
                         at.phase = Phase::Done(outcome);
                     }
                 }
-                Ok(Some(RunEvent::Started(_))) => {}
+                Ok(Some(RunEvent::Started(_) | RunEvent::Frozen(..) | RunEvent::ImageRemoved(..))) => {}
                 Ok(None) | Err(_) => {
                     tracing::warn!(running = self.running(), "attempts still running as the worker stops");
                     break;
@@ -425,22 +522,35 @@ enum Ended {
 }
 
 /// Runs the worker until `shutdown` resolves.
-pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+pub async fn run(mut cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
     let id = identity::load_or_enrol(&cfg).await?;
+    // The engine mounts slot workspaces by absolute path.
+    cfg.work_dir = std::fs::canonicalize(&cfg.work_dir).map_err(|source| WorkerError::WorkDir { path: cfg.work_dir.clone(), source })?;
+    // One worker per work dir, held for the worker's whole life (`berth-worker sweep`
+    // reads it to know whether the containers there are still someone's).
+    let _lock = match crate::sweep::lock_work_dir(&cfg.work_dir) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => return Err(WorkerError::Setup(format!("work dir {} is in use by another berth-worker", cfg.work_dir.display()))),
+        Err(source) => return Err(WorkerError::WorkDir { path: cfg.work_dir.join("worker.lock"), source }),
+    };
     // Attempts of a previous run of this worker that was killed outright are still
     // running, unknown to anyone: their leases are lost, their results would be refused.
     let left_over = process::kill_left_over(&cfg.work_dir.join("groups"));
     if left_over > 0 {
         tracing::warn!(groups = left_over, "killed attempts left over from before this worker restarted");
     }
-    for d in ["spool", "slots", "groups"] {
+    let docker_asked = cfg.executors.iter().any(|e| e == "docker");
+    let engine = docker_at_start(&mut cfg).await?;
+    for d in ["spool", "slots", "groups", "containers"] {
         let p = cfg.work_dir.join(d);
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).map_err(|source| WorkerError::WorkDir { path: p.clone(), source })?;
     }
     let host = crate::host::detect(&cfg.executors);
+    // `docker` says whether the engine answered, when the docker executor was asked for.
+    let host = HostInfo { docker: engine.is_some() || (host.docker && !docker_asked), ..host };
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let mut state = State { slots: SlotTable::new(cfg.slots), cfg, host, lease_ttl: None, attempts: HashMap::new(), queue: VecDeque::new(), ev_tx };
+    let mut state = State { slots: SlotTable::new(cfg.slots), engine, cfg, host, lease_ttl: None, attempts: HashMap::new(), queue: VecDeque::new(), ev_tx };
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     let endpoint = {
@@ -493,6 +603,40 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     }
     state.kill_all(&mut ev_rx).await;
     Ok(())
+}
+
+/// Connects to the Docker engine if the docker executor is offered, and removes what an
+/// earlier run of this worker left in it. An engine that does not answer means the
+/// executor is not offered (a worker left with no executor at all does not start).
+async fn docker_at_start(cfg: &mut WorkerConfig) -> Result<Option<docker::Engine>, WorkerError> {
+    if !cfg.executors.iter().any(|e| e == "docker") {
+        return Ok(None);
+    }
+    let cluster = docker::cluster_id(&cfg.ca_pem).map_err(|e| WorkerError::Setup(format!("--ca: {e}")))?;
+    // For `berth-worker sweep`, which has no --ca.
+    let path = cfg.work_dir.join(crate::sweep::CLUSTER_FILE);
+    std::fs::write(&path, format!("{cluster}\n")).map_err(|source| WorkerError::WorkDir { path, source })?;
+    let engine = match docker::Engine::connect(Duration::from_secs(10), cluster).await {
+        Ok(e) => e,
+        Err(e) => {
+            cfg.executors.retain(|x| x != "docker");
+            if cfg.executors.is_empty() {
+                return Err(WorkerError::Setup(format!("{}: the docker executor cannot be offered and no other was asked for", berth_shared::logs::chain(&e))));
+            }
+            tracing::warn!(error = %berth_shared::logs::chain(&e), "not offering the docker executor");
+            return Ok(None);
+        }
+    };
+    let mut swept = crate::sweep::Swept::default();
+    crate::sweep::containers(&engine, &cfg.name, &crate::sweep::Held::Nothing, crate::sweep::now_secs(), &mut swept).await;
+    crate::sweep::images(&engine, &cfg.name, &mut swept).await;
+    for line in &swept.removed {
+        tracing::warn!(removed = %line, "swept what an earlier run of this worker left behind");
+    }
+    for line in &swept.failed {
+        tracing::error!(error = %line, "sweep");
+    }
+    Ok(Some(engine))
 }
 
 fn rand_jitter(max: u64) -> u64 {

@@ -11,7 +11,7 @@ use berth_shared::wire::Assignment;
 use chrono::Utc;
 
 use crate::store::{
-    Admission, ChunkVerdict, Decided, Expired, FinishVerdict, KillOrder, LogChunk, Op, Reconciled, StoreError, StoreHandle, Submitted, WorkerCaps,
+    Admission, ChunkVerdict, Decided, Expired, FinishVerdict, FreezeOrder, KillOrder, LogChunk, Op, Reconciled, StoreError, StoreHandle, Submitted, WorkerCaps,
 };
 
 pub struct JobStore {
@@ -134,6 +134,24 @@ store_message!(
     /// Spend a one-time join token for a worker.
     UseToken { token: String, worker: String } -> (), |m, store, _ttl| {
     store.call(|reply| Op::UseToken { token: m.token, worker: m.worker, now: Utc::now(), reply }).await
+});
+
+store_message!(
+    /// Record that an attempt was frozen into `image`.
+    Frozen { worker: String, lease: LeaseId, outcome: Outcome, image: String } -> FinishVerdict, |m, store, _ttl| {
+    store.call(|reply| Op::Frozen { worker: m.worker, lease: m.lease, outcome: m.outcome, image: m.image, now: Utc::now(), reply }).await
+});
+
+store_message!(
+    /// Check a freeze request and reserve its image name.
+    FreezeStart { job: JobSelector, tag: Option<String>, by: String, admin: bool } -> FreezeOrder, |m, store, _ttl| {
+    store.call(|reply| Op::FreezeStart { job: m.job, tag: m.tag, by: m.by, admin: m.admin, now: Utc::now(), reply }).await
+});
+
+store_message!(
+    /// Forget a frozen image (removed, or only a reservation when `only_reserved`).
+    ForgetImage { image: String, only_reserved: bool } -> (), |m, store, _ttl| {
+    store.call(|reply| Op::ForgetImage { image: m.image, only_reserved: m.only_reserved, reply }).await
 });
 
 store_message!(

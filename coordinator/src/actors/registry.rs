@@ -1,13 +1,14 @@
 //! WorkerRegistry: the connected workers, their slots, capabilities, leases,
 //! heartbeats and drain flags; and the route to each worker's control stream.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use actix::prelude::*;
 use berth_shared::ids::LeaseId;
 use berth_shared::wire::{CoordMsg, HostInfo, KillReason, WorkerInfo};
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 
 struct Entry {
     conn_id: u64,
@@ -25,6 +26,8 @@ struct Entry {
 #[derive(Default)]
 pub struct WorkerRegistry {
     workers: BTreeMap<String, Entry>,
+    /// Image removals asked of a worker, by (worker, image), waiting for its answer.
+    removals: HashMap<(String, String), Vec<oneshot::Sender<Option<String>>>>,
 }
 
 impl Actor for WorkerRegistry {
@@ -115,6 +118,8 @@ impl Handler<Disconnect> for WorkerRegistry {
             if e.conn_id == m.conn_id {
                 e.conn = None;
                 e.tx = None;
+                // Its answers will not come on this connection: whoever waits is told.
+                self.removals.retain(|(w, _), _| *w != m.name);
             }
         }
     }
@@ -177,6 +182,69 @@ impl Handler<SetDrained> for WorkerRegistry {
     fn handle(&mut self, m: SetDrained, _: &mut Self::Context) {
         if let Some(e) = self.workers.get_mut(&m.name) {
             e.drained = m.drained;
+        }
+    }
+}
+
+/// Ask the worker running an attempt to freeze it; `false` when it is not connected.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Freeze {
+    pub worker: String,
+    pub lease: LeaseId,
+    pub tag: String,
+}
+
+impl Handler<Freeze> for WorkerRegistry {
+    type Result = bool;
+    fn handle(&mut self, m: Freeze, _: &mut Self::Context) -> bool {
+        match self.workers.get(&m.worker).and_then(|e| e.tx.as_ref()) {
+            Some(tx) => tx.send(CoordMsg::Freeze { lease: m.lease, tag: m.tag }).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Ask a worker to remove a frozen image from its engine. The answer (`None`: removed,
+/// else why not) comes on the receiver; an error when the worker is not connected.
+#[derive(Message)]
+#[rtype(result = "Result<oneshot::Receiver<Option<String>>, String>")]
+pub struct RemoveImage {
+    pub worker: String,
+    pub image: String,
+}
+
+impl Handler<RemoveImage> for WorkerRegistry {
+    type Result = Result<oneshot::Receiver<Option<String>>, String>;
+    fn handle(&mut self, m: RemoveImage, _: &mut Self::Context) -> Self::Result {
+        let Some(tx) = self.workers.get(&m.worker).and_then(|e| e.tx.as_ref()) else {
+            return Err(format!("worker {}, whose Docker engine holds {}, is not connected: start it and try again", m.worker, m.image));
+        };
+        if tx.send(CoordMsg::RemoveImage { image: m.image.clone() }).is_err() {
+            return Err(format!("worker {} went away: try again", m.worker));
+        }
+        let (done, rx) = oneshot::channel();
+        let waiting = self.removals.entry((m.worker, m.image)).or_default();
+        waiting.retain(|w| !w.is_closed());
+        waiting.push(done);
+        Ok(rx)
+    }
+}
+
+/// A worker's answer to `RemoveImage`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ImageRemoved {
+    pub worker: String,
+    pub image: String,
+    pub error: Option<String>,
+}
+
+impl Handler<ImageRemoved> for WorkerRegistry {
+    type Result = ();
+    fn handle(&mut self, m: ImageRemoved, _: &mut Self::Context) {
+        for done in self.removals.remove(&(m.worker, m.image)).unwrap_or_default() {
+            let _ = done.send(m.error.clone());
         }
     }
 }

@@ -342,7 +342,7 @@ impl<D: Db> Store<D> {
             }
             Op::Finish { worker, lease, outcome, now, .. } => {
                 let (worker, lease, outcome, now) = (worker.clone(), *lease, outcome.clone(), *now);
-                run!(Finish, self.finish(&worker, lease, &outcome, now, s))
+                run!(Finish, self.finish(&worker, lease, &outcome, None, now, s))
             }
             Op::Heartbeat { worker, leases, now, ttl, .. } => {
                 let (worker, leases, now, ttl) = (worker.clone(), leases.clone(), *now, *ttl);
@@ -376,6 +376,22 @@ impl<D: Db> Store<D> {
             Op::SetDrain { worker, drained, .. } => {
                 let (worker, drained) = (worker.clone(), *drained);
                 run!(SetDrain, self.set_drain(&worker, drained, s))
+            }
+            Op::Frozen { worker, lease, outcome, image, now, .. } => {
+                let (worker, lease, outcome, image, now) = (worker.clone(), *lease, outcome.clone(), image.clone(), *now);
+                let r = match frozen_tag(&image) {
+                    Ok(_) => self.finish(&worker, lease, &outcome, Some(&image), now, s),
+                    Err(e) => Err(e),
+                };
+                run!(Frozen, r)
+            }
+            Op::FreezeStart { job, tag, by, admin, now, .. } => {
+                let (job, tag, by, admin, now) = (job.clone(), tag.clone(), by.clone(), *admin, *now);
+                run!(FreezeStart, self.freeze_start(&job, tag, &by, admin, now))
+            }
+            Op::ForgetImage { image, only_reserved, .. } => {
+                let (image, only_reserved) = (image.clone(), *only_reserved);
+                run!(ForgetImage, self.forget_image(&image, only_reserved))
             }
         }
     }
@@ -590,7 +606,17 @@ impl<D: Db> Store<D> {
         Ok(out)
     }
 
-    fn finish(&mut self, worker: &str, lease: LeaseId, o: &Outcome, now: DateTime<Utc>, s: &mut Scratch) -> Result<FinishVerdict, StoreError> {
+    /// Records an attempt's result; `frozen`: the attempt was frozen into that image.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        worker: &str,
+        lease: LeaseId,
+        o: &Outcome,
+        frozen: Option<&str>,
+        now: DateTime<Utc>,
+        s: &mut Scratch,
+    ) -> Result<FinishVerdict, StoreError> {
         let sql = format!("SELECT job_seq, idx, state, attempt, worker FROM tasks WHERE lease = ?1{}", self.db.for_update());
         let Some(row) = self.db.query_opt(&sql, p![lease.to_string()])? else {
             return Ok(FinishVerdict::Stale);
@@ -601,10 +627,13 @@ impl<D: Db> Store<D> {
         }
         let meta = self.meta(job_seq)?;
         let index = Self::task_index(&meta, idx);
-        let reason = outcome_reason(o, meta.spec.max_runtime_ms);
+        let reason = match frozen {
+            Some(image) => Some(format!("frozen into image {image} (its filesystem and workspace, not process memory)")),
+            None => outcome_reason(o, meta.spec.max_runtime_ms),
+        };
         let mut ended_as = state;
         let verdict = if state == JobState::Running {
-            let to = o.final_state();
+            let to = if frozen.is_some() { JobState::Frozen } else { o.final_state() };
             ended_as = to;
             self.db.exec(
                 "UPDATE tasks SET state = ?1, exit_code = ?2, ended_at = ?3, runtime_ms = ?4, reason = ?5 WHERE job_seq = ?6 AND idx = ?7",
@@ -627,10 +656,101 @@ impl<D: Db> Store<D> {
         } else {
             return Ok(FinishVerdict::Stale);
         };
+        if let Some(image) = frozen {
+            // The image exists on the worker's engine whatever became of the task.
+            self.image_ready(image, job_seq, idx, worker, now)?;
+        }
         self.expected_seq.remove(&(lease, OutStream::Stdout));
         self.expected_seq.remove(&(lease, OutStream::Stderr));
         s.notices.push(Notice::TaskEnded { job: meta.id, index, attempt, state: ended_as });
         Ok(verdict)
+    }
+
+    /// Records a frozen image as ready (its reservation, or a new row).
+    fn image_ready(&mut self, image: &str, job_seq: i64, idx: i64, worker: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.db.exec(
+            "INSERT INTO images(name, job_seq, idx, worker, owner, state, created_at)
+             VALUES (?1, ?2, ?3, ?4, (SELECT owner FROM jobs WHERE seq = ?2), 'ready', ?5)
+             ON CONFLICT(name) DO UPDATE SET job_seq = excluded.job_seq, idx = excluded.idx, worker = excluded.worker,
+                 owner = excluded.owner, state = 'ready', created_at = excluded.created_at",
+            p![image, job_seq, idx, worker, ms(now)],
+        )?;
+        Ok(())
+    }
+
+    /// Checks a freeze request and reserves its image name: the task must be a running
+    /// Docker task of `by` (or `by` an admin), the name free (a reservation of a freeze
+    /// that never finished does not hold it).
+    fn freeze_start(&mut self, sel: &JobSelector, tag: Option<String>, by: &str, admin: bool, now: DateTime<Utc>) -> Result<FreezeOrder, StoreError> {
+        let (job_seq, job) = resolve(&mut self.db, sel)?;
+        let meta = self.meta(job_seq)?;
+        let owner = self.db.query_one("SELECT owner FROM jobs WHERE seq = ?1", p![job_seq])?.str(0)?;
+        if !admin && owner != by {
+            return Err(refused(format!("job {job} belongs to {owner}; only its owner or an admin may freeze it")));
+        }
+        if !matches!(meta.spec.executor, berth_shared::job::Executor::Docker { .. }) {
+            return Err(invalid(format!("job {job} runs as a process, not in a container: only Docker jobs (--image) can be frozen")));
+        }
+        let idx = match (meta.is_array, sel.index) {
+            (false, Some(i)) => return Err(invalid(format!("job {job} is not an array: drop the `:{i}`"))),
+            (false, None) => 0,
+            (true, None) => return Err(invalid(format!("job {job} is an array: freeze one task, as {}:INDEX", job.short()))),
+            (true, Some(i)) => i64::from(i),
+        };
+        let what = match sel.index {
+            Some(i) => format!("task {i} of job {job}"),
+            None => format!("job {job}"),
+        };
+        let sql = format!("SELECT state, worker, lease FROM tasks WHERE job_seq = ?1 AND idx = ?2{}", self.db.for_update());
+        let (state, worker, lease) = match self.db.query_opt(&sql, p![job_seq, idx])? {
+            Some(r) => (state_of(&r.str(0)?), r.opt_str(1)?, r.opt_str(2)?),
+            None => (JobState::Queued, None, None),
+        };
+        let (JobState::Running, Some(worker), Some(lease)) = (state, worker, lease) else {
+            return Err(invalid(format!("{what} is {state}, not running: only a running task can be frozen")));
+        };
+        let lease = lease_of(&lease, &job)?;
+        let tag = match tag {
+            Some(t) => t,
+            None => match sel.index {
+                Some(i) => format!("{}-{i}", job.short()),
+                None => job.short(),
+            },
+        };
+        berth_shared::job::validate_tag(&tag).map_err(invalid)?;
+        let image = format!("{}:{tag}", berth_shared::job::FROZEN_REPO);
+        if let Some(r) = self.db.query_opt("SELECT state, job_seq, idx FROM images WHERE name = ?1", p![image.as_str()])? {
+            let (st, other_seq, other_idx) = (r.str(0)?, r.i64(1)?, r.i64(2)?);
+            let other = self.db.query_opt("SELECT state FROM tasks WHERE job_seq = ?1 AND idx = ?2", p![other_seq, other_idx])?;
+            let other_running = other.map(|o| o.str(0)).transpose()?.is_some_and(|s| s == "running");
+            if st != "freezing" || other_running {
+                let from = self.db.query_one("SELECT id FROM jobs WHERE seq = ?1", p![other_seq])?.str(0)?;
+                return Err(invalid(if st == "freezing" {
+                    format!("image {image} is being made (a freeze of job {from} is in progress): wait for it, or give another --tag")
+                } else {
+                    format!("image {image} already exists (frozen from job {from}): give another --tag, or remove it with `berth images rm {image}`")
+                }));
+            }
+            // A freeze that was asked for and never finished.
+            self.db.exec("DELETE FROM images WHERE name = ?1", p![image.as_str()])?;
+        }
+        if let Some(r) = self.db.query_opt("SELECT name FROM images WHERE job_seq = ?1 AND idx = ?2 AND state = 'freezing'", p![job_seq, idx])? {
+            return Err(invalid(format!("{what} is being frozen already (into {}): wait for it", r.str(0)?)));
+        }
+        self.db.exec(
+            "INSERT INTO images(name, job_seq, idx, worker, owner, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'freezing', ?6)",
+            p![image.as_str(), job_seq, idx, worker.as_str(), owner.as_str(), ms(now)],
+        )?;
+        Ok(FreezeOrder { job, index: Self::task_index(&meta, idx), worker, lease, tag, image })
+    }
+
+    fn forget_image(&mut self, image: &str, only_reserved: bool) -> Result<(), StoreError> {
+        if only_reserved {
+            self.db.exec("DELETE FROM images WHERE name = ?1 AND state = 'freezing'", p![image])?;
+        } else {
+            self.db.exec("DELETE FROM images WHERE name = ?1", p![image])?;
+        }
+        Ok(())
     }
 
     fn renew(&mut self, worker: &str, leases: &[LeaseId], now: DateTime<Utc>, ttl: Duration) -> Result<Vec<LeaseId>, StoreError> {
@@ -1102,7 +1222,34 @@ fn fail_op(op: &mut Op) {
             }
         };
     }
-    fail!(Submit, Decide, SetBudget, Claim, Finish, Heartbeat, Reconcile, AppendLogs, Cancel, ExpireLeases, RestartLeases, UseToken, SetDrain);
+    fail!(
+        Submit,
+        Decide,
+        SetBudget,
+        Claim,
+        Finish,
+        Heartbeat,
+        Reconcile,
+        AppendLogs,
+        Cancel,
+        ExpireLeases,
+        RestartLeases,
+        UseToken,
+        SetDrain,
+        Frozen,
+        FreezeStart,
+        ForgetImage
+    );
+}
+
+/// The tag of a frozen image's name (`berth-frozen:TAG`), checked.
+fn frozen_tag(image: &str) -> Result<&str, StoreError> {
+    let tag = image
+        .strip_prefix(berth_shared::job::FROZEN_REPO)
+        .and_then(|t| t.strip_prefix(':'))
+        .ok_or_else(|| invalid(format!("`{image}` is not a frozen image name ({}:TAG)", berth_shared::job::FROZEN_REPO)))?;
+    berth_shared::job::validate_tag(tag).map_err(invalid)?;
+    Ok(tag)
 }
 
 fn outcome_reason(o: &Outcome, max_runtime_ms: Option<u64>) -> Option<String> {
@@ -1220,6 +1367,19 @@ impl<D: Db> ReadView<D> {
     }
 }
 
+const IMAGE_COLS: &str = "i.name, j.id, j.is_array, i.idx, i.worker, i.owner, i.created_at";
+
+fn image_row(r: &Row) -> Result<FrozenImage, StoreError> {
+    Ok(FrozenImage {
+        image: r.str(0)?,
+        job: job_id(&r.str(1)?)?,
+        index: if r.bool(2)? { Some(r.u32(3)?) } else { None },
+        worker: r.str(4)?,
+        owner: r.str(5)?,
+        created_at: from_ms(r.i64(6)?),
+    })
+}
+
 const SUMMARY_COLS: &str = "seq, id, name, state, owner, account, created_at, ended_at, idx_start, idx_end,
      n_pending, n_queued, n_running, n_succeeded, n_failed, n_cancelled, n_timed_out, n_rejected, n_frozen";
 
@@ -1295,6 +1455,13 @@ impl<D: Db> Reader for ReadView<D> {
             }
             (true, None) => (None, self.events(job_seq, None, true)?),
         };
+        // A frozen task says which image it was frozen into.
+        let mut spec = spec;
+        if let Some(t) = task.as_ref().filter(|t| t.state == JobState::Frozen) {
+            if let Some(img) = self.frozen_image(job_seq, t.index)? {
+                spec.labels.push((berth_shared::job::LABEL_FROZEN_IMAGE.into(), img.image));
+            }
+        }
         Ok(JobStatus { summary, spec, task, events })
     }
 
@@ -1365,6 +1532,30 @@ impl<D: Db> Reader for ReadView<D> {
             Some(r) => r.bool(0)?,
             None => false,
         })
+    }
+
+    fn images(&mut self, owner: Option<&str>) -> Result<Vec<FrozenImage>, StoreError> {
+        let rows = self.db.query(
+            &format!("SELECT {IMAGE_COLS} FROM images i JOIN jobs j ON j.seq = i.job_seq WHERE i.state = 'ready' AND (?1 = '' OR i.owner = ?1) ORDER BY i.created_at, i.name"),
+            p![owner.unwrap_or("")],
+        )?;
+        rows.iter().map(image_row).collect()
+    }
+
+    fn image(&mut self, name: &str) -> Result<Option<FrozenImage>, StoreError> {
+        let row = self.db.query_opt(&format!("SELECT {IMAGE_COLS} FROM images i JOIN jobs j ON j.seq = i.job_seq WHERE i.name = ?1"), p![name])?;
+        row.as_ref().map(image_row).transpose()
+    }
+
+    fn frozen_image(&mut self, job_seq: i64, index: Option<u32>) -> Result<Option<FrozenImage>, StoreError> {
+        let row = self.db.query_opt(
+            &format!(
+                "SELECT {IMAGE_COLS} FROM images i JOIN jobs j ON j.seq = i.job_seq WHERE i.job_seq = ?1 AND i.idx = ?2 AND i.state = 'ready'
+                 ORDER BY i.created_at DESC LIMIT 1"
+            ),
+            p![job_seq, i64::from(index.unwrap_or(0))],
+        )?;
+        row.as_ref().map(image_row).transpose()
     }
 
     fn budgets(&mut self, account: Option<&str>, month: &str) -> Result<Vec<BudgetRow>, StoreError> {

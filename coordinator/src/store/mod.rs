@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use berth_shared::ids::{JobId, JobSelector, LeaseId};
 use berth_shared::job::{Counts, JobSpec, JobState, Outcome};
-use berth_shared::wire::{ApiError, Assignment, JobStatus, JobSummary, OutStream};
+use berth_shared::wire::{ApiError, Assignment, FrozenImage, JobStatus, JobSummary, OutStream};
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -289,6 +289,45 @@ pub enum Op {
         drained: bool,
         reply: Tx<bool>,
     },
+    /// An attempt was frozen into `image`: its result is recorded as `frozen` (when the
+    /// lease is still the task's) and the image as ready.
+    Frozen {
+        worker: String,
+        lease: LeaseId,
+        outcome: Outcome,
+        image: String,
+        now: DateTime<Utc>,
+        reply: Tx<FinishVerdict>,
+    },
+    /// Reserve `berth-frozen:TAG` for a running Docker task (its owner's or an admin's
+    /// request) and say which worker and lease to ask.
+    FreezeStart {
+        job: JobSelector,
+        tag: Option<String>,
+        by: String,
+        admin: bool,
+        now: DateTime<Utc>,
+        reply: Tx<FreezeOrder>,
+    },
+    /// Forget a frozen image: removed from its engine, or its freeze was never asked for
+    /// (a reservation only, unless the freeze completed meanwhile).
+    ForgetImage {
+        image: String,
+        only_reserved: bool,
+        reply: Tx<()>,
+    },
+}
+
+/// A freeze to ask of a worker.
+#[derive(Clone, Debug)]
+pub struct FreezeOrder {
+    pub job: JobId,
+    pub index: Option<u32>,
+    pub worker: String,
+    pub lease: LeaseId,
+    pub tag: String,
+    /// `berth-frozen:TAG`, reserved for this task.
+    pub image: String,
 }
 
 /// What the store tells the rest of the coordinator after a commit.
@@ -317,6 +356,12 @@ pub trait Reader {
     /// Budgets and their use in `month`: one account, or all that have a budget or a
     /// ledger row.
     fn budgets(&mut self, account: Option<&str>, month: &str) -> Result<Vec<BudgetRow>, StoreError>;
+    /// Frozen images that are ready: one owner's, or everyone's.
+    fn images(&mut self, owner: Option<&str>) -> Result<Vec<FrozenImage>, StoreError>;
+    /// One frozen image by name (ready or still being made).
+    fn image(&mut self, name: &str) -> Result<Option<FrozenImage>, StoreError>;
+    /// The image a task was frozen into.
+    fn frozen_image(&mut self, job_seq: i64, index: Option<u32>) -> Result<Option<FrozenImage>, StoreError>;
 }
 
 /// Output read back, and whether the attempt has ended (so a follower may stop).

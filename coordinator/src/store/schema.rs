@@ -5,7 +5,9 @@
 //! not stored until they are claimed: `next_idx` is a cursor over the unclaimed
 //! indices, so a 1,000,000-task array is one row until it runs. A claimed (or
 //! individually cancelled) task gets a `tasks` row; every transition appends an
-//! `events` row; output chunks go to `logs`.
+//! `events` row; output chunks go to `logs`. A Docker task frozen into an image gets an
+//! `images` row (`freezing` from the request until the worker reports it, then `ready`),
+//! which says which worker's engine holds it.
 
 use super::sql::{Backend, Db};
 use super::StoreError;
@@ -115,6 +117,18 @@ CREATE TABLE IF NOT EXISTS ledger(
     spent TEXT NOT NULL,
     PRIMARY KEY(account, month)
 );
+CREATE TABLE IF NOT EXISTS images(
+    name TEXT NOT NULL,
+    job_seq INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY(name)
+);
+CREATE INDEX IF NOT EXISTS images_task ON images(job_seq, idx);
+CREATE INDEX IF NOT EXISTS images_owner ON images(owner, created_at);
 INSERT INTO meta(key, value) VALUES ('schema', '2') ON CONFLICT DO NOTHING;
 "#;
 

@@ -1,5 +1,6 @@
 //! Executors run one attempt in its slot workspace and report its outcome.
 
+pub mod docker;
 pub mod process;
 
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ pub struct Launch {
     pub max_runtime: Option<Duration>,
     /// How long a SIGTERM'd process group gets before SIGKILL.
     pub grace: Duration,
-    /// Where the attempt's process group is written down while it may be alive, so a
-    /// worker restarted after a crash can kill what outlived it.
+    /// Where the attempt's process group (or container) is written down while it may be
+    /// alive, so a worker restarted after a crash can kill what outlived it.
     pub record: Option<PathBuf>,
 }
