@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod budget;
+mod docker;
 mod drain;
 mod jobs;
 mod leases;

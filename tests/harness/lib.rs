@@ -431,4 +431,5 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
     out
 }
 
+pub mod docker;
 pub mod raw;
