@@ -74,9 +74,14 @@ fn make_rootfs_tar() -> Result<PathBuf> {
     let deb = match has_deb(&cache) {
         Some(d) => d,
         None => {
+            // Into a directory of this process's, then renamed into place: test processes
+            // that start together (nextest) never read a half-written package.
+            let dl = cache.join(format!("dl-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dl);
+            std::fs::create_dir_all(&dl)?;
             let download = || {
                 let mut cmd = Command::new("apt-get");
-                cmd.args(["download", "-qq", "busybox-static"]).current_dir(&cache).stdin(Stdio::null());
+                cmd.args(["download", "-qq", "busybox-static"]).current_dir(&dl).stdin(Stdio::null());
                 run_timeout(cmd, Duration::from_secs(120))
             };
             let first = download()?;
@@ -90,13 +95,18 @@ fn make_rootfs_tar() -> Result<PathBuf> {
                     bail!("apt-get download busybox-static failed: {}", String::from_utf8_lossy(&again.stderr).trim());
                 }
             }
-            has_deb(&cache).context("apt-get download left no .deb")?
+            let got = has_deb(&dl).context("apt-get download left no .deb")?;
+            let deb = cache.join(got.file_name().context("a file name")?);
+            std::fs::rename(&got, &deb)?;
+            let _ = std::fs::remove_dir_all(&dl);
+            deb
         }
     };
     // Roots of earlier test processes that are gone.
     for e in std::fs::read_dir(&cache)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = name.strip_prefix("root-").and_then(|p| p.parse::<u32>().ok()) {
+        let pid = name.strip_prefix("root-").or_else(|| name.strip_prefix("dl-"));
+        if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
             if !Path::new(&format!("/proc/{pid}")).exists() {
                 let _ = std::fs::remove_dir_all(e.path());
             }
