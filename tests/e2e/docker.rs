@@ -201,7 +201,6 @@ fn a_killed_workers_containers_are_swept_when_it_returns_and_its_tasks_run_again
         let orphans = job_containers(&id);
         c.worker("w1").context("w1")?.kill9();
         // kill -9 leaves the containers running: nobody removed them.
-        std::thread::sleep(Duration::from_millis(500));
         assert!(orphans.iter().all(|o| inspect(o).is_ok_and(|i| i["State"]["Running"] == true)), "the orphans outlive their worker");
 
         // Another worker takes the tasks once their leases run out.

@@ -755,6 +755,24 @@ mod tests {
     }
 
     #[test]
+    fn frozen_images_carry_no_attempt_labels() {
+        let mut spec = JobSpec::new(Command::Argv(vec!["true".into()]));
+        spec.executor = Executor::Docker { image: "busybox:1".into(), network: None };
+        let a = Assignment { lease: LeaseId::new(), job: JobId::new(), index: None, attempt: 1, spec };
+        let c = ContainerSpec::for_attempt(&a, "w1", "c1", 512, Duration::from_secs(2), UNIX_EPOCH).expect("a docker task");
+        let l = frozen_labels(&c, true, "/.berth/ws/x");
+        // A container made from the image must not pass for an attempt of w1's.
+        for k in [LABEL_JOB, LABEL_ATTEMPT, LABEL_LEASE, LABEL_WORKER, LABEL_EXPIRES, LABEL_ROLE] {
+            assert_eq!(l[k], "", "{k}");
+        }
+        assert_eq!((l[LABEL_MANAGED].as_str(), l[LABEL_FROZEN].as_str(), l[LABEL_WORKSPACE].as_str()), ("1", "complete", "/.berth/ws/x"));
+        assert_eq!((l[LABEL_FROZEN_FROM].as_str(), l[LABEL_FROZEN_BY].as_str(), l[LABEL_CLUSTER].as_str()), (a.job.to_string().as_str(), "w1", "c1"));
+        assert_eq!(frozen_labels(&c, false, "")[LABEL_FROZEN], "", "an unfinished freeze is not complete");
+        let h = helper_labels(&c, "seed");
+        assert_eq!((h[LABEL_MANAGED].as_str(), h[LABEL_WORKER].as_str(), h[LABEL_LEASE].as_str()), ("1", "w1", a.lease.to_string().as_str()));
+    }
+
+    #[test]
     fn start_failures_map_to_docker_exit_codes() {
         assert_eq!(start_failure_code("exec: \"nosuch\": executable file not found in $PATH: unknown"), 127);
         assert_eq!(start_failure_code("exec: \"/x\": permission denied: unknown"), 126);
