@@ -466,7 +466,8 @@ async fn attempt(engine: &Engine, launch: &Launch, c: &ContainerSpec, spool: &Ar
     let mut outcome = Outcome { exit_code: Some(exit_code), signal: None, timed_out: false, killed: false, runtime_ms: 0, error: None };
     match end {
         End::Exited(_) => {
-            if oom_killed(docker, &c.name).await {
+            // An OOM kill is a SIGKILL: only then is it worth asking the engine.
+            if exit_code == 137 && oom_killed(docker, &c.name).await {
                 let limit = c.memory_bytes.map(|b| format!(" of {} MiB", b / (1024 * 1024))).unwrap_or_default();
                 outcome.error = Some(format!("oom_killed: the container ran out of its memory limit{limit} and was killed (exit code {exit_code})"));
             }
