@@ -103,6 +103,7 @@ pub fn run(args: DevArgs) -> Result<u8, Fail> {
         executors: vec!["process".into()],
         server_name: Some("localhost".into()),
         docker_pids_limit: 4096,
+        limits: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(fail)?;
     let code = rt.block_on(async move {

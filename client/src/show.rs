@@ -140,6 +140,7 @@ pub fn summary_json(s: &JobSummary) -> Value {
         "account": s.account,
         "submitted_at": s.submitted_at.to_rfc3339(),
         "ended_at": s.ended_at.map(|t| t.to_rfc3339()),
+        "waiting": s.reason,
     })
 }
 
@@ -178,6 +179,9 @@ pub fn status_text(style: Style, st: &JobStatus) -> String {
     }
     let state = st.task.as_ref().map(|t| t.state).unwrap_or(s.state);
     rows.push(("state", style.state(state)));
+    if let Some(w) = &s.reason {
+        rows.push(("waiting", style.paint("33", w)));
+    }
     if let Some(t) = &st.task {
         if let Some(i) = t.index {
             rows.push(("task", i.to_string()));
@@ -250,10 +254,18 @@ pub fn list_text(style: Style, jobs: &[JobSummary]) -> String {
         .iter()
         .map(|j| {
             let progress = if j.tasks == 1 { "1".to_string() } else { format!("{}/{}", j.counts.succeeded, j.tasks) };
-            vec![j.id.short(), j.name.clone().unwrap_or_else(|| style.dim("-")), style.state(j.state), progress, j.owner.clone(), time(j.submitted_at)]
+            vec![
+                j.id.short(),
+                j.name.clone().unwrap_or_else(|| style.dim("-")),
+                style.state(j.state),
+                progress,
+                j.owner.clone(),
+                time(j.submitted_at),
+                j.reason.clone().unwrap_or_default(),
+            ]
         })
         .collect();
-    table(style, &["ID", "NAME", "STATE", "TASKS", "OWNER", "SUBMITTED"], &rows)
+    table(style, &["ID", "NAME", "STATE", "TASKS", "OWNER", "SUBMITTED", "WAITING"], &rows)
 }
 
 pub fn workers_text(style: Style, ws: &[WorkerInfo]) -> String {

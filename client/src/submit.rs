@@ -180,7 +180,10 @@ pub async fn submit(client: &mut Client, a: &SubmitArgs, style: Style) -> Result
     let is_array = spec.array.is_some();
     let key = a.idempotency_key.unwrap_or_else(uuid::Uuid::new_v4);
     let resp = client.call_idempotent(&Request::Submit { spec, idempotency_key: key }, Duration::from_secs(60)).await?;
-    let Response::Submitted { job, tasks, .. } = resp else { return Err(unexpected(resp)) };
+    let Response::Submitted { job, tasks, warning, .. } = resp else { return Err(unexpected(resp)) };
+    if let Some(w) = warning {
+        eprintln!("warning: job {job} stays queued for now: {w}");
+    }
     if !a.wait && !a.follow {
         if a.json {
             println!("{}", serde_json::json!({ "id": job.to_string(), "tasks": tasks }));

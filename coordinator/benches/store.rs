@@ -25,7 +25,16 @@ fn array(n: u32) -> JobSpec {
 }
 
 fn caps() -> Arc<WorkerCaps> {
-    Arc::new(WorkerCaps { executors: vec!["process".into()], cpus: 64, mem_mib: 1 << 20, gpus: 0, pool: "default".into(), pool_free: true })
+    Arc::new(WorkerCaps {
+        executors: vec!["process".into()],
+        cpus: 64,
+        mem_mib: 1 << 20,
+        gpus: 0,
+        pool: "default".into(),
+        pool_free: true,
+        labels: Vec::new(),
+        gpu_list: Vec::new(),
+    })
 }
 
 async fn submit(store: &StoreHandle, spec: JobSpec) {
@@ -55,8 +64,11 @@ async fn claim_complete(store: &StoreHandle, workers: usize) -> f64 {
             let caps = caps();
             let mut done = 0u64;
             loop {
-                let got =
-                    store.call(|reply| Op::Claim { worker: name.clone(), n: 6, caps: caps.clone(), now: Utc::now(), ttl: TTL, reply }).await.expect("claim");
+                let got = store
+                    .call(|reply| Op::Claim { worker: name.clone(), n: 6, caps: caps.clone(), free: None, now: Utc::now(), ttl: TTL, reply })
+                    .await
+                    .expect("claim")
+                    .tasks;
                 if got.is_empty() {
                     return done;
                 }
@@ -86,7 +98,11 @@ async fn recover(store: &StoreHandle) -> Duration {
     submit(store, array(RECOVER)).await;
     let mut held = 0;
     while held < RECOVER {
-        let got = store.call(|reply| Op::Claim { worker: "doomed".into(), n: 1000, caps: caps(), now: Utc::now(), ttl: TTL, reply }).await.expect("claim");
+        let got = store
+            .call(|reply| Op::Claim { worker: "doomed".into(), n: 1000, caps: caps(), free: None, now: Utc::now(), ttl: TTL, reply })
+            .await
+            .expect("claim")
+            .tasks;
         assert!(!got.is_empty(), "ran out of tasks at {held}");
         held += got.len() as u32;
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use berth_shared::codec::{read_frame, write_frame};
 use berth_shared::ids::JobSelector;
+use berth_shared::job::JobState;
 use berth_shared::tls::validate_name;
 use berth_shared::wire::{ApiError, ErrorKind, KillReason, OutStream, Request, Response, Role};
 use tokio::sync::broadcast::error::RecvError;
@@ -85,16 +86,28 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
         Request::Submit { spec, idempotency_key } => {
             spec.validate().map_err(|m| ApiError::new(ErrorKind::Invalid, m))?;
             let (spec, admission) = a.budget.send(budget::Admit { spec, owner: who.to_string() }).await.map_err(mailbox)??;
+            let spec_for_warning = spec.clone();
             let s = a.job_store.send(job_store::Submit { spec, owner: who.to_string(), idempotency_key, admission }).await.map_err(mailbox)?.map_err(api)?;
-            Response::Submitted { job: s.job, tasks: s.tasks, duplicate: s.duplicate }
+            let warning = a.registry.send(registry::Explain { spec: spec_for_warning }).await.map_err(mailbox)?;
+            Response::Submitted { job: s.job, tasks: s.tasks, duplicate: s.duplicate, warning }
         }
         Request::Status { job } => {
-            let st = query(&a.reader, move |r| r.status(&job)).await.map_err(api)?;
+            let mut st = query(&a.reader, move |r| r.status(&job)).await.map_err(api)?;
+            if st.summary.state == JobState::Queued && st.summary.reason.is_none() {
+                st.summary.reason = a.registry.send(registry::Explain { spec: st.spec.clone() }).await.map_err(mailbox)?;
+            }
             Response::Status(Box::new(st))
         }
         Request::List { state, limit } => {
             let limit = limit.clamp(1, 10_000);
-            Response::List(query(&a.reader, move |r| r.list(state, limit)).await.map_err(api)?)
+            let mut rows = query(&a.reader, move |r| r.list(state, limit)).await.map_err(api)?;
+            // Queued jobs that no connected worker could run say why (the first 50).
+            for row in rows.iter_mut().filter(|r| r.state == JobState::Queued && r.reason.is_none()).take(50) {
+                let sel = JobSelector { prefix: row.id.to_string(), index: None };
+                let spec = query(&a.reader, move |r| r.status(&sel)).await.map_err(api)?.spec;
+                row.reason = a.registry.send(registry::Explain { spec }).await.map_err(mailbox)?;
+            }
+            Response::List(rows)
         }
         Request::Cancel { job, reason } => {
             let status = {

@@ -31,11 +31,16 @@ pub fn is_expired(expires: DateTime<Utc>, now: DateTime<Utc>) -> bool {
     expires <= now
 }
 
-/// After a coordinator outage every running lease gets a full TTL from `now`: the
-/// outage was not the workers' fault, so no lease may expire before its worker had
-/// time to reconnect. Returns the new expiry for a lease that ran out at `expires`.
+/// What a worker gets on top of a full TTL after a coordinator outage: the time to
+/// notice the outage ended and redial (its backoff, the handshake, a loaded machine).
+pub const RECONNECT_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// After a coordinator outage every running lease gets a full TTL from `now`, plus
+/// the reconnect allowance: the outage was not the workers' fault, so no lease may
+/// expire before its worker had time to reconnect. Returns the new expiry for a lease
+/// that ran out at `expires`.
 pub fn after_restart(expires: DateTime<Utc>, now: DateTime<Utc>, ttl: std::time::Duration) -> DateTime<Utc> {
-    expires.max(expires_at(now, ttl))
+    expires.max(expires_at(now, ttl + RECONNECT_ALLOWANCE))
 }
 
 #[cfg(test)]
@@ -59,7 +64,7 @@ mod tests {
         let later = t0 + Duration::hours(1);
         assert!(is_expired(old, later));
         let renewed = after_restart(old, later, ttl);
-        assert!(!is_expired(renewed, later + Duration::seconds(29)));
-        assert!(is_expired(renewed, later + Duration::seconds(30)));
+        assert!(!is_expired(renewed, later + Duration::seconds(34)), "a full TTL and the reconnect allowance");
+        assert!(is_expired(renewed, later + Duration::seconds(35)));
     }
 }

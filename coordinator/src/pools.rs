@@ -90,13 +90,15 @@ impl Pool {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Pools {
     pub pools: BTreeMap<String, Pool>,
+    /// Fair-share weights per account (`[[account]]` tables); 1 when not given.
+    pub weights: BTreeMap<String, u32>,
 }
 
 impl Default for Pools {
     fn default() -> Self {
         let mut pools = BTreeMap::new();
         pools.insert("default".to_string(), Pool::free("default"));
-        Pools { pools }
+        Pools { pools, weights: BTreeMap::new() }
     }
 }
 
@@ -149,12 +151,30 @@ impl Pools {
         let mut out = Pools::default();
         let mut defined_default = false;
         for (key, item) in doc.iter() {
-            if key != "pool" {
+            if key != "pool" && key != "account" {
                 let at = item.span().map(|s| line_of(text, s.start)).unwrap_or(1);
-                return Err(format!(":{at}: unknown key `{key}`: the file holds `[[pool]]` tables"));
+                return Err(format!(":{at}: unknown key `{key}`: the file holds `[[pool]]` and `[[account]]` tables"));
+            }
+        }
+        if let Some(accounts) = doc.get("account") {
+            let Some(tables) = accounts.as_array_of_tables() else {
+                return Err(":1: `account` must be `[[account]]` tables".into());
+            };
+            for t in tables.iter() {
+                let at = t.span().map(|s| line_of(text, s.start)).unwrap_or(1);
+                let name = t.get("name").and_then(|v| v.as_str()).ok_or_else(|| format!(":{at}: an account needs a `name`"))?;
+                let weight = match t.get("weight").and_then(|v| v.as_integer()) {
+                    Some(w) if (1..=1000).contains(&w) => w as u32,
+                    _ => return Err(format!(":{at}: account `{name}` needs a `weight` from 1 to 1000")),
+                };
+                if let Some((k, _)) = t.iter().find(|(k, _)| *k != "name" && *k != "weight") {
+                    return Err(format!(":{at}: unknown field `{k}` in account `{name}`"));
+                }
+                out.weights.insert(name.to_string(), weight);
             }
         }
         let Some(tables) = doc.get("pool") else { return Ok(out) };
+
         let Some(tables) = tables.as_array_of_tables() else {
             return Err(":1: `pool` must be `[[pool]]` tables".into());
         };
@@ -202,6 +222,11 @@ impl Pools {
 
     pub fn get(&self, name: &str) -> Option<&Pool> {
         self.pools.get(name)
+    }
+
+    /// An account's fair-share weight.
+    pub fn weight(&self, account: &str) -> u32 {
+        self.weights.get(account).copied().unwrap_or(1)
     }
 
     /// The pools a job may run in: those it names (each must exist), else all.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use berth_shared::codec::{read_frame, write_frame};
 use berth_shared::ids::LeaseId;
-use berth_shared::wire::{Assignment, CoordMsg, KillReason, OutputFrame, WorkerMsg, MAX_CHUNK_BYTES};
+use berth_shared::wire::{CoordMsg, KillReason, OutputFrame, WorkerMsg, MAX_CHUNK_BYTES};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -25,9 +25,17 @@ use crate::store::{ChunkVerdict, FinishVerdict, LogChunk, StoreError, WorkerCaps
 
 enum Event {
     Frame(WorkerMsg),
-    Claimed { asked: u32, result: Result<Vec<Assignment>, StoreError> },
-    Finished { lease: LeaseId, result: Result<FinishVerdict, StoreError> },
+    Claimed {
+        asked: u32,
+        result: Result<crate::store::Claimed, StoreError>,
+    },
+    Finished {
+        lease: LeaseId,
+        result: Result<FinishVerdict, StoreError>,
+    },
     Renewed(Result<Vec<LeaseId>, StoreError>),
+    /// A task waits for a spill delay to pass: claim again.
+    Retry,
     Closed(String),
 }
 
@@ -112,6 +120,7 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
         })
         .await
         .unwrap_or(false);
+        let labels_for_caps = labels.clone();
         let (ctrl_tx, mut ctrl_rx) = mpsc::unbounded_channel::<CoordMsg>();
         let valid: Vec<LeaseId> = held.iter().filter(|l| !reconciled.stale.contains(l)).copied().collect();
         a.registry.do_send(registry::Connect {
@@ -134,6 +143,8 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
             gpus: host.gpus.len() as u32,
             pool: joined.name.clone(),
             pool_free: joined.is_free(),
+            labels: labels_for_caps,
+            gpu_list: host.gpus.clone(),
         });
 
         let (ev_tx, mut ev) = mpsc::unbounded_channel::<Event>();
@@ -182,6 +193,10 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
 
         let mut work = shared.store.work.subscribe();
         let mut wanted: u32 = 0;
+        // What the worker last said it has free (it sends `WantFit`), less what was
+        // handed out since.
+        let mut free: Option<crate::store::Free> = None;
+        let mut retry_armed = false;
         let mut claiming = false;
         let mut hint = true;
         let mut last_heard = Instant::now();
@@ -197,9 +212,9 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
                 claiming = true;
                 hint = false;
                 let store = a.job_store.clone();
-                let (worker, caps, ev_tx, asked) = (name.clone(), caps.clone(), ev_tx.clone(), wanted);
+                let (worker, caps, ev_tx, asked, free) = (name.clone(), caps.clone(), ev_tx.clone(), wanted, free.clone());
                 actix_rt::spawn(async move {
-                    let result = store.send(job_store::Claim { worker, n: asked, caps }).await.unwrap_or(Err(StoreError::Stopped));
+                    let result = store.send(job_store::Claim { worker, n: asked, caps, free }).await.unwrap_or(Err(StoreError::Stopped));
                     let _ = ev_tx.send(Event::Claimed { asked, result });
                 });
             }
@@ -226,6 +241,17 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
                 }
                 Event::Frame(WorkerMsg::Want { n }) => {
                     wanted = wanted.saturating_add(n).min(100_000);
+                    hint = true;
+                    None
+                }
+                Event::Frame(WorkerMsg::WantFit { n, free: f }) => {
+                    wanted = wanted.saturating_add(n).min(100_000);
+                    free = Some(f);
+                    hint = true;
+                    None
+                }
+                Event::Retry => {
+                    retry_armed = false;
                     hint = true;
                     None
                 }
@@ -268,9 +294,24 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
                 Event::Claimed { asked, result } => {
                     claiming = false;
                     match result {
-                        Ok(got) => {
+                        Ok(claimed) => {
+                            let got = claimed.tasks;
                             if got.len() as u32 == asked {
                                 hint = true;
+                            }
+                            if let Some(f) = free.as_mut() {
+                                for g in &got {
+                                    f.take(&g.spec.resources);
+                                }
+                            }
+                            if let (Some(d), false) = (claimed.retry_in, retry_armed) {
+                                // A task is waiting for cheaper pools first: look again when its spill delay is over.
+                                retry_armed = true;
+                                let ev_tx = ev_tx.clone();
+                                actix_rt::spawn(async move {
+                                    tokio::time::sleep(d + Duration::from_millis(20)).await;
+                                    let _ = ev_tx.send(Event::Retry);
+                                });
                             }
                             wanted = wanted.saturating_sub(got.len() as u32);
                             if got.is_empty() {

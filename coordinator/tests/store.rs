@@ -154,7 +154,7 @@ impl Harness {
 
     fn claim_with(&mut self, worker: &str, n: u32, caps: &WorkerCaps, now: DateTime<Utc>, ttl: Duration) -> Vec<Assignment> {
         let (worker, caps) = (worker.to_string(), Arc::new(caps.clone()));
-        self.call(|reply| Op::Claim { worker, n, caps, now, ttl, reply }).expect("claim")
+        self.call(|reply| Op::Claim { worker, n, caps, free: None, now, ttl, reply }).expect("claim").tasks
     }
 
     fn claim(&mut self, worker: &str, n: u32, now: DateTime<Utc>) -> Vec<Assignment> {
@@ -311,7 +311,16 @@ fn array(start: u32, end: u32) -> JobSpec {
 }
 
 fn cpu_worker() -> WorkerCaps {
-    WorkerCaps { executors: vec!["process".into()], cpus: 8, mem_mib: 16 * 1024, gpus: 0, pool: "default".into(), pool_free: true }
+    WorkerCaps {
+        executors: vec!["process".into()],
+        cpus: 8,
+        mem_mib: 16 * 1024,
+        gpus: 0,
+        pool: "default".into(),
+        pool_free: true,
+        labels: Vec::new(),
+        gpu_list: Vec::new(),
+    }
 }
 
 fn exited(code: i32) -> Outcome {
@@ -396,7 +405,8 @@ fn claim_leases_distinct_tasks_within_caps_and_drain(h: &mut Harness) {
     assert!(a.iter().all(|x| x.job == arr && x.attempt == 1), "[{}] the GPU job is skipped: {a:?}", h.backend);
     assert_eq!(indices(&a), vec![Some(0), Some(1), Some(2)]);
 
-    let gpu_caps = WorkerCaps { gpus: 1, ..cpu_worker() };
+    let gpu = berth_shared::wire::GpuInfo { index: 0, uuid: "GPU-0".into(), model: "NVIDIA H100".into(), vram_mib: 81559 };
+    let gpu_caps = WorkerCaps { gpus: 1, gpu_list: vec![gpu], ..cpu_worker() };
     let g = h.claim_with("g1", 1, &gpu_caps, at(1), TTL);
     assert_eq!(g.len(), 1);
     assert_eq!((g[0].job, g[0].index, g[0].attempt), (gpu_job, None, 1), "[{}] a GPU worker gets the GPU job", h.backend);
@@ -569,10 +579,11 @@ fn restart_gives_running_leases_a_full_ttl(h: &mut Harness) {
     let n = h.call(|reply| Op::RestartLeases { now: at_ms(up), ttl: TTL, reply }).expect("restart leases");
     assert_eq!(n, 2, "[{}] the two leases that ran out get a new TTL; the long one keeps its own", h.backend);
 
-    assert!(h.expire(at_ms(up + ttl_ms() - 1)).is_empty(), "[{}] no lease expires before restart + TTL", h.backend);
+    let grace = berth_coordinator::lease::RECONNECT_ALLOWANCE.as_millis() as i64;
+    assert!(h.expire(at_ms(up + ttl_ms() + grace - 1)).is_empty(), "[{}] no lease expires before restart + TTL + reconnect allowance", h.backend);
     assert_eq!(h.finish("w1", a, exited(0), at_ms(up + 10_000)), FinishVerdict::Recorded, "[{}] a survived", h.backend);
-    let gone = h.expire(at_ms(up + ttl_ms()));
-    assert_eq!(gone.iter().map(|e| e.lease).collect::<Vec<_>>(), vec![b], "[{}] b expires at restart + TTL", h.backend);
+    let gone = h.expire(at_ms(up + ttl_ms() + grace));
+    assert_eq!(gone.iter().map(|e| e.lease).collect::<Vec<_>>(), vec![b], "[{}] b expires at restart + TTL + allowance", h.backend);
     assert!(h.expire(at_ms(7_200_000 - 1)).is_empty());
     assert_eq!(h.expire(at_ms(7_200_000)).iter().map(|e| e.lease).collect::<Vec<_>>(), vec![c]);
 }
@@ -854,7 +865,7 @@ fn two_coordinators(h: &mut Harness) {
                 verdicts.push(rx);
             }
             let (tx, next) = oneshot::channel();
-            ops.push(Op::Claim { worker: worker.into(), n: 16, caps: caps.clone(), now, ttl: TTL, reply: Some(tx) });
+            ops.push(Op::Claim { worker: worker.into(), n: 16, caps: caps.clone(), free: None, now, ttl: TTL, reply: Some(tx) });
             for reply in store.apply(ops).replies {
                 reply();
             }
@@ -862,7 +873,7 @@ fn two_coordinators(h: &mut Harness) {
                 let v = rx.blocking_recv().expect("reply").expect("finish");
                 assert_eq!(v, FinishVerdict::Recorded, "{worker}: a claimed task's result is recorded");
             }
-            let got = next.blocking_recv().expect("reply").expect("claim");
+            let got = next.blocking_recv().expect("reply").expect("claim").tasks;
             if got.is_empty() {
                 return claimed;
             }
@@ -887,9 +898,18 @@ fn two_coordinators(h: &mut Harness) {
         assert!(seen.insert(*t), "task {t:?} was claimed twice");
     }
     assert_eq!(seen.len(), 2200, "every task claimed (a {}, b {})", a.len(), b.len());
-    assert!(call_on(other.as_mut(), |reply| Op::Claim { worker: "w-c".into(), n: 10, caps: Arc::new(cpu_worker()), now: at(100_000), ttl: TTL, reply })
-        .expect("claim")
-        .is_empty());
+    assert!(call_on(other.as_mut(), |reply| Op::Claim {
+        worker: "w-c".into(),
+        n: 10,
+        caps: Arc::new(cpu_worker()),
+        free: None,
+        now: at(100_000),
+        ttl: TTL,
+        reply
+    })
+    .expect("claim")
+    .tasks
+    .is_empty());
 
     let s = h.summary(arr);
     assert_eq!(

@@ -167,6 +167,10 @@ fn bad_rates_caps_and_pools_are_refused_and_change_nothing() -> Result<()> {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
     }
+    // An account with no budget and no spend is named as unknown.
+    let out = b.c.berth_as(&b.admin, &["budget", "show", "--account", "nosuch"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no account `nosuch`"));
     // No budget: a paid-only job is refused with what to do; free work needs none.
     let out = b.c.berth(&["submit", "--max-runtime", "10s", "--cpus", "1", "--pool", "cloud", "--", "true"]);
     assert_eq!(out.status.code(), Some(3));

@@ -5,6 +5,7 @@ mod bad_input;
 mod budget;
 mod docker;
 mod drain;
+mod gpus;
 mod jobs;
 mod leases;
 mod postgres;

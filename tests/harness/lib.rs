@@ -266,10 +266,18 @@ impl Cluster {
 
     /// `spawn_worker` with more `berth-worker` flags.
     pub fn spawn_worker_with(&mut self, name: &str, slots: usize, flags: &[&str]) -> Result<()> {
+        self.spawn_worker_env(name, slots, flags, &[])
+    }
+
+    /// `spawn_worker_with` and environment variables (a fake `nvidia-smi` on `PATH`).
+    pub fn spawn_worker_env(&mut self, name: &str, slots: usize, flags: &[&str], env: &[(&str, String)]) -> Result<()> {
         let enrolled = self.path(&format!("w-{name}")).join("worker.pem").exists();
         let token = if enrolled { None } else { Some(self.token()?) };
         let mut cmd = self.worker_cmd(name, slots, token.as_deref());
         cmd.args(flags);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let n = self.workers.len();
         let log = self.path(&format!("worker-{name}.{n}.log"));
         cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log)?).stdin(Stdio::null());
@@ -433,3 +441,26 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
 
 pub mod docker;
 pub mod raw;
+
+/// A directory holding a fake `nvidia-smi` that reports `gpus` (index, model, MiB),
+/// to put first on a worker's `PATH`: CI has no GPU.
+pub fn fake_nvidia_smi(dir: &Path, gpus: &[(u32, &str, u64)]) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    let mut lines = String::new();
+    for (i, model, mib) in gpus {
+        lines.push_str(&format!("{i}, GPU-{i:08x}-aaaa-bbbb-cccc-{:012x}, {model}, {mib} MiB\n", dir.as_os_str().len()));
+    }
+    let script = format!(
+        "#!/bin/sh\n# A fake nvidia-smi for tests: answers the one query berth-worker makes.\ncase \"$*\" in\n  *--query-gpu=index,uuid,name,memory.total*) printf '{lines}' ;;\n  *) echo 'fake nvidia-smi' ;;\nesac\n"
+    );
+    let path = dir.join("nvidia-smi");
+    std::fs::write(&path, script)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(dir.to_path_buf())
+}
+
+/// `PATH` with `dir` first.
+pub fn path_with(dir: &Path) -> String {
+    format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default())
+}

@@ -99,6 +99,7 @@ impl RawWorker {
             executors: vec!["process".into()],
             server_name: None,
             docker_pids_limit: 4096,
+            limits: Default::default(),
         };
         let id = berth_worker::identity::load_or_enrol(&cfg).await?;
         let endpoint = client_endpoint(client_config(ca_pem, Some(&id))?, false)?;

@@ -28,6 +28,8 @@ pub struct WorkerConfig {
     pub server_name: Option<String>,
     /// The most processes a job's container may hold.
     pub docker_pids_limit: i64,
+    /// What the operator allows this worker to use.
+    pub limits: host::HostLimits,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -52,6 +52,15 @@ struct Cli {
     /// The name the coordinator's certificate is checked against (default: the address's host).
     #[arg(long)]
     server_name: Option<String>,
+    /// Use only these GPUs (indices, comma-separated), e.g. `--gpus 0,2`.
+    #[arg(long, value_delimiter = ',')]
+    gpus: Option<Vec<u32>>,
+    /// Offer this many CPUs instead of all of them.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    cpus: Option<u32>,
+    /// Offer this much memory instead of all of it, e.g. 64G.
+    #[arg(long, value_parser = berth_shared::duration::parse_size_mib)]
+    mem: Option<u64>,
     /// Print what this host has and exit.
     #[arg(long)]
     print_host: bool,
@@ -108,7 +117,9 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
             return Err((2, format!("unknown executor `{e}`: this worker offers `process` and `docker`")));
         }
     }
-    let host = berth_worker::host::detect(&cli.executors);
+    let limits = berth_worker::host::HostLimits { gpus: cli.gpus.clone(), cpus: cli.cpus, mem_mib: cli.mem };
+    let (host, gpu_source) = berth_worker::host::detect_limited(&cli.executors, &limits).map_err(|e| (2, e))?;
+    tracing::debug!(?gpu_source, gpus = host.gpus.len(), "host detected");
     if cli.print_host {
         println!("{}", serde_json::to_string_pretty(&host).map_err(|e| (1, e.to_string()))?);
         return Ok(());
@@ -136,6 +147,7 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
         executors: cli.executors,
         server_name: cli.server_name,
         docker_pids_limit: cli.docker_pids_limit,
+        limits,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| (1, format!("cannot start the runtime: {e}")))?;
     rt.block_on(berth_worker::run(cfg, shutdown_signal())).map_err(|e| (1, chain(&e)))

@@ -17,7 +17,7 @@ use berth_shared::dial::{client_endpoint, dial, Dialed};
 use berth_shared::ids::LeaseId;
 use berth_shared::job::Outcome;
 use berth_shared::tls::client_config;
-use berth_shared::wire::{Assignment, CoordMsg, HostInfo, KillReason, OutputFrame, PeerKind, WorkerMsg};
+use berth_shared::wire::{Assignment, CoordMsg, FreeResources, GpuInfo, HostInfo, KillReason, OutputFrame, PeerKind, WorkerMsg};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -36,6 +36,10 @@ enum Phase {
 
 struct Attempt {
     a: Assignment,
+    /// The GPUs set aside for it (their indices are all the job sees).
+    gpus: Vec<GpuInfo>,
+    /// Whether its resources are still set aside (until its process ends).
+    holds: bool,
     spool: Arc<Spool>,
     kill: watch::Sender<Option<KillReason>>,
     phase: Phase,
@@ -63,6 +67,8 @@ struct Link {
     send: quinn::SendStream,
     /// Tasks asked for on this connection and not yet assigned.
     asked: usize,
+    /// The free resources last reported on this connection.
+    free_sent: Option<FreeResources>,
     senders: HashMap<LeaseId, JoinHandle<()>>,
 }
 
@@ -101,6 +107,8 @@ fn max_backoff(ttl: Option<Duration>) -> Duration {
 struct State {
     cfg: WorkerConfig,
     host: HostInfo,
+    /// What is not set aside for running or waiting attempts.
+    free: FreeResources,
     /// The lease TTL the coordinator last announced.
     lease_ttl: Option<Duration>,
     attempts: HashMap<LeaseId, Attempt>,
@@ -112,6 +120,22 @@ struct State {
 }
 
 impl State {
+    /// Forgets an attempt and gives back what was set aside for it.
+    fn drop_attempt(&mut self, lease: LeaseId) -> Option<Attempt> {
+        self.release(lease);
+        self.attempts.remove(&lease)
+    }
+
+    /// Gives back what an attempt set aside (once: when its process has ended).
+    fn release(&mut self, lease: LeaseId) {
+        if let Some(at) = self.attempts.get_mut(&lease) {
+            if at.holds {
+                at.holds = false;
+                self.free.give_back(&at.a.spec.resources, at.gpus.clone());
+            }
+        }
+    }
+
     fn running(&self) -> usize {
         self.attempts.values().filter(|a| matches!(a.phase, Phase::Running)).count()
     }
@@ -131,9 +155,12 @@ impl State {
     async fn want_more(&mut self, link: &mut Option<Link>) {
         let Some(l) = link.as_mut() else { return };
         let n = to_request(self.slots.len(), self.cfg.prefetch, self.running(), self.queue.len(), l.asked);
-        if n > 0 {
+        // Ask for more, or say that resources came free (the coordinator claims
+        // against what it was last told).
+        if n > 0 || l.free_sent.as_ref() != Some(&self.free) {
             l.asked += n as usize;
-            l.send(&WorkerMsg::Want { n }).await;
+            l.free_sent = Some(self.free.clone());
+            l.send(&WorkerMsg::WantFit { n, free: self.free.clone() }).await;
         }
     }
 
@@ -152,14 +179,25 @@ impl State {
                 }
             };
             let (kill, _) = watch::channel(None);
-            self.attempts
-                .insert(lease, Attempt { a, spool, kill, phase: Phase::Queued, slot: None, finish_sent: false, stale: false, freeze: None, frozen: None });
+            // The coordinator handed this out against what we said was free; set it aside.
+            let (gpus, holds) = match self.free.take(&a.spec.resources) {
+                Some(g) => (g, true),
+                None => {
+                    tracing::warn!(lease = %lease, "an assigned task does not fit what is free; it runs without resources set aside");
+                    (Vec::new(), false)
+                }
+            };
+            self.attempts.insert(
+                lease,
+                Attempt { a, gpus, holds, spool, kill, phase: Phase::Queued, slot: None, finish_sent: false, stale: false, freeze: None, frozen: None },
+            );
             self.queue.push_back(lease);
         }
     }
 
     /// Starts queued attempts while slots are free.
     fn start_queued(&mut self, link: &mut Option<Link>) {
+        let has_gpus = !self.host.gpus.is_empty();
         while self.slots.free() > 0 {
             let Some(lease) = self.queue.pop_front() else { break };
             let Some(slot) = self.slots.acquire() else { break };
@@ -183,7 +221,7 @@ impl State {
                     rx
                 }
             };
-            let env = job_env(&at.a, slot, &workspace, &cfg.name);
+            let env = job_env(&at.a, &at.gpus, has_gpus, slot, &workspace, &cfg.name);
             // In a container the workspace is at /workspace.
             let env = env.map(|mut env| {
                 if container.is_some() {
@@ -197,7 +235,12 @@ impl State {
                 workspace,
                 max_runtime: at.a.spec.max_runtime_ms.map(Duration::from_millis),
                 grace: GRACE,
-                record: Some(cfg.work_dir.join(if container.is_some() { "containers" } else { "groups" }).join(lease.to_string())),
+                // A process group is recorded per slot (the file is reused: creating and deleting
+                // one per attempt costs more than a trivial job); a container per attempt.
+                record: Some(match container {
+                    Some(_) => cfg.work_dir.join("containers").join(lease.to_string()),
+                    None => cfg.work_dir.join("groups").join(format!("slot-{slot}")),
+                }),
             };
             let spool = at.spool.clone();
             let kill = at.kill.subscribe();
@@ -264,9 +307,10 @@ impl State {
                 }
                 if at.stale {
                     at.spool.remove();
-                    self.attempts.remove(&lease);
+                    self.drop_attempt(lease);
                 } else {
                     at.phase = Phase::Done(outcome);
+                    self.release(lease);
                 }
                 self.start_queued(link);
                 self.want_more(link).await;
@@ -313,7 +357,7 @@ impl State {
                 at.spool.close();
                 if at.stale {
                     at.spool.remove();
-                    self.attempts.remove(&lease);
+                    self.drop_attempt(lease);
                 } else {
                     at.phase = Phase::Done(Outcome { exit_code: None, signal: None, timed_out: false, killed: true, runtime_ms: 0, error: None });
                 }
@@ -325,7 +369,7 @@ impl State {
             Phase::Done(_) => {
                 if at.stale {
                     at.spool.remove();
-                    self.attempts.remove(&lease);
+                    self.drop_attempt(lease);
                 }
             }
         }
@@ -362,7 +406,7 @@ impl State {
                         });
                     }
                 }
-                if let Some(at) = self.attempts.remove(&lease) {
+                if let Some(at) = self.drop_attempt(lease) {
                     at.spool.remove();
                 }
                 if let Some(h) = link.as_mut().and_then(|l| l.senders.remove(&lease)) {
@@ -436,19 +480,45 @@ impl State {
     }
 }
 
+/// Empties a slot's workspace for its next attempt (keeping the directory: an empty
+/// workspace, the common case, costs one `readdir`).
 fn prepare_workspace(dir: &std::path::Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    let emptied = (|| -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                std::fs::remove_dir_all(e.path())?;
+            } else {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        Ok(())
+    })();
+    match emptied {
+        Ok(()) => Ok(()),
+        // Missing, or a job changed its permissions: start it afresh.
+        Err(_) => {
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            std::fs::create_dir_all(dir)
+        }
     }
-    std::fs::create_dir_all(dir)
 }
 
 /// The job's environment on top of the worker's: its own variables, secrets
 /// resolved here (never sent or stored), and BERTH_* facts.
-fn job_env(a: &Assignment, slot: usize, workspace: &std::path::Path, worker: &str) -> Result<Vec<(String, String)>, String> {
+fn job_env(a: &Assignment, gpus: &[GpuInfo], has_gpus: bool, slot: usize, workspace: &std::path::Path, worker: &str) -> Result<Vec<(String, String)>, String> {
     let mut env: Vec<(String, String)> = a.spec.env.clone();
+    if has_gpus || !gpus.is_empty() {
+        // Only the GPUs it was given: a job that asked for none sees none, so two jobs
+        // never share a GPU.
+        let list = gpus.iter().map(|g| g.index.to_string()).collect::<Vec<_>>().join(",");
+        env.push(("CUDA_VISIBLE_DEVICES".into(), list.clone()));
+        env.push(("NVIDIA_VISIBLE_DEVICES".into(), if list.is_empty() { "none".into() } else { list }));
+    }
     for (var, name) in &a.spec.secrets {
         match std::env::var(name) {
             Ok(v) => env.push((var.clone(), v)),
@@ -546,11 +616,13 @@ pub async fn run(mut cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> R
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).map_err(|source| WorkerError::WorkDir { path: p.clone(), source })?;
     }
-    let host = crate::host::detect(&cfg.executors);
+    let host = crate::host::detect_limited(&cfg.executors, &cfg.limits).map(|(h, _)| h).map_err(WorkerError::Setup)?;
     // `docker` says whether the engine answered, when the docker executor was asked for.
     let host = HostInfo { docker: engine.is_some() || (host.docker && !docker_asked), ..host };
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let mut state = State { slots: SlotTable::new(cfg.slots), engine, cfg, host, lease_ttl: None, attempts: HashMap::new(), queue: VecDeque::new(), ev_tx };
+    let free = FreeResources { millicpus: host.cpus.saturating_mul(1000), mem_mib: host.mem_mib, gpus: host.gpus.clone() };
+    let mut state =
+        State { slots: SlotTable::new(cfg.slots), engine, cfg, host, free, lease_ttl: None, attempts: HashMap::new(), queue: VecDeque::new(), ev_tx };
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     let endpoint = {
@@ -687,7 +759,7 @@ async fn session(
             }
         }
     });
-    let mut link = Some(Link { conn: conn.clone(), send, asked: 0, senders: HashMap::new() });
+    let mut link = Some(Link { conn: conn.clone(), send, asked: 0, free_sent: None, senders: HashMap::new() });
     // Resend what the coordinator has not acknowledged.
     let leases: Vec<LeaseId> = state.attempts.keys().copied().collect();
     for lease in leases {

@@ -33,7 +33,8 @@ struct Inner {
 
 pub struct Spool {
     path: PathBuf,
-    file: Mutex<File>,
+    /// Opened on the first chunk: an attempt that prints nothing costs no file.
+    file: Mutex<Option<File>>,
     inner: Mutex<Inner>,
     /// Woken when a chunk is appended or the spool is closed.
     pub notify: Notify,
@@ -55,8 +56,12 @@ pub struct Chunk {
 
 impl Spool {
     pub fn create(path: &Path) -> std::io::Result<Spool> {
-        let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(path)?;
-        Ok(Spool { path: path.to_path_buf(), file: Mutex::new(file), inner: Mutex::new(Inner::default()), notify: Notify::new() })
+        if let Some(dir) = path.parent() {
+            if !dir.is_dir() {
+                return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("spool directory {} is missing", dir.display())));
+            }
+        }
+        Ok(Spool { path: path.to_path_buf(), file: Mutex::new(None), inner: Mutex::new(Inner::default()), notify: Notify::new() })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -76,7 +81,12 @@ impl Spool {
         rec.extend_from_slice(data);
         {
             let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-            f.write_all(&rec)?;
+            if f.is_none() {
+                *f = Some(std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&self.path)?);
+            }
+            if let Some(f) = f.as_mut() {
+                f.write_all(&rec)?;
+            }
         }
         let offset = inner.end + HEADER as u64;
         inner.end += rec.len() as u64;
@@ -133,13 +143,16 @@ impl Spool {
         };
         let mut data = vec![0u8; meta.len as usize];
         let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(f) = f.as_ref() else { return Err(std::io::Error::other("the spool has chunks but no file")) };
         f.read_exact_at(&mut data, meta.offset)?;
         Ok(Some(Chunk { stream: meta.stream, seq: meta.seq, data }))
     }
 
-    /// Deletes the spool file.
+    /// Deletes the spool file, if one was written.
     pub fn remove(&self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.file.lock().unwrap_or_else(|p| p.into_inner()).take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -7,7 +7,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use berth_shared::ids::{JobId, JobSelector, LeaseId};
 use berth_shared::job::{JobSpec, Outcome};
-use berth_shared::wire::Assignment;
 use chrono::Utc;
 
 use crate::store::{
@@ -69,8 +68,8 @@ store_message!(
 
 store_message!(
     /// Claim up to `n` tasks for a worker; each comes with a fresh lease.
-    Claim { worker: String, n: u32, caps: Arc<WorkerCaps> } -> Vec<Assignment>, |m, store, ttl| {
-    store.call(|reply| Op::Claim { worker: m.worker, n: m.n, caps: m.caps, now: Utc::now(), ttl, reply }).await
+    Claim { worker: String, n: u32, caps: Arc<WorkerCaps>, free: Option<crate::store::Free> } -> crate::store::Claimed, |m, store, ttl| {
+    store.call(|reply| Op::Claim { worker: m.worker, n: m.n, caps: m.caps, free: m.free, now: Utc::now(), ttl, reply }).await
 });
 
 store_message!(

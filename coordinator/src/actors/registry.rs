@@ -296,3 +296,34 @@ impl Handler<List> for WorkerRegistry {
         MessageResult(out)
     }
 }
+
+/// Why no connected worker could run a job, if none could.
+#[derive(Message)]
+#[rtype(result = "Option<String>")]
+pub struct Explain {
+    pub spec: berth_shared::job::JobSpec,
+}
+
+impl Handler<Explain> for WorkerRegistry {
+    type Result = Option<String>;
+    fn handle(&mut self, m: Explain, _: &mut Self::Context) -> Self::Result {
+        let caps: Vec<crate::store::WorkerCaps> = self
+            .workers
+            .values()
+            .filter(|e| e.tx.is_some())
+            .map(|e| crate::store::WorkerCaps {
+                executors: e.host.executors.clone(),
+                cpus: e.host.cpus,
+                mem_mib: e.host.mem_mib,
+                gpus: e.host.gpus.len() as u32,
+                pool: e.pool.clone(),
+                // Whether its pool is free matters only for jobs without a max runtime,
+                // which the budget has already kept to free pools.
+                pool_free: true,
+                labels: e.labels.clone(),
+                gpu_list: e.host.gpus.clone(),
+            })
+            .collect();
+        crate::store::explain_unrunnable(&m.spec, &caps)
+    }
+}

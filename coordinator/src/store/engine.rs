@@ -105,6 +105,63 @@ struct JobMeta {
     attempt_estimate: Decimal,
 }
 
+/// A task a claim may take.
+#[derive(Clone, Copy)]
+enum Candidate {
+    Requeued { job_seq: i64, idx: i64, attempt: u32, queued_at: i64 },
+    Cursor { job_seq: i64, next: i64, end: i64, queued_at: i64, taken: i64 },
+}
+
+impl Candidate {
+    fn job_seq(&self) -> i64 {
+        match self {
+            Candidate::Requeued { job_seq, .. } | Candidate::Cursor { job_seq, .. } => *job_seq,
+        }
+    }
+    fn queued_at(&self) -> i64 {
+        match self {
+            Candidate::Requeued { queued_at, .. } | Candidate::Cursor { queued_at, .. } => *queued_at,
+        }
+    }
+}
+
+/// Whether this worker may take a task of `spec` now. `Ok` carries the routing reason
+/// for the event; `Err(Some(d))` means "not yet: a cheaper pool may still take it, ask
+/// again in `d`"; `Err(None)` means "not here".
+fn fits(
+    spec: &JobSpec,
+    caps: &WorkerCaps,
+    mine: &crate::pools::Pool,
+    pools: &crate::pools::Pools,
+    free: Option<&Free>,
+    queued_at: i64,
+    now: i64,
+) -> Result<Option<String>, Option<Duration>> {
+    if !caps.can_run(spec) {
+        return Err(None);
+    }
+    if let Some(f) = free {
+        if !f.fits(&spec.resources) {
+            return Err(None);
+        }
+    }
+    // Routing: a cheaper kind among the job's eligible pools has the first claim until
+    // this pool's spill delay has passed.
+    let eligible = pools.eligible(&spec.pools).unwrap_or_default();
+    let cheaper = eligible.iter().any(|p| p.kind < mine.kind && (p.is_free() || spec.max_runtime_ms.is_some()));
+    let waited = Duration::from_millis((now - queued_at).max(0) as u64);
+    let delay = Duration::from_secs(mine.spill_after_s);
+    if cheaper && waited < delay {
+        return Err(Some(delay - waited));
+    }
+    let kind = format!("{:?}", mine.kind).to_lowercase();
+    Ok(Some(if cheaper {
+        format!("pool {} ({kind}): waited {:.1}s with no cheaper slot free", mine.name, waited.as_secs_f64())
+    } else {
+        format!("pool {} ({kind})", mine.name)
+    }))
+}
+
 /// The reply of one applied operation, sent once the batch's fate is known.
 type Pending = Box<dyn FnOnce(&mut Op, bool) + Send>;
 
@@ -235,6 +292,21 @@ impl<D: Db> Store<D> {
     /// (so concurrent coordinators lock job rows in the same order), then sets each
     /// job's aggregate state from the counts as they now stand.
     fn flush_counts(&mut self, s: &mut Scratch) -> Result<(), StoreError> {
+        // Ending a job may release or cancel its dependants, which moves counts again.
+        for _ in 0..1000 {
+            if s.moves.is_empty() && s.touched.is_empty() {
+                return Ok(());
+            }
+            let ended = self.flush_once(s)?;
+            for (seq, state) in ended {
+                self.release_children(seq, state, s)?;
+            }
+        }
+        Err(StoreError::Api(ApiError::new(ErrorKind::Internal, "dependency chain too long to settle in one batch")))
+    }
+
+    /// One pass of `flush_counts`; returns the jobs that have just ended.
+    fn flush_once(&mut self, s: &mut Scratch) -> Result<Vec<(i64, JobState)>, StoreError> {
         let mut deltas: BTreeMap<i64, [i64; 9]> = BTreeMap::new();
         for (seq, from, to, n) in s.moves.drain(..) {
             let d = deltas.entry(seq).or_default();
@@ -246,6 +318,7 @@ impl<D: Db> Store<D> {
         }
         let set: Vec<String> = COUNT_COLS.iter().enumerate().map(|(i, c)| format!("{c} = {c} + ?{}", i + 1)).collect();
         let sql = format!("UPDATE jobs SET {} WHERE seq = ?10 RETURNING id, state, ended_at, {}", set.join(", "), COUNT_COLS.join(", "));
+        let mut ended_now = Vec::new();
         for (seq, d) in deltas {
             let mut params: Vec<Val> = d.iter().map(|v| Val::I64(*v)).collect();
             params.push(Val::I64(seq));
@@ -253,12 +326,44 @@ impl<D: Db> Store<D> {
             let id = job_id(&row.str(0)?)?;
             let counts = counts_from(&row, 3)?;
             let state = counts.aggregate();
+            let before = state_of(&row.str(1)?);
             let ended = row.opt_i64(2)?;
             let now_ended = if counts.unfinished() == 0 { ended.or_else(|| Some(ms(Utc::now()))) } else { None };
-            if state.as_str() != row.str(1)? || now_ended != ended {
+            if state != before || now_ended != ended {
                 self.db.exec("UPDATE jobs SET state = ?1, ended_at = ?2 WHERE seq = ?3", p![state.as_str(), now_ended, seq])?;
             }
+            if state.is_terminal() && !before.is_terminal() {
+                ended_now.push((seq, state));
+            }
             s.notices.push(Notice::Job { job: id, counts, state });
+        }
+        Ok(ended_now)
+    }
+
+    /// A parent ended: children waiting with `:any`, or with `:ok` on a success, lose
+    /// one blocker; children waiting with `:ok` on anything else are cancelled.
+    fn release_children(&mut self, parent: i64, state: JobState, s: &mut Scratch) -> Result<(), StoreError> {
+        let children = self.db.query("SELECT child_seq, cond FROM deps WHERE parent_seq = ?1", p![parent])?;
+        if children.is_empty() {
+            return Ok(());
+        }
+        self.db.exec("DELETE FROM deps WHERE parent_seq = ?1", p![parent])?;
+        let parent_id = self.meta(parent)?.id;
+        for c in children {
+            let (child, cond) = (c.i64(0)?, c.str(1)?);
+            if cond == "ok" && state != JobState::Succeeded {
+                let id = self.meta(child)?.id;
+                let why = format!("dependency {parent_id} ended {state}, and this job ran only after it succeeded");
+                match self.cancel(&JobSelector { prefix: id.to_string(), index: None }, &why, Utc::now(), s) {
+                    Ok((_, _, kills)) => debug_assert!(kills.is_empty(), "a blocked job runs nothing"),
+                    Err(StoreError::Api(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            } else {
+                self.db.exec("UPDATE jobs SET blocked = blocked - 1 WHERE seq = ?1", p![child])?;
+                self.event(child, None, Utc::now(), JobState::Queued, 0, None, Some(&format!("dependency {parent_id} ended {state}")))?;
+                s.work = true;
+            }
         }
         Ok(())
     }
@@ -324,9 +429,9 @@ impl<D: Db> Store<D> {
                 let (account, run, month, by, now) = (account.clone(), *run, *month, by.clone(), *now);
                 run!(SetBudget, self.set_budget(&account, run, month, &by, now))
             }
-            Op::Claim { worker, n, caps, now, ttl, .. } => {
-                let (worker, n, caps, now, ttl) = (worker.clone(), *n, caps.clone(), *now, *ttl);
-                run!(Claim, self.claim(&worker, n, &caps, now, ttl, s))
+            Op::Claim { worker, n, caps, free, now, ttl, .. } => {
+                let (worker, n, caps, free, now, ttl) = (worker.clone(), *n, caps.clone(), free.clone(), *now, *ttl);
+                run!(Claim, self.claim(&worker, n, &caps, free.as_ref(), now, ttl, s))
             }
             Op::Started { worker, lease, now } => {
                 let r = self.db.exec(
@@ -512,6 +617,7 @@ impl<D: Db> Store<D> {
             return Err(StoreError::Retry(format!("idempotency key raced with job {}", row.str(0)?)));
         };
         let seq = row.i64(0)?;
+        let doomed = self.link_parents(seq, &spec)?;
         let mut what = if is_array { format!("submitted by {owner}: array {start}-{end} ({tasks} tasks)") } else { format!("submitted by {owner}") };
         if !run_estimate.is_zero() {
             what.push_str(&format!("; account {}: ", admission.account));
@@ -522,7 +628,38 @@ impl<D: Db> Store<D> {
         self.event(seq, None, now, state, 0, None, Some(&what))?;
         s.touched.insert(seq);
         s.work |= !held;
+        if let Some(why) = doomed {
+            self.cancel(&JobSelector { prefix: job.to_string(), index: None }, &why, now, s)?;
+        }
         Ok(Submitted { job, tasks, duplicate: false })
+    }
+
+    /// Records a new job's parents. A parent that has ended already counts at once;
+    /// returns why the job must be cancelled when an `:ok` parent did not succeed.
+    fn link_parents(&mut self, seq: i64, spec: &JobSpec) -> Result<Option<String>, StoreError> {
+        let mut blocked = 0;
+        let mut doomed = None;
+        for d in &spec.after {
+            let (parent, parent_id) = resolve(&mut self.db, &JobSelector { prefix: d.job.clone(), index: None }).map_err(|e| match e {
+                StoreError::Api(a) => StoreError::Api(ApiError::new(a.kind, format!("--after {}: {}", d.job, a.message))),
+                other => other,
+            })?;
+            let state = state_of(&self.db.query_one("SELECT state FROM jobs WHERE seq = ?1", p![parent])?.str(0)?);
+            let cond = match d.on {
+                berth_shared::job::AfterCond::Ok => "ok",
+                berth_shared::job::AfterCond::Any => "any",
+            };
+            if !state.is_terminal() {
+                self.db.exec("INSERT INTO deps(child_seq, parent_seq, cond) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING", p![seq, parent, cond])?;
+                blocked += 1;
+            } else if cond == "ok" && state != JobState::Succeeded {
+                doomed = Some(format!("dependency {parent_id} ended {state}, and this job ran only after it succeeded"));
+            }
+        }
+        if blocked > 0 {
+            self.db.exec("UPDATE jobs SET blocked = ?1 WHERE seq = ?2", p![blocked, seq])?;
+        }
+        Ok(doomed)
     }
 
     fn drained(&mut self, worker: &str) -> Result<bool, StoreError> {
@@ -532,76 +669,157 @@ impl<D: Db> Store<D> {
         })
     }
 
-    fn claim(&mut self, worker: &str, n: u32, caps: &WorkerCaps, now: DateTime<Utc>, ttl: Duration, s: &mut Scratch) -> Result<Vec<Assignment>, StoreError> {
-        let mut out = Vec::new();
+    /// Claims up to `n` tasks that fit this worker: its executors, labels and pool, its
+    /// free resources (when it reported them), the routing rule (a costlier pool kind
+    /// takes a job only once it has waited that pool's spill delay), dependencies and
+    /// approvals. Accounts take turns by weight, so a huge array does not starve a
+    /// small job; within an account, priority then submission order.
+    #[allow(clippy::too_many_arguments)]
+    fn claim(
+        &mut self,
+        worker: &str,
+        n: u32,
+        caps: &WorkerCaps,
+        free: Option<&Free>,
+        now: DateTime<Utc>,
+        ttl: Duration,
+        s: &mut Scratch,
+    ) -> Result<Claimed, StoreError> {
+        let mut out = Claimed::default();
         if n == 0 || self.drained(worker)? {
             return Ok(out);
         }
         let expires = ms(lease::expires_at(now, ttl));
-        // Re-queued tasks first: they have waited longest.
+        let pools = self.pools.read().map(|p| p.clone()).unwrap_or_default();
+        let my_pool = pools.get(&caps.pool).cloned().unwrap_or_else(|| crate::pools::Pool::free(&caps.pool));
+        let mut free = free.cloned();
+
+        // Candidates per account: re-queued tasks first (they have waited longest), then
+        // jobs with unclaimed indices behind their cursor.
+        let mut per_account: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
         let sql = format!(
-            "SELECT t.job_seq, t.idx, t.attempt FROM tasks t JOIN jobs j ON j.seq = t.job_seq
+            "SELECT t.job_seq, t.idx, t.attempt, COALESCE(t.queued_at, j.created_at), j.account, j.owner FROM tasks t JOIN jobs j ON j.seq = t.job_seq
              WHERE t.state = 'queued' ORDER BY j.priority DESC, t.job_seq, t.idx LIMIT ?1{}",
             self.db.skip_locked_of("t")
         );
-        let requeued = self.db.query(&sql, p![(n as i64).clamp(1, 256) * 4])?;
-        for row in requeued {
-            if out.len() as u32 >= n {
-                break;
-            }
-            let (job_seq, idx, attempt) = (row.i64(0)?, row.i64(1)?, row.u32(2)?);
-            let meta = self.meta(job_seq)?;
-            if !caps.can_run(&meta.spec) {
-                continue;
-            }
-            let lease = LeaseId::new();
-            self.db.exec(
-                "UPDATE tasks SET state = 'running', lease = ?1, worker = ?2, lease_expires = ?3, started_at = ?4, ended_at = NULL,
-                     exit_code = NULL, runtime_ms = NULL, reason = NULL WHERE job_seq = ?5 AND idx = ?6",
-                p![lease.to_string(), worker, expires, ms(now), job_seq, idx],
-            )?;
-            self.event(job_seq, Some(idx).filter(|_| meta.is_array), now, JobState::Running, attempt, Some(worker), None)?;
-            self.shift(job_seq, JobState::Queued, JobState::Running, 1, s);
-            out.push(Assignment { lease, job: meta.id, index: Self::task_index(&meta, idx), attempt, spec: (*meta.spec).clone() });
+        for r in self.db.query(&sql, p![(i64::from(n)).clamp(1, 256) * 4])? {
+            let account = r.opt_str(4)?.unwrap_or(r.str(5)?);
+            per_account.entry(account).or_default().push(Candidate::Requeued { job_seq: r.i64(0)?, idx: r.i64(1)?, attempt: r.u32(2)?, queued_at: r.i64(3)? });
         }
-        if out.len() as u32 >= n {
-            return Ok(out);
-        }
-        // Then unclaimed tasks, from each job's cursor.
+        let accounts = self.db.query("SELECT DISTINCT account FROM jobs WHERE next_idx <= idx_end AND held = 0 AND blocked = 0 LIMIT 1000", p![])?;
         let sql = format!(
-            "SELECT seq, next_idx, idx_end FROM jobs WHERE next_idx <= idx_end AND held = 0 ORDER BY priority DESC, seq LIMIT 64{}",
+            "SELECT seq, next_idx, idx_end, created_at FROM jobs WHERE account = ?1 AND next_idx <= idx_end AND held = 0 AND blocked = 0
+             ORDER BY priority DESC, seq LIMIT 16{}",
             self.db.skip_locked()
         );
-        let candidates = self.db.query(&sql, p![])?;
-        for row in candidates {
-            let want = i64::from(n) - out.len() as i64;
-            if want <= 0 {
+        for a in accounts {
+            let account = a.str(0)?;
+            let list = per_account.entry(account.clone()).or_default();
+            for r in self.db.query(&sql, p![account.as_str()])? {
+                list.push(Candidate::Cursor { job_seq: r.i64(0)?, next: r.i64(1)?, end: r.i64(2)?, queued_at: r.i64(3)?, taken: 0 });
+            }
+        }
+        if per_account.values().all(Vec::is_empty) {
+            return Ok(out);
+        }
+        // What each account runs now, for the turns.
+        let mut load: HashMap<String, f64> = HashMap::new();
+        for r in self.db.query("SELECT account, CAST(SUM(n_running) AS BIGINT) FROM jobs WHERE n_running > 0 GROUP BY account", p![])? {
+            let account = r.str(0)?;
+            let w = f64::from(pools.weight(&account));
+            load.insert(account, r.opt_i64(1)?.unwrap_or(0) as f64 / w);
+        }
+        let mut skip: HashSet<i64> = HashSet::new();
+        while (out.tasks.len() as u32) < n {
+            // The account with the least running work per weight that still has candidates.
+            let Some(account) = per_account
+                .iter()
+                .filter(|(_, c)| !c.is_empty())
+                .map(|(a, _)| a.clone())
+                .min_by(|a, b| load.get(a).copied().unwrap_or(0.0).total_cmp(&load.get(b).copied().unwrap_or(0.0)).then(a.cmp(b)))
+            else {
                 break;
-            }
-            let (job_seq, next, end) = (row.i64(0)?, row.i64(1)?, row.i64(2)?);
+            };
+            let Some(cand) = per_account.get(&account).and_then(|c| c.first()).copied() else { break };
+            let job_seq = cand.job_seq();
             let meta = self.meta(job_seq)?;
-            if !caps.can_run(&meta.spec) {
-                continue;
-            }
-            let take = want.min(end - next + 1);
-            let mut claimed = 0u64;
-            for idx in next..next + take {
-                let lease = LeaseId::new();
-                let inserted = self.db.exec(
-                    "INSERT INTO tasks(job_seq, idx, state, attempt, lease, worker, lease_expires, started_at)
-                     VALUES (?1, ?2, 'running', 1, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
-                    p![job_seq, idx, lease.to_string(), worker, expires, ms(now)],
-                )?;
-                if inserted == 0 {
-                    // Already has a row (cancelled on its own before it ran).
+            let verdict = if skip.contains(&job_seq) { Err(None) } else { fits(&meta.spec, caps, &my_pool, &pools, free.as_ref(), cand.queued_at(), ms(now)) };
+            let why = match verdict {
+                Ok(why) => why,
+                Err(wait) => {
+                    if let Some(w) = wait {
+                        out.retry_in = Some(out.retry_in.map_or(w, |r: Duration| r.min(w)));
+                    }
+                    if let Candidate::Cursor { next, taken, .. } = cand {
+                        if taken > 0 {
+                            self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![next + taken, job_seq])?;
+                        }
+                    }
+                    skip.insert(job_seq);
+                    if let Some(list) = per_account.get_mut(&account) {
+                        list.remove(0);
+                    }
                     continue;
                 }
-                self.event(job_seq, Some(idx).filter(|_| meta.is_array), now, JobState::Running, 1, Some(worker), None)?;
-                claimed += 1;
-                out.push(Assignment { lease, job: meta.id, index: Self::task_index(&meta, idx), attempt: 1, spec: (*meta.spec).clone() });
+            };
+            let lease = LeaseId::new();
+            let (idx, attempt, done) = match cand {
+                Candidate::Requeued { idx, attempt, .. } => {
+                    self.db.exec(
+                        "UPDATE tasks SET state = 'running', lease = ?1, worker = ?2, lease_expires = ?3, started_at = ?4, ended_at = NULL,
+                             exit_code = NULL, runtime_ms = NULL, reason = NULL WHERE job_seq = ?5 AND idx = ?6",
+                        p![lease.to_string(), worker, expires, ms(now), job_seq, idx],
+                    )?;
+                    (idx, attempt, true)
+                }
+                Candidate::Cursor { next, end, taken, .. } => {
+                    let idx = next + taken;
+                    if let Some(Candidate::Cursor { taken, .. }) = per_account.get_mut(&account).and_then(|c| c.first_mut()) {
+                        *taken += 1;
+                    }
+                    let done = idx >= end;
+                    let inserted = self.db.exec(
+                        "INSERT INTO tasks(job_seq, idx, state, attempt, lease, worker, lease_expires, started_at)
+                         VALUES (?1, ?2, 'running', 1, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                        p![job_seq, idx, lease.to_string(), worker, expires, ms(now)],
+                    )?;
+                    if done {
+                        self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![idx + 1, job_seq])?;
+                    }
+                    if inserted == 0 {
+                        // Already has a row (cancelled on its own before it ran).
+                        if done {
+                            if let Some(list) = per_account.get_mut(&account) {
+                                list.remove(0);
+                            }
+                        }
+                        continue;
+                    }
+                    (idx, 1, done)
+                }
+            };
+            if let Some(f) = free.as_mut() {
+                f.take(&meta.spec.resources);
             }
-            self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![next + take, job_seq])?;
-            self.shift(job_seq, JobState::Queued, JobState::Running, claimed, s);
+            self.event(job_seq, Some(idx).filter(|_| meta.is_array), now, JobState::Running, attempt, Some(worker), why.as_deref())?;
+            self.shift(job_seq, JobState::Queued, JobState::Running, 1, s);
+            out.tasks.push(Assignment { lease, job: meta.id, index: Self::task_index(&meta, idx), attempt, spec: (*meta.spec).clone() });
+            *load.entry(account.clone()).or_default() += 1.0 / f64::from(pools.weight(&account));
+            if done {
+                if let Some(list) = per_account.get_mut(&account) {
+                    list.remove(0);
+                }
+            }
+        }
+        // Cursors that advanced without reaching their end.
+        for list in per_account.values() {
+            for c in list {
+                if let Candidate::Cursor { job_seq, next, taken, .. } = c {
+                    if *taken > 0 {
+                        self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![*next + *taken, *job_seq])?;
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -815,9 +1033,9 @@ impl<D: Db> Store<D> {
         match lease::on_expiry(attempt, meta.spec.max_attempts) {
             Expiry::Requeue { next_attempt } => {
                 self.db.exec(
-                    "UPDATE tasks SET state = 'queued', attempt = ?1, lease = NULL, worker = NULL, lease_expires = NULL, reason = ?2
-                     WHERE job_seq = ?3 AND idx = ?4",
-                    p![next_attempt, why, job_seq, idx],
+                    "UPDATE tasks SET state = 'queued', attempt = ?1, lease = NULL, worker = NULL, lease_expires = NULL, reason = ?2, queued_at = ?3
+                     WHERE job_seq = ?4 AND idx = ?5",
+                    p![next_attempt, why, ms(now), job_seq, idx],
                 )?;
                 self.event(job_seq, index, now, JobState::Queued, next_attempt, Some(worker), Some(why))?;
                 self.shift(job_seq, JobState::Running, JobState::Queued, 1, s);
@@ -1401,6 +1619,21 @@ fn summary_row(r: &Row) -> Result<(i64, JobSummary), StoreError> {
     ))
 }
 
+impl<D: Db> ReadView<D> {
+    /// For a queued job held by dependencies: which parents it waits for.
+    fn waiting_for(&mut self, job_seq: i64, state: JobState) -> Result<Option<String>, StoreError> {
+        if state != JobState::Queued {
+            return Ok(None);
+        }
+        let rows = self.db.query("SELECT j.id, d.cond FROM deps d JOIN jobs j ON j.seq = d.parent_seq WHERE d.child_seq = ?1 ORDER BY j.seq", p![job_seq])?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let parents: Vec<String> = rows.iter().map(|r| Ok(format!("{} ({})", r.str(0)?, r.str(1)?))).collect::<Result<_, StoreError>>()?;
+        Ok(Some(format!("waiting for {} to end", parents.join(", "))))
+    }
+}
+
 impl<D: Db> Reader for ReadView<D> {
     fn resolve(&mut self, sel: &JobSelector) -> Result<(i64, JobId), StoreError> {
         resolve(&mut self.db, sel)
@@ -1455,6 +1688,8 @@ impl<D: Db> Reader for ReadView<D> {
             }
             (true, None) => (None, self.events(job_seq, None, true)?),
         };
+        let mut summary = summary;
+        summary.reason = self.waiting_for(job_seq, summary.state)?;
         // A frozen task says which image it was frozen into.
         let mut spec = spec;
         if let Some(t) = task.as_ref().filter(|t| t.state == JobState::Frozen) {
@@ -1470,7 +1705,13 @@ impl<D: Db> Reader for ReadView<D> {
             Some(s) => self.db.query(&format!("SELECT {SUMMARY_COLS} FROM jobs WHERE state = ?1 ORDER BY seq DESC LIMIT ?2"), p![s.as_str(), limit])?,
             None => self.db.query(&format!("SELECT {SUMMARY_COLS} FROM jobs ORDER BY seq DESC LIMIT ?1"), p![limit])?,
         };
-        rows.iter().map(|r| summary_row(r).map(|(_, s)| s)).collect()
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let (seq, mut summary) = summary_row(r)?;
+            summary.reason = self.waiting_for(seq, summary.state)?;
+            out.push(summary);
+        }
+        Ok(out)
     }
 
     fn logs(&mut self, job_seq: i64, index: Option<u32>, attempt: Option<u32>, after: (u64, u64)) -> Result<LogRead, StoreError> {
@@ -1582,14 +1823,10 @@ impl<D: Db> Reader for ReadView<D> {
         }
         if out.is_empty() {
             if let Some(a) = account {
-                out.push(BudgetRow {
-                    account: a.to_string(),
-                    month: month.to_string(),
-                    run_cap: Decimal::ZERO,
-                    month_cap: Decimal::ZERO,
-                    reserved: Decimal::ZERO,
-                    spent: Decimal::ZERO,
-                });
+                return Err(StoreError::Api(ApiError::new(
+                    ErrorKind::NotFound,
+                    format!("no account `{a}`: it has no budget and no spend this month (`berth budget set --account {a} …` makes one)"),
+                )));
             }
         }
         Ok(out)

@@ -43,11 +43,13 @@ CREATE TABLE IF NOT EXISTS jobs(
     month TEXT NOT NULL DEFAULT '',
     attempt_estimate TEXT NOT NULL DEFAULT '0',
     held INTEGER NOT NULL DEFAULT 0,
-    decision TEXT
+    decision TEXT,
+    blocked INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
-CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs(priority DESC, seq) WHERE next_idx <= idx_end AND held = 0;
+CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs(account, priority DESC, seq) WHERE next_idx <= idx_end AND held = 0 AND blocked = 0;
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs(account) WHERE n_running > 0;
 CREATE TABLE IF NOT EXISTS tasks(
     job_seq INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -62,6 +64,7 @@ CREATE TABLE IF NOT EXISTS tasks(
     runtime_ms INTEGER,
     reason TEXT,
     charged TEXT NOT NULL DEFAULT '0',
+    queued_at INTEGER,
     PRIMARY KEY(job_seq, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_queued ON tasks(job_seq, idx) WHERE state = 'queued';
@@ -103,6 +106,13 @@ CREATE TABLE IF NOT EXISTS workers(
     drained INTEGER NOT NULL DEFAULT 0,
     pool TEXT NOT NULL DEFAULT 'default'
 );
+CREATE TABLE IF NOT EXISTS deps(
+    child_seq INTEGER NOT NULL,
+    parent_seq INTEGER NOT NULL,
+    cond TEXT NOT NULL,
+    PRIMARY KEY(child_seq, parent_seq)
+);
+CREATE INDEX IF NOT EXISTS deps_parent ON deps(parent_seq);
 CREATE TABLE IF NOT EXISTS budgets(
     account TEXT PRIMARY KEY,
     run_cap TEXT NOT NULL,
@@ -129,7 +139,7 @@ CREATE TABLE IF NOT EXISTS images(
 );
 CREATE INDEX IF NOT EXISTS images_task ON images(job_seq, idx);
 CREATE INDEX IF NOT EXISTS images_owner ON images(owner, created_at);
-INSERT INTO meta(key, value) VALUES ('schema', '2') ON CONFLICT DO NOTHING;
+INSERT INTO meta(key, value) VALUES ('schema', '3') ON CONFLICT DO NOTHING;
 "#;
 
 /// The PostgreSQL tables, derived from the SQLite ones: the same shapes with
