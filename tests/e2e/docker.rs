@@ -378,6 +378,10 @@ fn docker_is_offered_only_when_the_engine_answers() {
         let st = c.status(&id)?;
         assert_eq!(st["state"], "queued", "{st}");
         assert!(st["events"].as_array().is_some_and(|e| e.iter().all(|e| e["state"] == "queued")), "never claimed: {st}");
+        // And says why, in `berth status`.
+        assert!(st["waiting"].as_str().is_some_and(|w| w.contains("docker executor")), "{st}");
+        let text = String::from_utf8(c.berth(&["status", &id]).stdout)?;
+        assert!(text.contains("waiting") && text.contains("docker executor"), "{text}");
         Ok(())
     })();
     check(&c, r);
