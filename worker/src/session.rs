@@ -211,7 +211,8 @@ impl State {
             let workspace = cfg.work_dir.join("slots").join(slot.to_string());
             let prepared = prepare_workspace(&workspace);
             let cluster = self.engine.as_ref().map_or("", |e| e.cluster());
-            let container = docker::ContainerSpec::for_attempt(&at.a, &cfg.name, cluster, cfg.docker_pids_limit, GRACE, std::time::SystemTime::now());
+            let container = docker::ContainerSpec::for_attempt(&at.a, &cfg.name, cluster, cfg.docker_pids_limit, GRACE, std::time::SystemTime::now())
+                .map(|c| c.with_gpus(&at.gpus));
             // A freeze asked for before the container ran is carried out once it runs.
             let freeze = match &at.freeze {
                 Some(tx) => tx.subscribe(),

@@ -30,7 +30,7 @@ use berth_shared::job::{Executor, Outcome, FROZEN_REPO};
 use berth_shared::wire::{Assignment, KillReason, OutStream, MAX_CHUNK_BYTES};
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerConfig, ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerConfig, ContainerCreateBody, DeviceRequest, HostConfig};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder, InspectContainerOptions,
     ListContainersOptionsBuilder, ListImagesOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, StartContainerOptions,
@@ -227,6 +227,9 @@ pub struct ContainerSpec {
     pub nano_cpus: Option<i64>,
     pub memory_bytes: Option<i64>,
     pub pids_limit: i64,
+    /// The GPUs set aside for the attempt (UUIDs, or indices), requested from the
+    /// engine's NVIDIA runtime: the container sees those and no others.
+    pub gpus: Vec<String>,
     pub labels: HashMap<String, String>,
     /// The worker's name and cluster (on helper containers and frozen images).
     pub worker: String,
@@ -263,11 +266,18 @@ impl ContainerSpec {
             nano_cpus: (r.millicpus > 0).then(|| i64::from(r.millicpus) * 1_000_000),
             memory_bytes: (r.mem_mib > 0).then(|| (r.mem_mib as i64).saturating_mul(1024 * 1024)),
             pids_limit,
+            gpus: Vec::new(),
             labels,
             worker: worker.to_string(),
             cluster: cluster.to_string(),
             job: a.job.to_string(),
         })
+    }
+
+    /// The attempt's GPUs (those its worker set aside for it).
+    pub fn with_gpus(mut self, gpus: &[berth_shared::wire::GpuInfo]) -> Self {
+        self.gpus = gpus.iter().map(|g| if g.uuid.is_empty() { g.index.to_string() } else { g.uuid.clone() }).collect();
+        self
     }
 
     fn lease(&self) -> &str {
@@ -373,6 +383,14 @@ async fn attempt(engine: &Engine, launch: &Launch, c: &ContainerSpec, spool: &Ar
         // The same as `memory`: no swap on top of the limit.
         memory_swap: c.memory_bytes,
         pids_limit: Some(c.pids_limit),
+        device_requests: (!c.gpus.is_empty()).then(|| {
+            vec![DeviceRequest {
+                driver: Some("nvidia".into()),
+                device_ids: Some(c.gpus.clone()),
+                capabilities: Some(vec![vec!["gpu".into()]]),
+                ..Default::default()
+            }]
+        }),
         ..Default::default()
     };
     let body = ContainerCreateBody {
@@ -752,6 +770,9 @@ mod tests {
         let mut p = a.clone();
         p.spec.executor = Executor::Process;
         assert_eq!(c.labels[LABEL_CLUSTER], "c1");
+        assert!(c.gpus.is_empty());
+        let g = |index: u32, uuid: &str| berth_shared::wire::GpuInfo { index, uuid: uuid.into(), ..Default::default() };
+        assert_eq!(c.clone().with_gpus(&[g(1, "GPU-1111"), g(3, "")]).gpus, ["GPU-1111", "3"]);
         assert!(ContainerSpec::for_attempt(&p, "w1", "c1", 512, Duration::from_secs(2), now).is_none());
     }
 
