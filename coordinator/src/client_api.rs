@@ -30,7 +30,7 @@ pub async fn serve(conn: quinn::Connection, shared: Arc<Shared>, who: String, ro
     }
 }
 
-fn api(e: StoreError) -> ApiError {
+pub(crate) fn api(e: StoreError) -> ApiError {
     match e {
         StoreError::Api(a) => a,
         other => {
@@ -40,7 +40,7 @@ fn api(e: StoreError) -> ApiError {
     }
 }
 
-fn mailbox<T>(_: T) -> ApiError {
+pub(crate) fn mailbox<T>(_: T) -> ApiError {
     ApiError::new(ErrorKind::Internal, "the coordinator is shutting down")
 }
 

@@ -16,27 +16,14 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::actors::reader::query;
 use crate::actors::{job_store, log_store, registry};
+use crate::client_api::{api, mailbox};
 use crate::server::Shared;
-use crate::store::{Notice, StoreError};
+use crate::store::Notice;
 
 /// How long a client's `freeze` waits for the worker to stop and commit the container.
 const FREEZE_WAIT: Duration = Duration::from_secs(600);
 /// How long `images rm` waits for the worker's engine.
 const REMOVE_WAIT: Duration = Duration::from_secs(120);
-
-fn api(e: StoreError) -> ApiError {
-    match e {
-        StoreError::Api(a) => a,
-        other => {
-            tracing::error!(error = %other, "store error");
-            ApiError::new(ErrorKind::Internal, format!("the coordinator failed: {other}"))
-        }
-    }
-}
-
-fn mailbox<T>(_: T) -> ApiError {
-    ApiError::new(ErrorKind::Internal, "the coordinator is shutting down")
-}
 
 fn invalid(msg: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::Invalid, msg)
