@@ -22,13 +22,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use berth_e2e::bench::{cpu_model, executor_rate, kernel, load_avg, median, percentile, Rate};
 use berth_e2e::{run_timeout, Cluster};
-use berth_worker::executor::{process, Launch};
-use berth_worker::spool::Spool;
 use serde_json::Value;
 
 /// Concurrent drivers for the raw spawn rate (the worker's slot count below).
@@ -61,27 +59,6 @@ fn missing_binaries() -> Result<Vec<PathBuf>> {
 }
 
 // ---------------------------------------------------------------- statistics
-
-fn median(v: &[f64]) -> Option<f64> {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(s[n / 2]),
-        n => Some((s[n / 2 - 1] + s[n / 2]) / 2.0),
-    }
-}
-
-/// Nearest-rank percentile (`p` in 0..=100).
-fn percentile(v: &[f64], p: f64) -> Option<f64> {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
-    Some(s[rank.min(s.len()) - 1])
-}
 
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "n/a".into())
@@ -136,18 +113,6 @@ fn rfc3339_ms(s: &str) -> Option<i64> {
 
 // ---------------------------------------------------------------- 1. raw spawn rate
 
-struct Rate {
-    done: usize,
-    failed: usize,
-    elapsed: Duration,
-}
-
-impl Rate {
-    fn per_sec(&self) -> f64 {
-        self.done as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-}
-
 /// `DRIVERS` threads share `total` spawns of `/bin/true` (spawn and wait), until
 /// they are done or `limit` passes.
 fn spawn_rate_std(total: usize, limit: Duration) -> Rate {
@@ -170,66 +135,6 @@ fn spawn_rate_std(total: usize, limit: Duration) -> Rate {
         }
     });
     Rate { done: done.into_inner(), failed: failed.into_inner(), elapsed: start.elapsed() }
-}
-
-/// The same through the worker's executor: `DRIVERS` tasks on a tokio runtime, each
-/// attempt with its own spool file in a per-driver workspace, as a slot runs it.
-fn spawn_rate_executor(rt: &tokio::runtime::Runtime, dir: &Path, total: usize, limit: Duration) -> Result<Rate> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let deadline = start + limit;
-    let mut workspaces = Vec::new();
-    for d in 0..DRIVERS {
-        let ws = dir.join(format!("slot-{d}"));
-        std::fs::create_dir_all(&ws)?;
-        workspaces.push(ws);
-    }
-    rt.block_on(async {
-        let mut handles = Vec::new();
-        for ws in workspaces {
-            let (next, done, failed) = (next.clone(), done.clone(), failed.clone());
-            handles.push(tokio::spawn(async move {
-                let spool_path = ws.join("attempt.spool");
-                while Instant::now() < deadline && next.fetch_add(1, Ordering::Relaxed) < total {
-                    let spool = match Spool::create(&spool_path) {
-                        Ok(s) => Arc::new(s),
-                        Err(_) => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                    };
-                    let launch = Launch {
-                        argv: vec!["/bin/true".into()],
-                        env: Vec::new(),
-                        workspace: ws.clone(),
-                        max_runtime: None,
-                        grace: Duration::from_secs(1),
-                        record: None,
-                    };
-                    let (_kill_tx, kill_rx) = tokio::sync::watch::channel(None);
-                    let o = process::run(launch, spool.clone(), kill_rx, |_| {}).await;
-                    spool.remove();
-                    if o.exit_code == Some(0) && o.error.is_none() {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }));
-        }
-        for h in handles {
-            // Each driver stops at the deadline; a stuck attempt is abandoned.
-            let left = (deadline + Duration::from_secs(5)).saturating_duration_since(Instant::now());
-            let abort = h.abort_handle();
-            if tokio::time::timeout(left, h).await.is_err() {
-                abort.abort();
-            }
-        }
-    });
-    let elapsed = start.elapsed();
-    Ok(Rate { done: done.load(Ordering::Relaxed), failed: failed.load(Ordering::Relaxed), elapsed })
 }
 
 // ---------------------------------------------------------------- the cluster
@@ -350,21 +255,6 @@ impl Table {
     }
 }
 
-fn cpu_model() -> Option<String> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    info.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, m)| m.trim().to_string())
-}
-
-fn kernel() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string())
-}
-
-/// The 1-minute load average (other work on the machine skews every figure here).
-fn load_avg() -> Option<String> {
-    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
-    s.split_whitespace().next().map(str::to_string)
-}
-
 fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
@@ -419,7 +309,7 @@ fn real_main() -> Result<()> {
             exec_note = " (rounds cut short: time budget)".into();
             break;
         }
-        match spawn_rate_executor(&rt, scratch.path(), SPAWNS, SPAWN_ROUND_LIMIT) {
+        match executor_rate(&rt, scratch.path(), DRIVERS, SPAWNS, SPAWN_ROUND_LIMIT) {
             Ok(r) => {
                 exec_failed += r.failed;
                 if r.done > 0 {
@@ -544,7 +434,7 @@ fn real_main() -> Result<()> {
         cpu_model().unwrap_or_else(|| "unknown CPU".into()),
         kernel().unwrap_or_else(|| "?".into())
     );
-    println!("load average (1 min): {} at start, {} at end", load_at_start.unwrap_or_else(|| "?".into()), load_avg().unwrap_or_else(|| "?".into()));
+    println!("load average (1 min): {} at start, {} at end", load_at_start, load_avg());
     t.print();
     println!("total bench time {:.1?}", begin.elapsed());
     Ok(())

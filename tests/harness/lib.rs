@@ -439,6 +439,7 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
     out
 }
 
+pub mod bench;
 pub mod docker;
 pub mod raw;
 
