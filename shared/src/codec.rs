@@ -26,16 +26,19 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard()
 }
 
-/// Encodes one message as a frame (length prefix included).
+/// Encodes one message as a frame (length prefix included), into a buffer of exactly
+/// its size (sized first: a 256 KiB output chunk is then copied once, not regrown).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
-    let mut buf = vec![0u8; 4];
-    bincode::serde::encode_into_std_write(msg, &mut buf, config()).map_err(CodecError::Encode)?;
-    let len = buf.len() - 4;
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(msg, &mut size, config()).map_err(CodecError::Encode)?;
+    let len = size.bytes_written;
     if len > MAX_FRAME_BYTES {
         return Err(CodecError::TooLarge { len, limit: MAX_FRAME_BYTES });
     }
-    let len = u32::try_from(len).map_err(|_| CodecError::TooLarge { len, limit: MAX_FRAME_BYTES })?;
-    buf[..4].copy_from_slice(&len.to_be_bytes());
+    let prefix = u32::try_from(len).map_err(|_| CodecError::TooLarge { len, limit: MAX_FRAME_BYTES })?;
+    let mut buf = Vec::with_capacity(4 + len);
+    buf.extend_from_slice(&prefix.to_be_bytes());
+    bincode::serde::encode_into_std_write(msg, &mut buf, config()).map_err(CodecError::Encode)?;
     Ok(buf)
 }
 
@@ -54,6 +57,13 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T
     w.write_all(&buf).await.map_err(CodecError::Io)
 }
 
+/// Writes one frame on a QUIC stream, handing the encoded buffer to the stream rather
+/// than copying it (for large frames: output chunks).
+pub async fn write_frame_quic<T: Serialize>(w: &mut quinn::SendStream, msg: &T) -> Result<(), CodecError> {
+    let buf = encode(msg)?;
+    w.write_chunk(bytes::Bytes::from(buf)).await.map_err(|e| CodecError::Io(e.into()))
+}
+
 /// Reads one frame; `Ok(None)` when the stream ended cleanly between frames.
 pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, CodecError> {
     let mut len = [0u8; 4];
@@ -69,8 +79,12 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) ->
     if len > MAX_FRAME_BYTES {
         return Err(CodecError::TooLarge { len, limit: MAX_FRAME_BYTES });
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| if e.kind() == std::io::ErrorKind::UnexpectedEof { CodecError::Truncated } else { CodecError::Io(e) })?;
+    // Read into spare capacity: no zeroing of a buffer about to be overwritten.
+    let mut body = Vec::with_capacity(len);
+    r.take(len as u64).read_to_end(&mut body).await.map_err(CodecError::Io)?;
+    if body.len() < len {
+        return Err(CodecError::Truncated);
+    }
     decode(&body).map(Some)
 }
 

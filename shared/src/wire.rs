@@ -299,6 +299,7 @@ pub enum Response {
     List(Vec<JobSummary>),
     Output {
         stream: OutStream,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     Progress {
@@ -523,6 +524,8 @@ pub enum OutputFrame {
     Chunk {
         stream: OutStream,
         seq: u64,
+        /// As bytes, not a sequence of numbers: the same encoding, copied at once.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
 }
