@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_shared::codec::{read_frame, write_frame};
+use berth_shared::codec::{read_frame, write_frame, write_frame_quic};
 use berth_shared::dial::{client_endpoint, dial, Dialed};
 use berth_shared::ids::LeaseId;
 use berth_shared::job::Outcome;
@@ -569,7 +569,7 @@ fn start_sender(link: &mut Link, lease: LeaseId, spool: Option<Arc<Spool>>) {
                     stream = Some(s);
                 }
                 let Some(s) = stream.as_mut() else { return };
-                if write_frame(s, &OutputFrame::Chunk { stream: chunk.stream, seq: chunk.seq, data: chunk.data }).await.is_err() {
+                if write_frame_quic(s, &OutputFrame::Chunk { stream: chunk.stream, seq: chunk.seq, data: chunk.data }).await.is_err() {
                     return;
                 }
                 next += 1;

@@ -22,9 +22,16 @@ struct ChunkMeta {
     len: u32,
 }
 
+/// How much recently appended output is also kept in memory for the sender, which
+/// then need not read it back from the file (it does after a reconnect).
+const RECENT_BYTES: usize = 8 << 20;
+
 #[derive(Default)]
 struct Inner {
     chunks: Vec<ChunkMeta>,
+    /// Chunks appended and not yet taken by the sender: (position, data), oldest first.
+    recent: std::collections::VecDeque<(usize, Vec<u8>)>,
+    recent_bytes: usize,
     next_seq: [u64; 2],
     acked: [u64; 2],
     closed: bool,
@@ -72,26 +79,41 @@ impl Spool {
 
     /// Appends a chunk; returns its sequence number.
     pub fn append(&self, stream: OutStream, data: &[u8]) -> std::io::Result<u64> {
+        self.append_owned(stream, data.to_vec())
+    }
+
+    /// Appends a chunk the caller gives up (it is kept for the sender without a copy);
+    /// returns its sequence number.
+    pub fn append_owned(&self, stream: OutStream, data: Vec<u8>) -> std::io::Result<u64> {
         let mut inner = self.lock();
         let seq = inner.next_seq[idx(stream)] + 1;
-        let mut rec = Vec::with_capacity(HEADER + data.len());
-        rec.push(idx(stream) as u8);
-        rec.extend_from_slice(&seq.to_be_bytes());
-        rec.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        rec.extend_from_slice(data);
+        let mut header = [0u8; HEADER];
+        header[0] = idx(stream) as u8;
+        header[1..9].copy_from_slice(&seq.to_be_bytes());
+        header[9..].copy_from_slice(&(data.len() as u32).to_be_bytes());
         {
             let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
             if f.is_none() {
                 *f = Some(std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&self.path)?);
             }
             if let Some(f) = f.as_mut() {
-                f.write_all(&rec)?;
+                f.write_all(&header)?;
+                f.write_all(&data)?;
             }
         }
         let offset = inner.end + HEADER as u64;
-        inner.end += rec.len() as u64;
+        inner.end += (HEADER + data.len()) as u64;
         inner.next_seq[idx(stream)] = seq;
+        let position = inner.chunks.len();
         inner.chunks.push(ChunkMeta { stream, seq, offset, len: data.len() as u32 });
+        inner.recent_bytes += data.len();
+        inner.recent.push_back((position, data));
+        while inner.recent_bytes > RECENT_BYTES {
+            match inner.recent.pop_front() {
+                Some((_, d)) => inner.recent_bytes -= d.len(),
+                None => break,
+            }
+        }
         drop(inner);
         self.notify.notify_one();
         Ok(seq)
@@ -135,11 +157,24 @@ impl Spool {
         self.len() == 0
     }
 
-    /// Reads chunk `i` back from the file.
+    /// Chunk `i`, for sending: from memory when it is the oldest chunk kept there (the
+    /// sender keeping up), else read back from the file.
     pub fn read(&self, i: usize) -> std::io::Result<Option<Chunk>> {
-        let meta = match self.lock().chunks.get(i) {
-            Some(m) => *m,
-            None => return Ok(None),
+        let meta = {
+            let mut inner = self.lock();
+            let Some(meta) = inner.chunks.get(i).copied() else { return Ok(None) };
+            while inner.recent.front().is_some_and(|(p, _)| *p < i) {
+                if let Some((_, d)) = inner.recent.pop_front() {
+                    inner.recent_bytes -= d.len();
+                }
+            }
+            if inner.recent.front().is_some_and(|(p, _)| *p == i) {
+                if let Some((_, data)) = inner.recent.pop_front() {
+                    inner.recent_bytes -= data.len();
+                    return Ok(Some(Chunk { stream: meta.stream, seq: meta.seq, data }));
+                }
+            }
+            meta
         };
         let mut data = vec![0u8; meta.len as usize];
         let f = self.file.lock().unwrap_or_else(|p| p.into_inner());

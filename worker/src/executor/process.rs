@@ -16,29 +16,60 @@ use berth_shared::job::Outcome;
 use berth_shared::wire::{KillReason, OutStream};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use std::os::fd::AsRawFd;
+
+use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 
 use super::Launch;
 use crate::spool::Spool;
 
-const READ_BUF: usize = 64 * 1024;
+/// What one read may take from a job's pipe: a whole chunk, so a job that prints fast
+/// sends few large chunks (each is a spool record, a frame and a stored row).
+const READ_BUF: usize = berth_shared::wire::MAX_CHUNK_BYTES;
+
+/// The pipe buffer asked for (the unprivileged limit by default): a fast writer keeps
+/// writing while the worker spools what it read, instead of blocking on 64 KiB.
+const PIPE_BYTES: i32 = 1 << 20;
 
 fn signal_group(pgid: i32, sig: Signal) {
     // ESRCH (the group is already gone) is the expected case after a clean exit.
     let _ = killpg(Pid::from_raw(pgid), sig);
 }
 
+/// Grows a pipe's buffer; a smaller pipe only costs speed, so failure is ignored.
+fn grow_pipe(fd: &impl std::os::fd::AsFd) {
+    let _ = nix::fcntl::fcntl(fd.as_fd().as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
+}
+
+/// Copies a pipe into the spool. A read returns what is there; whatever more is
+/// already waiting is taken too (without waiting), so a chunk holds up to `READ_BUF`
+/// while a line printed now and then still goes out at once.
 async fn pump<R: AsyncRead + Unpin>(mut r: R, stream: OutStream, spool: Arc<Spool>) {
-    let mut buf = vec![0u8; READ_BUF];
     loop {
-        match r.read(&mut buf).await {
+        // Read into spare capacity (nothing zeroed); the buffer becomes the chunk.
+        let mut buf = Vec::with_capacity(READ_BUF);
+        match r.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if let Err(e) = spool.append(stream, &buf[..n]) {
-                    tracing::error!(error = %e, "cannot write output to the spool; output is being dropped");
+            Ok(_) => {}
+        }
+        let mut ended = false;
+        while buf.len() < READ_BUF {
+            match r.read_buf(&mut buf).now_or_never() {
+                Some(Ok(0)) | Some(Err(_)) => {
+                    ended = true;
+                    break;
                 }
+                Some(Ok(_)) => {}
+                None => break,
             }
+        }
+        if let Err(e) = spool.append_owned(stream, buf) {
+            tracing::error!(error = %e, "cannot write output to the spool; output is being dropped");
+        }
+        if ended {
+            return;
         }
     }
 }
@@ -79,6 +110,12 @@ pub async fn run(launch: Launch, spool: Arc<Spool>, mut kill: watch::Receiver<Op
         record_group(path, pgid);
     }
     started(pgid);
+    if let Some(o) = child.stdout.as_ref() {
+        grow_pipe(o);
+    }
+    if let Some(e) = child.stderr.as_ref() {
+        grow_pipe(e);
+    }
     let out = child.stdout.take().map(|o| tokio::spawn(pump(o, OutStream::Stdout, spool.clone())));
     let err = child.stderr.take().map(|e| tokio::spawn(pump(e, OutStream::Stderr, spool.clone())));
 
