@@ -99,7 +99,7 @@ impl Coordinator {
         tracing::info!(store = %location.describe(), "job store open");
         let actors = Actors {
             lease_recovery: LeaseRecovery::new(job_store.clone(), every, leadership).start(),
-            log_store: LogStore::new(job_store.clone(), store.notices.clone()).start(),
+            log_store: LogStore::new(store.notices.clone()).start(),
             registry: WorkerRegistry::default().start(),
             budget: Budget::new(pools, cfg.pools.clone()).start(),
             reader,

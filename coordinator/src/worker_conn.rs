@@ -10,18 +10,19 @@
 //! connection, which the transport keeps open until its idle timeout, would claim the
 //! very tasks its lost leases just sent back to the queue, and burn their attempts.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_shared::codec::{read_frame, write_frame};
 use berth_shared::ids::LeaseId;
-use berth_shared::wire::{CoordMsg, KillReason, OutputFrame, WorkerMsg, MAX_CHUNK_BYTES};
-use tokio::sync::mpsc;
+use berth_shared::wire::{CoordMsg, KillReason, OutStream, OutputFrame, WorkerMsg, MAX_CHUNK_BYTES};
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::actors::{job_store, log_store, registry};
+use crate::actors::{job_store, registry};
 use crate::server::{close_for, Shared, CLOSE_PROTOCOL, CLOSE_REFUSED};
-use crate::store::{ChunkVerdict, FinishVerdict, LogChunk, StoreError, WorkerCaps};
+use crate::store::{ChunkVerdict, FinishVerdict, LogChunk, Op, StoreError, WorkerCaps};
 
 enum Event {
     Frame(WorkerMsg),
@@ -401,7 +402,7 @@ async fn output_stream(mut recv: quinn::RecvStream, shared: Arc<Shared>, worker:
                             conn.close(CLOSE_PROTOCOL.into(), b"output chunk over the size limit");
                             return;
                         }
-                        if tx.send(LogChunk { lease, stream, seq, data }).await.is_err() {
+                        if tx.send(LogChunk { lease, stream, seq, data: Arc::new(data) }).await.is_err() {
                             return;
                         }
                     }
@@ -415,47 +416,91 @@ async fn output_stream(mut recv: quinn::RecvStream, shared: Arc<Shared>, worker:
             }
         })
     };
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while let Ok(c) = rx.try_recv() {
-            batch.push(c);
-        }
-        let keys: Vec<_> = batch.iter().map(|c| (c.stream, c.seq)).collect();
-        let verdicts = match shared.actors.log_store.send(log_store::Append { worker: worker.clone(), chunks: batch }).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, lease = %lease, "cannot store output; the worker will resend it");
-                break;
-            }
-            Err(_) => break,
-        };
-        let mut acks: Vec<(berth_shared::wire::OutStream, u64)> = Vec::new();
-        for ((stream, seq), v) in keys.into_iter().zip(verdicts) {
-            match v {
-                ChunkVerdict::Stored | ChunkVerdict::Duplicate => {
-                    if v == ChunkVerdict::Duplicate {
-                        tracing::debug!(lease = %lease, ?stream, seq, "dropped a duplicate output chunk (already stored)");
+    // Batches go to the store's writer in order, several at a time: while one is being
+    // committed the next gathers, and the writer folds those waiting into one commit.
+    // Their verdicts are read in the same order.
+    let mut inflight: VecDeque<(Vec<(OutStream, u64)>, Verdicts)> = VecDeque::new();
+    let mut input_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            verdicts = async { (&mut inflight.front_mut().expect("guarded by the condition").1).await }, if !inflight.is_empty() => {
+                let (keys, _) = inflight.pop_front().expect("a batch in flight");
+                let verdicts = match verdicts {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, lease = %lease, "cannot store output; the worker will resend it");
+                        break;
                     }
-                    match acks.iter_mut().find(|(s, _)| *s == stream) {
-                        Some(a) => a.1 = a.1.max(seq),
-                        None => acks.push((stream, seq)),
-                    }
-                }
-                ChunkVerdict::StaleLease => {
-                    tracing::warn!(lease = %lease, "rejected output carrying a stale lease; telling the worker to kill that attempt");
-                    shared.actors.registry.do_send(registry::Leases { name: worker.clone(), added: vec![], removed: vec![lease], heartbeat: false });
-                    let _ = ctrl.send(CoordMsg::Kill { lease, reason: KillReason::StaleLease });
-                    reader.abort();
-                    return;
-                }
-                ChunkVerdict::OutOfOrder { expected } => {
-                    tracing::warn!(lease = %lease, ?stream, seq, expected, "dropped an out-of-order output chunk");
+                    Err(_) => break,
+                };
+                if !acknowledge(lease, keys, verdicts, &shared, &worker, &ctrl) {
+                    break;
                 }
             }
-        }
-        for (stream, seq) in acks {
-            let _ = ctrl.send(CoordMsg::OutputAck { lease, stream, seq });
+            first = rx.recv(), if input_open && inflight.len() < APPENDS_IN_FLIGHT => {
+                let Some(first) = first else {
+                    input_open = false;
+                    continue;
+                };
+                let mut batch = vec![first];
+                while let Ok(c) = rx.try_recv() {
+                    batch.push(c);
+                }
+                let keys: Vec<_> = batch.iter().map(|c| (c.stream, c.seq)).collect();
+                let (tx, verdicts) = oneshot::channel();
+                if shared.store.send(Op::AppendLogs { worker: worker.clone(), chunks: batch, reply: Some(tx) }).is_err() {
+                    break;
+                }
+                inflight.push_back((keys, verdicts));
+            }
+            else => break,
         }
     }
     reader.abort();
+}
+
+/// The store's answer to one batch of output chunks: a verdict per chunk.
+type Verdicts = oneshot::Receiver<Result<Vec<ChunkVerdict>, StoreError>>;
+
+/// Output batches one stream may have at the store's writer at once.
+const APPENDS_IN_FLIGHT: usize = 4;
+
+/// Acknowledges the chunks of one stored batch; `false` when the attempt's lease
+/// turned out stale (the worker is told to kill it, and the stream is dropped).
+fn acknowledge(
+    lease: LeaseId,
+    keys: Vec<(OutStream, u64)>,
+    verdicts: Vec<ChunkVerdict>,
+    shared: &Shared,
+    worker: &str,
+    ctrl: &mpsc::UnboundedSender<CoordMsg>,
+) -> bool {
+    let mut acks: Vec<(OutStream, u64)> = Vec::new();
+    for ((stream, seq), v) in keys.into_iter().zip(verdicts) {
+        match v {
+            ChunkVerdict::Stored | ChunkVerdict::Duplicate => {
+                if v == ChunkVerdict::Duplicate {
+                    tracing::debug!(lease = %lease, ?stream, seq, "dropped a duplicate output chunk (already stored)");
+                }
+                match acks.iter_mut().find(|(s, _)| *s == stream) {
+                    Some(a) => a.1 = a.1.max(seq),
+                    None => acks.push((stream, seq)),
+                }
+            }
+            ChunkVerdict::StaleLease => {
+                tracing::warn!(lease = %lease, "rejected output carrying a stale lease; telling the worker to kill that attempt");
+                shared.actors.registry.do_send(registry::Leases { name: worker.to_string(), added: vec![], removed: vec![lease], heartbeat: false });
+                let _ = ctrl.send(CoordMsg::Kill { lease, reason: KillReason::StaleLease });
+                return false;
+            }
+            ChunkVerdict::OutOfOrder { expected } => {
+                tracing::warn!(lease = %lease, ?stream, seq, expected, "dropped an out-of-order output chunk");
+            }
+        }
+    }
+    for (stream, seq) in acks {
+        let _ = ctrl.send(CoordMsg::OutputAck { lease, stream, seq });
+    }
+    true
 }

@@ -328,7 +328,7 @@ fn exited(code: i32) -> Outcome {
 }
 
 fn chunk(lease: LeaseId, stream: OutStream, seq: u64, data: &str) -> LogChunk {
-    LogChunk { lease, stream, seq, data: data.as_bytes().to_vec() }
+    LogChunk { lease, stream, seq, data: std::sync::Arc::new(data.as_bytes().to_vec()) }
 }
 
 fn api_error<T: std::fmt::Debug>(r: Result<T, StoreError>) -> ApiError {

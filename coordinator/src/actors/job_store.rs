@@ -9,9 +9,7 @@ use berth_shared::ids::{JobId, JobSelector, LeaseId};
 use berth_shared::job::{JobSpec, Outcome};
 use chrono::Utc;
 
-use crate::store::{
-    Admission, ChunkVerdict, Decided, Expired, FinishVerdict, FreezeOrder, KillOrder, LogChunk, Op, Reconciled, StoreError, StoreHandle, Submitted, WorkerCaps,
-};
+use crate::store::{Admission, Decided, Expired, FinishVerdict, FreezeOrder, KillOrder, Op, Reconciled, StoreError, StoreHandle, Submitted, WorkerCaps};
 
 pub struct JobStore {
     store: StoreHandle,
@@ -103,12 +101,6 @@ store_message!(
     /// A worker (re)registered holding these leases.
     Reconcile { worker: String, pool: String, held: Vec<LeaseId> } -> Reconciled, |m, store, ttl| {
     store.call(|reply| Op::Reconcile { worker: m.worker, pool: m.pool, held: m.held, now: Utc::now(), ttl, reply }).await
-});
-
-store_message!(
-    /// Store output chunks.
-    AppendLogs { worker: String, chunks: Vec<LogChunk> } -> Vec<ChunkVerdict>, |m, store, _ttl| {
-    store.call(|reply| Op::AppendLogs { worker: m.worker, chunks: m.chunks, reply }).await
 });
 
 store_message!(

@@ -1413,14 +1413,7 @@ impl<D: Db> Store<D> {
                 continue;
             }
             let meta = self.meta(job_seq)?;
-            s.notices.push(Notice::Output {
-                job: meta.id,
-                index: Self::task_index(&meta, idx),
-                attempt,
-                stream: c.stream,
-                seq: c.seq,
-                data: Arc::new(c.data.clone()),
-            });
+            s.notices.push(Notice::Output { job: meta.id, index: Self::task_index(&meta, idx), attempt, stream: c.stream, seq: c.seq, data: c.data.clone() });
             verdicts.push(ChunkVerdict::Stored);
         }
         if self.expected_seq.len() > 100_000 {

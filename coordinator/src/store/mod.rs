@@ -187,7 +187,8 @@ pub struct LogChunk {
     pub lease: LeaseId,
     pub stream: OutStream,
     pub seq: u64,
-    pub data: Vec<u8>,
+    /// Shared with the notice that live followers get: stored and sent without a copy.
+    pub data: Arc<Vec<u8>>,
 }
 
 /// Per chunk: stored (or a duplicate, already stored), or refused.
@@ -479,7 +480,7 @@ impl StoreHandle {
 }
 
 /// Starts the writer thread over `store`.
-pub fn spawn_writer<D: Db + 'static>(mut store: Store<D>) -> StoreHandle {
+pub fn spawn_writer<D: Db + 'static>(mut store: Store<D>, committed: impl Fn() + Send + 'static) -> StoreHandle {
     let (tx, rx) = std::sync::mpsc::channel::<Op>();
     let (notices, _) = broadcast::channel(8192);
     let (work, _) = watch::channel(0u64);
@@ -497,6 +498,7 @@ pub fn spawn_writer<D: Db + 'static>(mut store: Store<D>) -> StoreHandle {
                     }
                 }
                 let out = store.apply_batch(batch);
+                committed();
                 for n in out.notices {
                     let _ = notices.send(Arc::new(n));
                 }
@@ -575,10 +577,16 @@ impl Location {
     pub fn writer(&self, pools: SharedPools) -> Result<StoreHandle, StoreError> {
         off_runtime(|| {
             Ok(match self {
-                Location::Sqlite(p) => spawn_writer(Store::new(SqliteDb::open(p)?)?.with_pools(pools)),
+                Location::Sqlite(p) => {
+                    let store = Store::new(SqliteDb::open_writer(p)?)?.with_pools(pools);
+                    let checkpoint = SqliteDb::spawn_checkpointer(p)?;
+                    spawn_writer(store, move || {
+                        let _ = checkpoint.try_send(());
+                    })
+                }
                 Location::Postgres(u) => {
                     let me = uuid::Uuid::new_v4().to_string();
-                    let handle = spawn_writer(Store::new(PgDb::connect(u)?)?.with_pools(pools).notify_as(me.clone()));
+                    let handle = spawn_writer(Store::new(PgDb::connect(u)?)?.with_pools(pools).notify_as(me.clone()), || {});
                     cluster::spawn_listener(u.clone(), me, handle.clone());
                     handle
                 }

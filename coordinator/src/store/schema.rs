@@ -82,16 +82,6 @@ CREATE TABLE IF NOT EXISTS events(
     reason TEXT
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_seq, idx);
-CREATE TABLE IF NOT EXISTS logs(
-    id INTEGER PRIMARY KEY,
-    job_seq INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
-    stream INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    UNIQUE(job_seq, idx, attempt, stream, seq)
-);
 CREATE TABLE IF NOT EXISTS tokens(
     hash TEXT PRIMARY KEY,
     role TEXT NOT NULL,
@@ -142,10 +132,29 @@ CREATE INDEX IF NOT EXISTS images_owner ON images(owner, created_at);
 INSERT INTO meta(key, value) VALUES ('schema', '3') ON CONFLICT DO NOTHING;
 "#;
 
+/// Output chunks. On SQLite they live in a database file of their own beside the main
+/// one (attached as `output`, with 64 KiB pages): a chunk is up to 256 KiB, and writing
+/// it as 4 KiB pages cost most of the writer's time when a job printed fast. Unqualified
+/// queries find it there; a database from before keeps its own `logs` table, which
+/// SQLite finds first.
+const LOGS: &str = r#"
+CREATE TABLE IF NOT EXISTS output.logs(
+    id INTEGER PRIMARY KEY,
+    job_seq INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    stream INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    UNIQUE(job_seq, idx, attempt, stream, seq)
+);
+"#;
+
 /// The PostgreSQL tables, derived from the SQLite ones: the same shapes with
 /// PostgreSQL's types (64-bit integers, `BYTEA`, sequences for row ids).
 fn postgres() -> String {
-    SQLITE
+    [SQLITE, &LOGS.replace("output.logs", "logs")]
+        .concat()
         .replace("seq INTEGER PRIMARY KEY", "seq BIGSERIAL PRIMARY KEY")
         .replace("id INTEGER PRIMARY KEY", "id BIGSERIAL PRIMARY KEY")
         .replace("INTEGER", "BIGINT")
@@ -160,7 +169,10 @@ const PG_MIGRATE_LOCK: i64 = 0x6265_7274_6801;
 /// Creates the schema if needed.
 pub fn migrate(db: &mut dyn Db) -> Result<(), StoreError> {
     match db.backend() {
-        Backend::Sqlite => db.batch(SQLITE),
+        Backend::Sqlite => {
+            db.batch(SQLITE)?;
+            db.batch(LOGS)
+        }
         Backend::Postgres => {
             db.batch(&format!("SELECT pg_advisory_lock({PG_MIGRATE_LOCK})"))?;
             let r = db.batch(&postgres());
@@ -175,7 +187,7 @@ mod tests {
     #[test]
     fn the_postgres_schema_has_only_postgres_types() {
         let pg = super::postgres();
-        for sqlite_only in ["INTEGER", "BLOB", "WITHOUT ROWID"] {
+        for sqlite_only in ["INTEGER", "BLOB", "WITHOUT ROWID", "output."] {
             assert!(!pg.contains(sqlite_only), "{sqlite_only} left in:\n{pg}");
         }
         assert_eq!(pg.matches("BIGSERIAL PRIMARY KEY").count(), 3, "jobs, events and logs have row ids");

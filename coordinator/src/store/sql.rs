@@ -218,6 +218,17 @@ fn sqlite_row(r: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Row> {
     Ok(Row(out))
 }
 
+/// The file that holds output chunks beside the database at `path`:
+/// `berth.db` → `berth-output.db`.
+pub fn output_path(path: &Path) -> std::path::PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "berth".into());
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-output.{}", ext.to_string_lossy()),
+        None => format!("{stem}-output"),
+    };
+    path.with_file_name(name)
+}
+
 impl SqliteDb {
     /// Opens (and creates) the database file with the settings every connection uses:
     /// WAL, and `synchronous=FULL` so an acknowledged commit survives power loss.
@@ -226,8 +237,71 @@ impl SqliteDb {
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // Output goes to a file of its own with large pages (see schema::LOGS).
+        let output = output_path(path);
+        let output_str = output.to_str().ok_or_else(|| StoreError::Open { path: output.display().to_string(), message: "the path is not UTF-8".into() })?;
+        conn.execute("ATTACH DATABASE ?1 AS output", [output_str])
+            .map_err(|e| StoreError::Open { path: output.display().to_string(), message: e.to_string() })?;
+        conn.pragma_update(Some(rusqlite::DatabaseName::Attached("output")), "page_size", 65536)?;
+        conn.pragma_update(Some(rusqlite::DatabaseName::Attached("output")), "journal_mode", "WAL")?;
+        conn.pragma_update(Some(rusqlite::DatabaseName::Attached("output")), "synchronous", "FULL")?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(SqliteDb { conn })
+    }
+}
+
+/// The WAL size past which the checkpointer stops being polite: a checkpoint that
+/// waits for the writer and restarts the log, so a writer that never pauses cannot
+/// grow it without bound (frames of 4 KiB: 64 MiB).
+const WAL_RESTART_FRAMES: i64 = 16 * 1024;
+
+/// The least time between two checkpoints: each ends with an fsync of the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+
+impl SqliteDb {
+    /// The writer's connection: as `open`, but it never checkpoints itself. Copying
+    /// the WAL into the database (and syncing it) took most of the writer's time when
+    /// output poured in; the checkpointer thread does it beside the writer instead.
+    pub fn open_writer(path: &Path) -> Result<SqliteDb, StoreError> {
+        let db = SqliteDb::open(path)?;
+        db.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        db.conn.pragma_update(None, "journal_size_limit", WAL_RESTART_FRAMES * 4096)?;
+        Ok(db)
+    }
+
+    /// Starts the checkpointer: a thread with its own connection that copies committed
+    /// WAL frames into the database after commits (at most every `CHECKPOINT_EVERY`),
+    /// without blocking the writer, and restarts the WAL once it is large. Returns the
+    /// signal the writer gives after each commit; it never blocks.
+    pub fn spawn_checkpointer(path: &Path) -> Result<std::sync::mpsc::SyncSender<()>, StoreError> {
+        let db = SqliteDb::open(path)?;
+        db.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("checkpointer".into())
+            .spawn(move || {
+                let mut last = std::time::Instant::now();
+                while rx.recv().is_ok() {
+                    // Let commits gather: one checkpoint (one fsync) for many of them.
+                    if let Some(rest) = CHECKPOINT_EVERY.checked_sub(last.elapsed()) {
+                        std::thread::sleep(rest);
+                    }
+                    while rx.try_recv().is_ok() {}
+                    last = std::time::Instant::now();
+                    let frames = db.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+                    let result = match frames {
+                        Ok(n) if n >= WAL_RESTART_FRAMES => db.conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0)).map(|_| ()),
+                        other => other.map(|_| ()),
+                    };
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; it is tried again after the next commit");
+                    }
+                }
+                // The writer is gone: leave a small WAL behind.
+                let _ = db.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            })
+            .map_err(|e| StoreError::Open { path: path.display().to_string(), message: format!("cannot start the checkpointer: {e}") })?;
+        Ok(tx)
     }
 }
 
