@@ -228,16 +228,28 @@ fn group_has_members(pgid: i32) -> bool {
 /// recorded still runs; only the clean-up after a crash would miss it.
 fn record_group(path: &Path, pgid: i32) {
     let Some(started) = start_time(pgid) else { return };
-    if let Err(e) = std::fs::write(path, format!("{pgid} {started}\n")) {
+    if let Err(e) = write_record(path, &format!("{pgid} {started}")) {
         tracing::warn!(error = %e, path = %path.display(), "cannot record the attempt's process group; a crash of this worker would leave it running");
     }
 }
 
-/// Empties the record (the file stays for the slot's next attempt: creating and
+/// A record's fixed size: a pid and a start time in clock ticks, padded.
+const RECORD_BYTES: usize = 40;
+
+/// Writes a record over the previous one in place, padded to `RECORD_BYTES`: the
+/// file keeps its size and its block, where truncating and rewriting it cost the
+/// file system a block freed and allocated per attempt.
+fn write_record(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    f.write_all_at(format!("{text:<width$}\n", width = RECORD_BYTES - 1).as_bytes(), 0)
+}
+
+/// Blanks the record (the file stays for the slot's next attempt: creating and
 /// deleting a file per attempt costs more than the attempt of a trivial job).
 fn forget_group(path: &Option<PathBuf>) {
     if let Some(p) = path {
-        let _ = std::fs::write(p, b"");
+        let _ = write_record(p, "");
     }
 }
 
