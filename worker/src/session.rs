@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_shared::codec::{read_frame, write_frame, write_frame_quic};
+use berth_shared::codec::{encode, read_frame, write_frame, write_frame_quic};
 use berth_shared::dial::{client_endpoint, dial, Dialed};
 use berth_shared::ids::LeaseId;
 use berth_shared::job::Outcome;
@@ -54,6 +54,8 @@ struct Attempt {
 
 enum RunEvent {
     Started(LeaseId),
+    /// `STARTED_AFTER` has passed since the attempt's process started.
+    StillRunning(LeaseId),
     Exited(LeaseId, Outcome),
     /// The attempt was frozen into this image (sent before its `Exited`).
     Frozen(LeaseId, String),
@@ -70,11 +72,34 @@ struct Link {
     /// The free resources last reported on this connection.
     free_sent: Option<FreeResources>,
     senders: HashMap<LeaseId, JoinHandle<()>>,
+    /// Frames queued by `send`, not yet written.
+    out: Vec<u8>,
 }
 
 impl Link {
+    /// Queues a message; `flush` sends what is queued in one write, so the messages
+    /// one turn of the session produces (a result, a request for more work, the start
+    /// of the next attempt) leave in one packet rather than one each.
     async fn send(&mut self, m: &WorkerMsg) -> bool {
-        write_frame(&mut self.send, m).await.is_ok()
+        match encode(m) {
+            Ok(frame) => {
+                self.out.extend_from_slice(&frame);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a message for the coordinator");
+                false
+            }
+        }
+    }
+
+    /// Sends what `send` queued; `false` when the connection is gone.
+    async fn flush(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        let out = bytes::Bytes::from(std::mem::take(&mut self.out));
+        self.send.write_chunk(out).await.is_ok()
     }
 }
 
@@ -85,6 +110,14 @@ impl Drop for Link {
         }
     }
 }
+
+/// How long an attempt runs before the coordinator is told it started (its process
+/// start time, otherwise recorded from the result's runtime).
+const STARTED_AFTER: Duration = Duration::from_millis(50);
+
+/// At most this many more frames and events are handled in one turn of the session
+/// before what they produced is sent.
+const COALESCE: usize = 64;
 
 /// How long a SIGTERM'd attempt gets before its group is SIGKILLed.
 const GRACE: Duration = Duration::from_secs(2);
@@ -114,6 +147,8 @@ struct State {
     attempts: HashMap<LeaseId, Attempt>,
     queue: VecDeque<LeaseId>,
     slots: SlotTable,
+    /// Slots whose workspace was emptied when their last attempt ended.
+    clean: std::collections::HashSet<usize>,
     ev_tx: mpsc::UnboundedSender<RunEvent>,
     /// The Docker engine, when this worker offers the docker executor.
     engine: Option<docker::Engine>,
@@ -209,7 +244,7 @@ impl State {
             at.slot = Some(slot);
             at.phase = Phase::Running;
             let workspace = cfg.work_dir.join("slots").join(slot.to_string());
-            let prepared = prepare_workspace(&workspace);
+            let prepared = if self.clean.remove(&slot) { Ok(()) } else { prepare_workspace(&workspace) };
             let cluster = self.engine.as_ref().map_or("", |e| e.cluster());
             let container = docker::ContainerSpec::for_attempt(&at.a, &cfg.name, cluster, cfg.docker_pids_limit, GRACE, std::time::SystemTime::now())
                 .map(|c| c.with_gpus(&at.gpus));
@@ -296,14 +331,27 @@ impl State {
     async fn on_event(&mut self, ev: RunEvent, link: &mut Option<Link>) {
         match ev {
             RunEvent::Started(lease) => {
-                if let Some(l) = link.as_mut() {
+                // Said only of an attempt still running a moment later: a trivial job's
+                // result says it all, a message and a store write sooner.
+                let ev = self.ev_tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(STARTED_AFTER).await;
+                    let _ = ev.send(RunEvent::StillRunning(lease));
+                });
+            }
+            RunEvent::StillRunning(lease) => {
+                let running = self.attempts.get(&lease).is_some_and(|a| matches!(a.phase, Phase::Running));
+                if let (true, Some(l)) = (running, link.as_mut()) {
                     l.send(&WorkerMsg::Started { lease }).await;
                 }
             }
             RunEvent::Exited(lease, outcome) => {
                 let Some(at) = self.attempts.get_mut(&lease) else { return };
                 if let Some(slot) = at.slot.take() {
-                    let _ = std::fs::remove_dir_all(self.cfg.work_dir.join("slots").join(slot.to_string()));
+                    // Emptied now (what a job leaves is not kept), the directory kept.
+                    if prepare_workspace(&self.cfg.work_dir.join("slots").join(slot.to_string())).is_ok() {
+                        self.clean.insert(slot);
+                    }
                     self.slots.release(slot);
                 }
                 if at.stale {
@@ -471,7 +519,7 @@ impl State {
                         at.phase = Phase::Done(outcome);
                     }
                 }
-                Ok(Some(RunEvent::Started(_) | RunEvent::Frozen(..) | RunEvent::ImageRemoved(..))) => {}
+                Ok(Some(RunEvent::Started(_) | RunEvent::StillRunning(_) | RunEvent::Frozen(..) | RunEvent::ImageRemoved(..))) => {}
                 Ok(None) | Err(_) => {
                     tracing::warn!(running = self.running(), "attempts still running as the worker stops");
                     break;
@@ -481,8 +529,9 @@ impl State {
     }
 }
 
-/// Empties a slot's workspace for its next attempt (keeping the directory: an empty
-/// workspace, the common case, costs one `readdir`).
+/// Empties a slot's workspace (keeping the directory: an empty workspace, the common
+/// case, costs one `readdir`), when an attempt ends and, if that failed, before the
+/// slot's next attempt.
 fn prepare_workspace(dir: &std::path::Path) -> std::io::Result<()> {
     let emptied = (|| -> std::io::Result<()> {
         for e in std::fs::read_dir(dir)? {
@@ -622,8 +671,18 @@ pub async fn run(mut cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> R
     let host = HostInfo { docker: engine.is_some() || (host.docker && !docker_asked), ..host };
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let free = FreeResources { millicpus: host.cpus.saturating_mul(1000), mem_mib: host.mem_mib, gpus: host.gpus.clone() };
-    let mut state =
-        State { slots: SlotTable::new(cfg.slots), engine, cfg, host, free, lease_ttl: None, attempts: HashMap::new(), queue: VecDeque::new(), ev_tx };
+    let mut state = State {
+        slots: SlotTable::new(cfg.slots),
+        clean: Default::default(),
+        engine,
+        cfg,
+        host,
+        free,
+        lease_ttl: None,
+        attempts: HashMap::new(),
+        queue: VecDeque::new(),
+        ev_tx,
+    };
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     let endpoint = {
@@ -760,7 +819,7 @@ async fn session(
             }
         }
     });
-    let mut link = Some(Link { conn: conn.clone(), send, asked: 0, free_sent: None, senders: HashMap::new() });
+    let mut link = Some(Link { conn: conn.clone(), send, asked: 0, free_sent: None, senders: HashMap::new(), out: Vec::new() });
     // Resend what the coordinator has not acknowledged.
     let leases: Vec<LeaseId> = state.attempts.keys().copied().collect();
     for lease in leases {
@@ -776,6 +835,11 @@ async fn session(
     }
     state.start_queued(&mut link);
     state.want_more(&mut link).await;
+    if let Some(l) = link.as_mut() {
+        if !l.flush().await {
+            return Ok(Ended::Lost("cannot send to the coordinator".into()));
+        }
+    }
     let mut beat = tokio::time::interval(ttl / 3);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Heartbeats sent since the coordinator last sent anything. Counted in ticks, not
@@ -804,6 +868,27 @@ async fn session(
                 unanswered += 1;
             }
             _ = shutdown.as_mut() => break Ended::Shutdown,
+        }
+        // Take what else is already waiting, then send everything this turn queued.
+        for _ in 0..COALESCE {
+            match frames.try_recv() {
+                Ok(m) => {
+                    unanswered = 0;
+                    state.on_frame(m, &mut link).await?
+                }
+                Err(_) => break,
+            }
+        }
+        for _ in 0..COALESCE {
+            match ev_rx.try_recv() {
+                Ok(ev) => state.on_event(ev, &mut link).await,
+                Err(_) => break,
+            }
+        }
+        if let Some(l) = link.as_mut() {
+            if !l.flush().await {
+                break Ended::Lost(conn.close_reason().map(|r| berth_shared::dial::describe(&r)).unwrap_or_else(|| "cannot send to the coordinator".into()));
+            }
         }
     };
     reader.abort();
