@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_shared::codec::{read_frame, write_frame};
+use berth_shared::codec::{encode, read_frame, write_frame};
 use berth_shared::ids::LeaseId;
 use berth_shared::wire::{CoordMsg, KillReason, OutStream, OutputFrame, WorkerMsg, MAX_CHUNK_BYTES};
 use tokio::sync::{mpsc, oneshot};
@@ -192,6 +192,10 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
             );
         }
 
+        // Frames for the worker, written together once nothing else is waiting to be
+        // handled: an acknowledgement and the next assignment leave in one packet.
+        let mut pending: Vec<u8> = Vec::new();
+        let mut deferred = 0u32;
         let mut work = shared.store.work.subscribe();
         let mut wanted: u32 = 0;
         // What the worker last said it has free (it sends `WantFit`), less what was
@@ -223,7 +227,8 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
                 e = ev.recv() => match e { Some(e) => e, None => break },
                 m = ctrl_rx.recv() => {
                     let Some(m) = m else { break };
-                    if write_frame(&mut send, &m).await.is_err() { break }
+                    queue(&mut pending, &m);
+                    if !flush_when_idle(&mut send, &mut pending, &mut deferred, &ev, &ctrl_rx).await { break }
                     continue;
                 }
                 changed = work.changed() => {
@@ -338,7 +343,7 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
                     match result {
                         Ok(FinishVerdict::Stale) => {
                             tracing::warn!(lease = %lease, "rejected a result carrying a stale lease");
-                            let _ = write_frame(&mut send, &CoordMsg::FinishedAck { lease, accepted: false }).await;
+                            queue(&mut pending, &CoordMsg::FinishedAck { lease, accepted: false });
                             Some(CoordMsg::Kill { lease, reason: KillReason::StaleLease })
                         }
                         Ok(_) => Some(CoordMsg::FinishedAck { lease, accepted: true }),
@@ -368,9 +373,10 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
                 }
             };
             if let Some(m) = out {
-                if write_frame(&mut send, &m).await.is_err() {
-                    break;
-                }
+                queue(&mut pending, &m);
+            }
+            if !flush_when_idle(&mut send, &mut pending, &mut deferred, &ev, &ctrl_rx).await {
+                break;
             }
         }
         a.registry.do_send(registry::Disconnect { name: name.clone(), conn_id });
@@ -459,6 +465,40 @@ async fn output_stream(mut recv: quinn::RecvStream, shared: Arc<Shared>, worker:
     }
     reader.abort();
 }
+
+/// Queues a frame for the worker (see `flush_when_idle`).
+fn queue(pending: &mut Vec<u8>, m: &CoordMsg) {
+    match encode(m) {
+        Ok(frame) => pending.extend_from_slice(&frame),
+        Err(e) => tracing::error!(error = %e, "cannot encode a message for the worker"),
+    }
+}
+
+/// Writes the queued frames once no event or message is waiting to be handled (or
+/// enough have gathered, or they have waited for enough turns); `false` when the
+/// connection is gone.
+async fn flush_when_idle(
+    send: &mut quinn::SendStream,
+    pending: &mut Vec<u8>,
+    deferred: &mut u32,
+    ev: &mpsc::UnboundedReceiver<Event>,
+    ctrl: &mpsc::UnboundedReceiver<CoordMsg>,
+) -> bool {
+    if pending.is_empty() {
+        return true;
+    }
+    if pending.len() < FLUSH_BYTES && *deferred < FLUSH_TURNS && !(ev.is_empty() && ctrl.is_empty()) {
+        *deferred += 1;
+        return true;
+    }
+    *deferred = 0;
+    send.write_chunk(bytes::Bytes::from(std::mem::take(pending))).await.is_ok()
+}
+
+/// Queued frames are written once this much has gathered, busy or not.
+const FLUSH_BYTES: usize = 64 * 1024;
+/// Or once they have waited this many turns of the session loop.
+const FLUSH_TURNS: u32 = 16;
 
 /// The store's answer to one batch of output chunks: a verdict per chunk.
 type Verdicts = oneshot::Receiver<Result<Vec<ChunkVerdict>, StoreError>>;

@@ -854,8 +854,12 @@ impl<D: Db> Store<D> {
             let to = if frozen.is_some() { JobState::Frozen } else { o.final_state() };
             ended_as = to;
             self.db.exec(
-                "UPDATE tasks SET state = ?1, exit_code = ?2, ended_at = ?3, runtime_ms = ?4, reason = ?5 WHERE job_seq = ?6 AND idx = ?7",
-                p![to.as_str(), o.exit_code, ms(now), o.runtime_ms, reason.as_deref(), job_seq, idx],
+                // A short attempt's worker sends no `Started`: its process started
+                // `runtime_ms` before the result (never before the claim).
+                "UPDATE tasks SET state = ?1, exit_code = ?2, ended_at = ?3, runtime_ms = ?4, reason = ?5,
+                     started_at = CASE WHEN started_at IS NULL OR started_at < ?8 THEN ?8 ELSE started_at END
+                 WHERE job_seq = ?6 AND idx = ?7",
+                p![to.as_str(), o.exit_code, ms(now), o.runtime_ms, reason.as_deref(), job_seq, idx, ms(now) - o.runtime_ms as i64],
             )?;
             self.event(job_seq, index.map(i64::from), now, to, attempt, Some(worker), reason.as_deref())?;
             self.shift(job_seq, JobState::Running, to, 1, s);
