@@ -450,8 +450,11 @@ async fn output_stream(mut recv: quinn::RecvStream, shared: Arc<Shared>, worker:
                     continue;
                 };
                 let mut batch = vec![first];
-                while let Ok(c) = rx.try_recv() {
-                    batch.push(c);
+                while batch.len() < APPEND_BATCH {
+                    match rx.try_recv() {
+                        Ok(c) => batch.push(c),
+                        Err(_) => break,
+                    }
                 }
                 let keys: Vec<_> = batch.iter().map(|c| (c.stream, c.seq)).collect();
                 let (tx, verdicts) = oneshot::channel();
@@ -503,8 +506,10 @@ const FLUSH_TURNS: u32 = 16;
 /// The store's answer to one batch of output chunks: a verdict per chunk.
 type Verdicts = oneshot::Receiver<Result<Vec<ChunkVerdict>, StoreError>>;
 
-/// Output batches one stream may have at the store's writer at once.
-const APPENDS_IN_FLIGHT: usize = 4;
+/// Output batches one stream may have at the store's writer at once, and chunks in a
+/// batch: at most 8 x 16 x 256 KiB (32 MiB) of one stream's output waits in memory.
+const APPENDS_IN_FLIGHT: usize = 8;
+const APPEND_BATCH: usize = 16;
 
 /// Acknowledges the chunks of one stored batch; `false` when the attempt's lease
 /// turned out stale (the worker is told to kill it, and the stream is dropped).

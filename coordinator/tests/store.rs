@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_coordinator::store::engine::create_token;
+use berth_coordinator::store::segments::{self, Segments};
 use berth_coordinator::store::sql::Val;
 use berth_coordinator::store::{
     Admission, BatchOutcome, ChunkVerdict, Db, Expired, FinishVerdict, KillOrder, Location, LogChunk, Op, PgDb, Reader, Reconciled, SqliteDb, Store,
@@ -115,7 +116,9 @@ impl Harness {
     fn sqlite() -> Harness {
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("berth.db");
-        let store = Store::new(SqliteDb::open(&path).expect("open sqlite")).expect("sqlite schema");
+        // As the coordinator opens it: large output chunks in segment files.
+        let segments = Segments::open(&segments::dir_for(&path)).expect("segments");
+        let store = Store::new(SqliteDb::open(&path).expect("open sqlite")).expect("sqlite schema").with_segments(segments);
         let loc = Location::Sqlite(path);
         let reader = loc.reader().expect("sqlite reader");
         Harness { backend: "sqlite", store: Box::new(store), reader, loc, _dir: Some(dir), _pg: None }
@@ -266,6 +269,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    large_output_chunks_read_back_exactly_after_a_restart,
     submit_is_idempotent_per_owner,
     million_task_array_is_one_row,
     claim_leases_distinct_tasks_within_caps_and_drain,
@@ -655,6 +659,43 @@ fn output_chunks_in_order_per_attempt(h: &mut Harness) {
     assert_eq!(r.chunks, want, "[{}] attempt 1's output is kept", h.backend);
     let r = h.reader.logs(seq, None, None, (0, 0)).expect("logs");
     assert_eq!((r.attempt, r.chunks), (2, vec![(Stdout, 1, b"again\n".to_vec())]));
+}
+
+fn large_output_chunks_read_back_exactly_after_a_restart(h: &mut Harness) {
+    let j = h.submit(&job());
+    let l = h.claim("w1", 1, at(0))[0].lease;
+    // Random bytes, so a misplaced offset cannot read back equal.
+    let big = |n: usize, seed: u64| -> Vec<u8> { (0..n as u64).map(|i| (i.wrapping_mul(0x9E37_79B9).wrapping_add(seed) >> 7) as u8).collect() };
+    let (a, b, c) = (big(256 * 1024, 1), big(40_000, 2), big(300 * 1024, 3));
+    let mk = |seq, stream, data: &Vec<u8>| LogChunk { lease: l, stream, seq, data: Arc::new(data.clone()) };
+    use ChunkVerdict::Stored;
+    assert_eq!(
+        h.append("w1", vec![mk(1, OutStream::Stdout, &a), mk(2, OutStream::Stdout, &chunk_text("small\n")), mk(1, OutStream::Stderr, &b)]),
+        vec![Stored, Stored, Stored]
+    );
+    let seq = h.seq(j);
+    let want = vec![(OutStream::Stdout, 1, a.clone()), (OutStream::Stdout, 2, b"small\n".to_vec()), (OutStream::Stderr, 1, b.clone())];
+    assert_eq!(h.reader.logs(seq, None, None, (0, 0)).expect("logs").chunks, want, "[{}] large and small chunks read back exactly", h.backend);
+    if let Location::Sqlite(p) = &h.loc {
+        let dir = segments::dir_for(p);
+        let bytes: u64 = std::fs::read_dir(&dir).expect("segment dir").map(|e| e.expect("entry").metadata().expect("metadata").len()).sum();
+        assert_eq!(bytes, (a.len() + b.len()) as u64, "the large chunks, and only they, are in segment files");
+        // A restarted coordinator reads what the last one stored and appends after it.
+        let segs = Segments::open(&dir).expect("segments again");
+        h.store = Box::new(Store::new(SqliteDb::open(p).expect("open")).expect("schema").with_segments(segs));
+        h.reader = h.loc.reader().expect("reader");
+    }
+    assert_eq!(h.append("w1", vec![mk(3, OutStream::Stdout, &c)]), vec![Stored]);
+    let mut want = want;
+    want.insert(2, (OutStream::Stdout, 3, c));
+    let got = h.reader.logs(seq, None, None, (0, 0)).expect("logs").chunks;
+    assert_eq!(got.len(), want.len());
+    let by_key = |v: &Vec<(OutStream, u64, Vec<u8>)>| v.iter().map(|(s, q, d)| ((*s == OutStream::Stderr, *q), d.clone())).collect::<std::collections::BTreeMap<_, _>>();
+    assert_eq!(by_key(&got), by_key(&want), "[{}] everything reads back after the restart", h.backend);
+}
+
+fn chunk_text(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
 }
 
 fn cancel_whole_array(h: &mut Harness) {

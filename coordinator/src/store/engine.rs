@@ -188,6 +188,8 @@ pub struct Store<D: Db> {
     /// The next expected output sequence per (lease, stream); a hint, checked against
     /// the database whenever a chunk disagrees with it.
     expected_seq: HashMap<(LeaseId, OutStream), u64>,
+    /// Where large output chunks go (SQLite only).
+    segments: Option<super::segments::Segments>,
 }
 
 fn send<T: Send + 'static>(reply: &mut Tx<T>, r: Result<T, StoreError>, committed: bool) {
@@ -201,7 +203,13 @@ impl<D: Db> Store<D> {
     pub fn new(mut db: D) -> Result<Store<D>, StoreError> {
         super::schema::migrate(&mut db)?;
         let pools = Arc::new(std::sync::RwLock::new(Arc::new(crate::pools::Pools::default())));
-        Ok(Store { db, notify_as: None, pools, worker_pools: HashMap::new(), jobs: HashMap::new(), expected_seq: HashMap::new() })
+        Ok(Store { db, notify_as: None, pools, worker_pools: HashMap::new(), jobs: HashMap::new(), expected_seq: HashMap::new(), segments: None })
+    }
+
+    /// Keeps large output chunks in segment files (see `segments`).
+    pub fn with_segments(mut self, segments: super::segments::Segments) -> Self {
+        self.segments = Some(segments);
+        self
     }
 
     /// The pools whose rates finished attempts are charged at.
@@ -278,6 +286,10 @@ impl<D: Db> Store<D> {
             }
             self.flush_counts(&mut scratch)?;
             self.publish(&scratch)?;
+            // Output bytes in segments are durable before the rows that point at them.
+            if let Some(seg) = self.segments.as_mut() {
+                seg.sync().map_err(|source| StoreError::Segment { what: "cannot be synced".into(), source })?;
+            }
             self.db.batch("COMMIT")
         })();
         if let Err(e) = r {
@@ -1407,10 +1419,19 @@ impl<D: Db> Store<D> {
                 verdicts.push(ChunkVerdict::OutOfOrder { expected });
                 continue;
             }
-            let stored = self.db.exec(
-                "INSERT INTO logs(job_seq, idx, attempt, stream, seq, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
-                p![job_seq, idx, attempt, stream_code(c.stream), c.seq, c.data.as_slice()],
-            )?;
+            let stored = match self.segments.as_mut() {
+                Some(seg) if c.data.len() >= super::segments::MIN_SEGMENT_CHUNK => {
+                    let (id, off) = seg.append(&c.data).map_err(|source| StoreError::Segment { what: "cannot be written".into(), source })?;
+                    self.db.exec(
+                        "INSERT INTO logs(job_seq, idx, attempt, stream, seq, data, seg, off, len) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
+                        p![job_seq, idx, attempt, stream_code(c.stream), c.seq, &[][..], id as i64, off as i64, c.data.len() as i64],
+                    )?
+                }
+                _ => self.db.exec(
+                    "INSERT INTO logs(job_seq, idx, attempt, stream, seq, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                    p![job_seq, idx, attempt, stream_code(c.stream), c.seq, c.data.as_slice()],
+                )?,
+            };
             self.expected_seq.insert(key, expected + 1);
             if stored == 0 {
                 verdicts.push(ChunkVerdict::Duplicate);
@@ -1521,11 +1542,18 @@ fn resolve(db: &mut dyn Db, sel: &JobSelector) -> Result<(i64, JobId), StoreErro
 /// A read-only view of the store for queries, on its own connection.
 pub struct ReadView<D: Db> {
     db: D,
+    segments: Option<super::segments::SegmentReader>,
 }
 
 impl<D: Db> ReadView<D> {
     pub fn new(db: D) -> ReadView<D> {
-        ReadView { db }
+        ReadView { db, segments: None }
+    }
+
+    /// Reads large chunks back from segment files (see `segments`).
+    pub fn with_segments(mut self, segments: super::segments::SegmentReader) -> Self {
+        self.segments = Some(segments);
+        self
     }
 
     fn spec(&mut self, job_seq: i64) -> Result<JobSpec, StoreError> {
@@ -1726,13 +1754,25 @@ impl<D: Db> Reader for ReadView<D> {
         let (state, current) = (state_of(&task.str(0)?), task.u32(1)?);
         let attempt = attempt.unwrap_or(current);
         let rows = self.db.query(
-            "SELECT stream, seq, data FROM logs WHERE job_seq = ?1 AND idx = ?2 AND attempt = ?3
+            "SELECT stream, seq, data, seg, off, len FROM logs WHERE job_seq = ?1 AND idx = ?2 AND attempt = ?3
              AND ((stream = 0 AND seq > ?4) OR (stream = 1 AND seq > ?5)) ORDER BY id LIMIT 512",
             p![job_seq, idx, attempt, after.0, after.1],
         )?;
         let mut chunks = Vec::with_capacity(rows.len());
         for mut r in rows {
-            chunks.push((stream_of(r.i64(0)?), r.u64(1)?, r.blob(2)?));
+            let data = match r.opt_i64(3)? {
+                Some(id) => {
+                    let (off, len) = (r.i64(4)?, r.i64(5)?);
+                    let seg = self.segments.as_mut().ok_or_else(|| StoreError::Segment {
+                        what: format!("{id} is referenced but this reader has no segment directory"),
+                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                    })?;
+                    seg.read(id as u64, off as u64, len as usize)
+                        .map_err(|source| StoreError::Segment { what: format!("{id} at {off} cannot be read"), source })?
+                }
+                None => r.blob(2)?,
+            };
+            chunks.push((stream_of(r.i64(0)?), r.u64(1)?, data));
         }
         let ended = attempt < current || state.is_terminal();
         Ok(LogRead { attempt, chunks, ended, task_state: Some(state) })

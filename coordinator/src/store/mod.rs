@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod engine;
 pub mod schema;
+pub mod segments;
 #[macro_use]
 pub mod sql;
 
@@ -44,6 +45,12 @@ pub enum StoreError {
     Open { path: String, message: String },
     #[error("conflict with another coordinator: {0}")]
     Retry(String),
+    #[error("output segment {what}: {source}")]
+    Segment {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl StoreError {
@@ -578,7 +585,13 @@ impl Location {
         off_runtime(|| {
             Ok(match self {
                 Location::Sqlite(p) => {
-                    let store = Store::new(SqliteDb::open_writer(p)?)?.with_pools(pools);
+                    let mut store = Store::new(SqliteDb::open_writer(p)?)?.with_pools(pools);
+                    // A database from before segments keeps every chunk in its rows.
+                    if !store.db().has_legacy_logs()? {
+                        let dir = segments::dir_for(p);
+                        let seg = segments::Segments::open(&dir).map_err(|e| StoreError::Open { path: dir.display().to_string(), message: e.to_string() })?;
+                        store = store.with_segments(seg);
+                    }
                     let checkpoint = SqliteDb::spawn_checkpointer(p)?;
                     spawn_writer(store, move || {
                         let _ = checkpoint.try_send(());
@@ -598,7 +611,9 @@ impl Location {
     pub fn reader(&self) -> Result<Box<dyn Reader + Send>, StoreError> {
         off_runtime(|| {
             Ok(match self {
-                Location::Sqlite(p) => Box::new(ReadView::new(SqliteDb::open(p)?)) as Box<dyn Reader + Send>,
+                Location::Sqlite(p) => {
+                    Box::new(ReadView::new(SqliteDb::open(p)?).with_segments(segments::SegmentReader::new(&segments::dir_for(p)))) as Box<dyn Reader + Send>
+                }
                 Location::Postgres(u) => Box::new(ReadView::new(PgDb::connect(u)?)),
             })
         })

@@ -133,8 +133,8 @@ INSERT INTO meta(key, value) VALUES ('schema', '3') ON CONFLICT DO NOTHING;
 "#;
 
 /// Output chunks. On SQLite they live in a database file of their own beside the main
-/// one (attached as `output`, with 64 KiB pages): a chunk is up to 256 KiB, and writing
-/// it as 4 KiB pages cost most of the writer's time when a job printed fast. Unqualified
+/// one (attached as `output`, with 64 KiB pages), and a large chunk's bytes in a segment
+/// file (`seg`, `off`, `len`; `data` empty: see `segments`). Unqualified
 /// queries find it there; a database from before keeps its own `logs` table, which
 /// SQLite finds first.
 const LOGS: &str = r#"
@@ -146,6 +146,9 @@ CREATE TABLE IF NOT EXISTS output.logs(
     stream INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     data BLOB NOT NULL,
+    seg INTEGER,
+    off INTEGER,
+    len INTEGER,
     UNIQUE(job_seq, idx, attempt, stream, seq)
 );
 "#;

@@ -305,6 +305,14 @@ impl SqliteDb {
     }
 }
 
+impl SqliteDb {
+    /// Whether the main database has a `logs` table of its own (made before output moved
+    /// to the attached database): queries find that one, with chunks in its rows.
+    pub fn has_legacy_logs(&mut self) -> Result<bool, StoreError> {
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM main.sqlite_master WHERE type = 'table' AND name = 'logs'", [], |r| r.get::<_, i64>(0))? > 0)
+    }
+}
+
 impl Db for SqliteDb {
     fn backend(&self) -> Backend {
         Backend::Sqlite
