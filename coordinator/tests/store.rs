@@ -690,7 +690,8 @@ fn large_output_chunks_read_back_exactly_after_a_restart(h: &mut Harness) {
     want.insert(2, (OutStream::Stdout, 3, c));
     let got = h.reader.logs(seq, None, None, (0, 0)).expect("logs").chunks;
     assert_eq!(got.len(), want.len());
-    let by_key = |v: &Vec<(OutStream, u64, Vec<u8>)>| v.iter().map(|(s, q, d)| ((*s == OutStream::Stderr, *q), d.clone())).collect::<std::collections::BTreeMap<_, _>>();
+    let by_key =
+        |v: &Vec<(OutStream, u64, Vec<u8>)>| v.iter().map(|(s, q, d)| ((*s == OutStream::Stderr, *q), d.clone())).collect::<std::collections::BTreeMap<_, _>>();
     assert_eq!(by_key(&got), by_key(&want), "[{}] everything reads back after the restart", h.backend);
 }
 
