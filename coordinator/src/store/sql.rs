@@ -328,6 +328,12 @@ impl Db for SqliteDb {
         Ok(rows.collect::<Result<_, _>>()?)
     }
     fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        // One statement (BEGIN, SAVEPOINT, RELEASE, COMMIT: several per batch of
+        // operations) is prepared once and kept, not parsed again each time.
+        if !sql.contains(';') {
+            self.conn.prepare_cached(sql)?.raw_execute()?;
+            return Ok(());
+        }
         Ok(self.conn.execute_batch(sql)?)
     }
 }
