@@ -507,9 +507,9 @@ const FLUSH_TURNS: u32 = 16;
 type Verdicts = oneshot::Receiver<Result<Vec<ChunkVerdict>, StoreError>>;
 
 /// Output batches one stream may have at the store's writer at once, and chunks in a
-/// batch: at most 8 x 16 x 256 KiB (32 MiB) of one stream's output waits in memory.
-const APPENDS_IN_FLIGHT: usize = 8;
-const APPEND_BATCH: usize = 16;
+/// batch: at most 4 x 32 x 256 KiB (32 MiB) of one stream's output waits in memory.
+const APPENDS_IN_FLIGHT: usize = 4;
+const APPEND_BATCH: usize = 32;
 
 /// Acknowledges the chunks of one stored batch; `false` when the attempt's lease
 /// turned out stale (the worker is told to kill it, and the stream is dropped).
