@@ -427,23 +427,8 @@ async fn attempt(engine: &Engine, launch: &Launch, c: &ContainerSpec, spool: &Ar
 
     let exited = wait_exit(docker, &c.name);
     tokio::pin!(exited);
-    let deadline = launch.max_runtime.map(|d| tokio::time::Instant::now() + d);
-    let timer = async move {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    let killed = async {
-        loop {
-            if let Some(r) = *kill.borrow_and_update() {
-                return r;
-            }
-            if kill.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-        }
-    };
+    let timer = super::deadline_passed(launch.max_runtime.map(|d| tokio::time::Instant::now() + d));
+    let killed = super::kill_asked(&mut kill);
     let frozen = async {
         loop {
             if let Some(tag) = freeze.borrow_and_update().clone() {

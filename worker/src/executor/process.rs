@@ -119,23 +119,8 @@ pub async fn run(launch: Launch, spool: Arc<Spool>, mut kill: watch::Receiver<Op
     let out = child.stdout.take().map(|o| tokio::spawn(pump(o, OutStream::Stdout, spool.clone())));
     let err = child.stderr.take().map(|e| tokio::spawn(pump(e, OutStream::Stderr, spool.clone())));
 
-    let deadline = launch.max_runtime.map(|d| tokio::time::Instant::now() + d);
-    let timer = async move {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    let killed = async {
-        loop {
-            if let Some(r) = *kill.borrow_and_update() {
-                return r;
-            }
-            if kill.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-        }
-    };
+    let timer = super::deadline_passed(launch.max_runtime.map(|d| tokio::time::Instant::now() + d));
+    let killed = super::kill_asked(&mut kill);
     let end = tokio::select! {
         s = child.wait() => match s {
             Ok(s) => End::Exited(s),
