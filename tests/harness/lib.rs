@@ -442,6 +442,7 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
 pub mod bench;
 pub mod docker;
 pub mod raw;
+pub mod store_sim;
 
 /// A directory holding a fake `nvidia-smi` that reports `gpus` (index, model, MiB),
 /// to put first on a worker's `PATH`: CI has no GPU.
