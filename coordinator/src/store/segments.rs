@@ -86,7 +86,7 @@ impl Segments {
             // A partial write leaves the file longer than `len`: start over in a new
             // segment so every offset handed out stays exact.
             self.len = SEGMENT_BYTES;
-            return Err(e);
+            return Err(self.named(e));
         }
         self.len += data.len() as u64;
         self.dirty = true;
@@ -95,14 +95,19 @@ impl Segments {
 
     /// Makes every appended byte durable (before the commit that references them).
     pub fn sync(&mut self) -> std::io::Result<()> {
-        for f in self.unsynced.drain(..) {
-            f.sync_data()?;
+        for f in std::mem::take(&mut self.unsynced) {
+            f.sync_data().map_err(|e| self.named(e))?;
         }
         if self.dirty {
-            self.current.sync_data()?;
+            self.current.sync_data().map_err(|e| self.named(e))?;
             self.dirty = false;
         }
         Ok(())
+    }
+
+    /// An error that says which directory it is about (a full or read-only disk).
+    fn named(&self, e: std::io::Error) -> std::io::Error {
+        std::io::Error::new(e.kind(), format!("{}: {e}", self.dir.display()))
     }
 }
 
@@ -117,16 +122,22 @@ impl SegmentReader {
         SegmentReader { dir: dir.to_path_buf(), open: HashMap::new() }
     }
 
+    /// Reads a chunk back; an error names the segment file, which must be restored
+    /// together with the database that points into it.
     pub fn read(&mut self, id: u64, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let path = self.dir.join(file_name(id));
+        let named = |e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("{}: {e} (segment files are kept beside the database and belong with it)", path.display()))
+        };
         if !self.open.contains_key(&id) {
             if self.open.len() >= 64 {
                 self.open.clear();
             }
-            self.open.insert(id, File::open(self.dir.join(file_name(id)))?);
+            self.open.insert(id, File::open(&path).map_err(named)?);
         }
         let f = &self.open[&id];
         let mut data = vec![0u8; len];
-        f.read_exact_at(&mut data, offset)?;
+        f.read_exact_at(&mut data, offset).map_err(named)?;
         Ok(data)
     }
 }
@@ -150,6 +161,7 @@ mod tests {
         drop(s);
         let mut s = Segments::open(dir.path()).expect("reopen");
         assert_eq!(s.append(b"x").expect("append"), (2, 0), "never appends after an old segment's tail");
-        assert!(r.read(9, 0, 1).is_err(), "a missing segment is an error, not empty output");
+        let missing = r.read(9, 0, 1).expect_err("a missing segment is an error, not empty output");
+        assert!(missing.to_string().contains("000000000009.seg"), "the error names the file: {missing}");
     }
 }
