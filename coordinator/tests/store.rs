@@ -270,6 +270,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     large_output_chunks_read_back_exactly_after_a_restart,
+    a_result_without_started_dates_the_start_from_its_runtime,
     submit_is_idempotent_per_owner,
     million_task_array_is_one_row,
     claim_leases_distinct_tasks_within_caps_and_drain,
@@ -693,6 +694,31 @@ fn large_output_chunks_read_back_exactly_after_a_restart(h: &mut Harness) {
     let by_key =
         |v: &Vec<(OutStream, u64, Vec<u8>)>| v.iter().map(|(s, q, d)| ((*s == OutStream::Stderr, *q), d.clone())).collect::<std::collections::BTreeMap<_, _>>();
     assert_eq!(by_key(&got), by_key(&want), "[{}] everything reads back after the restart", h.backend);
+}
+
+/// A worker says `Started` only for attempts still running after a moment; a short
+/// attempt's start is its result's time less its runtime (never before the claim).
+fn a_result_without_started_dates_the_start_from_its_runtime(h: &mut Harness) {
+    let short = h.submit(&job());
+    let l = h.claim("w1", 1, at(10))[0].lease;
+    assert_eq!(h.finish("w1", l, exited(0), at(20)), FinishVerdict::Recorded);
+    let t = h.status(short, None).task.expect("the task");
+    assert_eq!(t.started_at, Some(at(20) - TimeDelta::milliseconds(1500)), "[{}] ended less runtime", h.backend);
+
+    let told = h.submit(&job());
+    let l = h.claim("w1", 1, at(30))[0].lease;
+    for reply in h.store.apply(vec![Op::Started { worker: "w1".into(), lease: l, now: at(31) }]).replies {
+        reply();
+    }
+    assert_eq!(h.finish("w1", l, exited(0), at(40)), FinishVerdict::Recorded);
+    let t = h.status(told, None).task.expect("the task");
+    assert_eq!(t.started_at, Some(at(40) - TimeDelta::milliseconds(1500)), "[{}] the later of the two", h.backend);
+
+    let clock_skew = h.submit(&job());
+    let l = h.claim("w1", 1, at(50))[0].lease;
+    assert_eq!(h.finish("w1", l, exited(0), at(50)), FinishVerdict::Recorded);
+    let t = h.status(clock_skew, None).task.expect("the task");
+    assert_eq!(t.started_at, Some(at(50)), "[{}] never before the claim", h.backend);
 }
 
 fn chunk_text(s: &str) -> Vec<u8> {
