@@ -30,13 +30,7 @@ const SLOTS: usize = 4;
 const PHASE_LIMIT: Duration = Duration::from_secs(180);
 
 fn main() -> ExitCode {
-    match real_main() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("docker bench failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    berth_e2e::bench::exit("docker", real_main())
 }
 
 /// `docker run --rm` of `true`, `n` times in a row: containers per second.

@@ -1606,13 +1606,7 @@ fn scenario_6(env: &Env) -> Result<Vec<Row>> {
 // ---------------------------------------------------------------- main
 
 fn main() -> ExitCode {
-    match real_main() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("perf bench failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    berth_e2e::bench::exit("perf", real_main())
 }
 
 fn real_main() -> Result<()> {

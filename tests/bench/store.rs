@@ -89,11 +89,5 @@ fn real_main() -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match real_main() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("store bench failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    berth_e2e::bench::exit("store", real_main())
 }

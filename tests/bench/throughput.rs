@@ -256,13 +256,7 @@ impl Table {
 }
 
 fn main() -> ExitCode {
-    match real_main() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("throughput bench failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    berth_e2e::bench::exit("throughput", real_main())
 }
 
 fn real_main() -> Result<()> {

@@ -112,3 +112,14 @@ pub fn kernel() -> Option<String> {
 pub fn load_avg() -> String {
     std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_else(|_| "?".into())
 }
+
+/// A bench's exit: its failure as one line (with its causes), and a failing status.
+pub fn exit(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name} bench failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
