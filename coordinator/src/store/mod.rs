@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod engine;
+pub mod read;
 pub mod schema;
 pub mod segments;
 #[macro_use]
@@ -22,7 +23,8 @@ use berth_shared::wire::{ApiError, Assignment, FrozenImage, JobStatus, JobSummar
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, oneshot, watch};
 
-pub use engine::{ReadView, Store};
+pub use engine::Store;
+pub use read::ReadView;
 pub use sql::{Db, PgDb, SqliteDb};
 
 pub type SqliteStore = Store<SqliteDb>;
