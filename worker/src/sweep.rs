@@ -70,21 +70,37 @@ fn describe(labels: &std::collections::HashMap<String, String>) -> String {
     format!("job {}, attempt {}, lease {}{role}", get(LABEL_JOB), get(LABEL_ATTEMPT), get(LABEL_LEASE))
 }
 
+/// The labels that make a container (`by` = `berth.worker`) or an image (`by` =
+/// `berth.frozen_by`) this worker's own: asked of the engine, and checked again on
+/// what it returns before anything is removed.
+fn ours<'a>(by: &'a str, worker: &'a str, cluster: &'a str) -> [(&'a str, &'a str); 3] {
+    [(LABEL_MANAGED, "1"), (by, worker), (LABEL_CLUSTER, cluster)]
+}
+
+/// Whether `labels` has every `KEY=VALUE` of `want`.
+fn carries(labels: &std::collections::HashMap<String, String>, want: &[(&str, &str)]) -> bool {
+    want.iter().all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+}
+
+/// What the engine listed, or `None` with the failure noted in `out`.
+fn listed<T>(found: Result<Vec<T>, String>, what: &str, out: &mut Swept) -> Option<Vec<T>> {
+    match found {
+        Ok(f) => Some(f),
+        Err(e) => {
+            out.failed.push(format!("cannot list {what}: {e}"));
+            None
+        }
+    }
+}
+
 /// Kills and removes the worker's containers that it does not hold or that are past
 /// their expiry (`now` in unix seconds).
 pub async fn containers(engine: &Engine, worker: &str, held: &Held, now: u64, out: &mut Swept) {
-    let cluster = engine.cluster();
-    let found = match engine.containers_labelled(&[(LABEL_MANAGED, "1"), (LABEL_WORKER, worker), (LABEL_CLUSTER, cluster)]).await {
-        Ok(f) => f,
-        Err(e) => {
-            out.failed.push(format!("cannot list containers: {e}"));
-            return;
-        }
-    };
+    let ours = ours(LABEL_WORKER, worker, engine.cluster());
+    let Some(found) = listed(engine.containers_labelled(&ours).await, "containers", out) else { return };
     for c in found {
         // The engine filtered on these; check again before removing anything.
-        let has = |k: &str, v: &str| c.labels.get(k).map(String::as_str) == Some(v);
-        if !has(LABEL_MANAGED, "1") || !has(LABEL_WORKER, worker) || !has(LABEL_CLUSTER, cluster) {
+        if !carries(&c.labels, &ours) {
             continue;
         }
         let lease = c.labels.get(LABEL_LEASE).cloned().unwrap_or_default();
@@ -106,17 +122,10 @@ pub async fn containers(engine: &Engine, worker: &str, held: &Held, now: u64, ou
 /// Removes the images of freezes this worker did not finish (they lack
 /// `berth.frozen=complete`). Never forced: an image another one builds on stays.
 pub async fn images(engine: &Engine, worker: &str, out: &mut Swept) {
-    let cluster = engine.cluster();
-    let found = match engine.images_labelled(&[(LABEL_MANAGED, "1"), (LABEL_FROZEN_BY, worker), (LABEL_CLUSTER, cluster)]).await {
-        Ok(f) => f,
-        Err(e) => {
-            out.failed.push(format!("cannot list images: {e}"));
-            return;
-        }
-    };
+    let ours = ours(LABEL_FROZEN_BY, worker, engine.cluster());
+    let Some(found) = listed(engine.images_labelled(&ours).await, "images", out) else { return };
     for (id, tags, labels) in found {
-        let has = |k: &str, v: &str| labels.get(k).map(String::as_str) == Some(v);
-        if !has(LABEL_MANAGED, "1") || !has(LABEL_FROZEN_BY, worker) || !has(LABEL_CLUSTER, cluster) || has(LABEL_FROZEN, "complete") {
+        if !carries(&labels, &ours) || carries(&labels, &[(LABEL_FROZEN, "complete")]) {
             continue;
         }
         let what = tags.first().cloned().unwrap_or_else(|| id.clone());
