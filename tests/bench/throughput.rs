@@ -21,11 +21,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use berth_e2e::bench::{cpu_model, executor_rate, kernel, load_avg, median, percentile, Rate};
+use berth_e2e::bench::{cpu_model, executor_rate, kernel, load_avg, median, percentile, thread_rate, Rate, Rates};
 use berth_e2e::{run_timeout, Cluster};
 use serde_json::Value;
 
@@ -116,25 +115,9 @@ fn rfc3339_ms(s: &str) -> Option<i64> {
 /// `DRIVERS` threads share `total` spawns of `/bin/true` (spawn and wait), until
 /// they are done or `limit` passes.
 fn spawn_rate_std(total: usize, limit: Duration) -> Rate {
-    let next = AtomicUsize::new(0);
-    let done = AtomicUsize::new(0);
-    let failed = AtomicUsize::new(0);
-    let start = Instant::now();
-    let deadline = start + limit;
-    std::thread::scope(|s| {
-        for _ in 0..DRIVERS {
-            s.spawn(|| {
-                while Instant::now() < deadline && next.fetch_add(1, Ordering::Relaxed) < total {
-                    let st = Command::new("/bin/true").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
-                    match st {
-                        Ok(st) if st.success() => done.fetch_add(1, Ordering::Relaxed),
-                        _ => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            });
-        }
-    });
-    Rate { done: done.into_inner(), failed: failed.into_inner(), elapsed: start.elapsed() }
+    thread_rate(DRIVERS, total, limit, || {
+        Command::new("/bin/true").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|st| st.success())
+    })
 }
 
 // ---------------------------------------------------------------- the cluster
@@ -283,20 +266,15 @@ fn real_main() -> Result<()> {
 
     // 1. Raw spawn rate.
     eprintln!("[1/3] raw spawn rate of /bin/true: {DRIVERS} drivers x {SPAWN_ROUNDS} rounds of {SPAWNS}");
-    let mut std_rates = Vec::new();
-    let mut std_failed = 0;
+    let mut std_rates = Rates::default();
     for _ in 0..SPAWN_ROUNDS {
         let r = spawn_rate_std(SPAWNS, SPAWN_ROUND_LIMIT.min(left()));
-        std_failed += r.failed;
-        if r.done > 0 {
-            std_rates.push(r.per_sec());
-        }
+        std_rates.add(&r);
         eprintln!("      std::process::Command: {} spawns in {:.2?} ({:.0}/s)", r.done, r.elapsed, r.per_sec());
     }
     let scratch = tempfile::Builder::new().prefix("berth-bench-").tempdir()?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let mut exec_rates = Vec::new();
-    let mut exec_failed = 0;
+    let mut exec_rates = Rates::default();
     let mut exec_note = String::new();
     for _ in 0..SPAWN_ROUNDS {
         if left() < Duration::from_secs(100) {
@@ -305,10 +283,7 @@ fn real_main() -> Result<()> {
         }
         match executor_rate(&rt, scratch.path(), DRIVERS, SPAWNS, SPAWN_ROUND_LIMIT) {
             Ok(r) => {
-                exec_failed += r.failed;
-                if r.done > 0 {
-                    exec_rates.push(r.per_sec());
-                }
+                exec_rates.add(&r);
                 eprintln!("      worker executor: {} spawns in {:.2?} ({:.0}/s)", r.done, r.elapsed, r.per_sec());
             }
             Err(e) => {
@@ -318,6 +293,8 @@ fn real_main() -> Result<()> {
         }
     }
     drop(rt);
+    let (std_rates, std_failed) = (std_rates.per_sec, std_rates.failed);
+    let (exec_rates, exec_failed) = (exec_rates.per_sec, exec_rates.failed);
     let raw_std = median(&std_rates);
     let raw_exec = median(&exec_rates);
     t.section(&format!("1. raw fork/exec rate of /bin/true ({DRIVERS} concurrent drivers, {SPAWNS} spawns a round)"));

@@ -1,4 +1,5 @@
-//! What the benches share: medians and percentiles, the raw rate of running `true`
+//! What the benches share: medians and percentiles, rounds run until a deadline, the
+//! rate of a command run by several drivers at once, the raw rate of running `true`
 //! through the worker's own executor (the baseline berth is measured against), and a
 //! few facts about the machine to print beside the figures.
 
@@ -38,6 +39,98 @@ pub struct Rate {
 impl Rate {
     pub fn per_sec(&self) -> f64 {
         self.done as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Rounds of a measurement until a deadline: another round starts only while the
+/// longest so far, with a fifth to spare, still fits before it.
+///
+/// ```text
+/// let mut rounds = Rounds::new(n, end);
+/// while let Some(r) = rounds.next_round() { ... }
+/// ```
+///
+/// A round is timed from its `next_round` to the next; a body that `break`s after a
+/// failure sets `note` (see `failed`) and its time is not counted.
+pub struct Rounds {
+    total: usize,
+    end: Instant,
+    next: usize,
+    started: Option<Instant>,
+    taken: Vec<Duration>,
+    /// Empty, or why fewer rounds ran than asked (with a leading space, for a note).
+    pub note: String,
+}
+
+impl Rounds {
+    pub fn new(total: usize, end: Instant) -> Rounds {
+        Rounds { total, end, next: 0, started: None, taken: Vec::new(), note: String::new() }
+    }
+
+    /// The next round's number (from 0), or `None` once all have run or the next would
+    /// not fit before the deadline (the note then says so).
+    pub fn next_round(&mut self) -> Option<usize> {
+        if let Some(s) = self.started.take() {
+            self.taken.push(s.elapsed());
+        }
+        let r = self.next;
+        if r >= self.total {
+            return None;
+        }
+        let longest = self.taken.iter().max().copied().unwrap_or_default();
+        if r > 0 && Instant::now() + longest.mul_f64(1.2) >= self.end {
+            self.note = format!(" (rounds cut short at {r}: time budget)");
+            return None;
+        }
+        self.next += 1;
+        self.started = Some(Instant::now());
+        Some(r)
+    }
+
+    /// Round `r` failed: the note says how (the caller then stops).
+    pub fn failed(&mut self, r: usize, e: &anyhow::Error) {
+        self.note = format!(" (round {} failed: {e:#})", r + 1);
+    }
+}
+
+/// `par` threads share `total` runs of `run` (true when the run succeeded), until all
+/// are done or `limit` passes.
+pub fn thread_rate(par: usize, total: usize, limit: Duration, run: impl Fn() -> bool + Sync) -> Rate {
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let failed = AtomicUsize::new(0);
+    let start = Instant::now();
+    let deadline = start + limit;
+    std::thread::scope(|s| {
+        for _ in 0..par {
+            s.spawn(|| {
+                while Instant::now() < deadline && next.fetch_add(1, Ordering::Relaxed) < total {
+                    if run() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    Rate { done: done.into_inner(), failed: failed.into_inner(), elapsed: start.elapsed() }
+}
+
+/// A baseline's rate, round by round (a round in which nothing succeeded is left out),
+/// and its failed attempts in all.
+#[derive(Default)]
+pub struct Rates {
+    pub per_sec: Vec<f64>,
+    pub failed: usize,
+}
+
+impl Rates {
+    pub fn add(&mut self, r: &Rate) {
+        self.failed += r.failed;
+        if r.done > 0 {
+            self.per_sec.push(r.per_sec());
+        }
     }
 }
 
