@@ -9,6 +9,7 @@ pub mod freeze_api;
 pub mod lease;
 pub mod ledger;
 pub mod pools;
+pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod worker_conn;

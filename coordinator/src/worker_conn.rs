@@ -137,16 +137,7 @@ pub async fn serve(conn: quinn::Connection, mut send: quinn::SendStream, mut rec
             drained,
         });
         tracing::info!(slots, "worker connected");
-        let caps = Arc::new(WorkerCaps {
-            executors: host.executors.clone(),
-            cpus: host.cpus,
-            mem_mib: host.mem_mib,
-            gpus: host.gpus.len() as u32,
-            pool: joined.name.clone(),
-            pool_free: joined.is_free(),
-            labels: labels_for_caps,
-            gpu_list: host.gpus.clone(),
-        });
+        let caps = Arc::new(WorkerCaps::of(&host, &joined.name, joined.is_free(), labels_for_caps));
 
         let (ev_tx, mut ev) = mpsc::unbounded_channel::<Event>();
         // Control frames, read by their own task (reads are not cancellation-safe).

@@ -9,6 +9,7 @@ pub mod job;
 pub mod jobfile;
 pub mod logs;
 pub mod profile;
+pub mod resources;
 pub mod tls;
 pub mod wire;
 

@@ -307,23 +307,14 @@ pub struct Explain {
 impl Handler<Explain> for WorkerRegistry {
     type Result = Option<String>;
     fn handle(&mut self, m: Explain, _: &mut Self::Context) -> Self::Result {
-        let caps: Vec<crate::store::WorkerCaps> = self
+        let caps: Vec<crate::scheduler::WorkerCaps> = self
             .workers
             .values()
             .filter(|e| e.tx.is_some())
-            .map(|e| crate::store::WorkerCaps {
-                executors: e.host.executors.clone(),
-                cpus: e.host.cpus,
-                mem_mib: e.host.mem_mib,
-                gpus: e.host.gpus.len() as u32,
-                pool: e.pool.clone(),
-                // Whether its pool is free matters only for jobs without a max runtime,
-                // which the budget has already kept to free pools.
-                pool_free: true,
-                labels: e.labels.clone(),
-                gpu_list: e.host.gpus.clone(),
-            })
+            // Whether its pool is free matters only for jobs without a max runtime,
+            // which the budget has already kept to free pools.
+            .map(|e| crate::scheduler::WorkerCaps::of(&e.host, &e.pool, true, e.labels.clone()))
             .collect();
-        crate::store::explain_unrunnable(&m.spec, &caps)
+        crate::scheduler::explain_unrunnable(&m.spec, &caps)
     }
 }

@@ -79,89 +79,8 @@ impl From<ApiError> for StoreError {
     }
 }
 
-/// What a worker can run, for claim eligibility.
-#[derive(Clone, Debug, Default)]
-pub struct WorkerCaps {
-    pub executors: Vec<String>,
-    pub cpus: u32,
-    pub mem_mib: u64,
-    pub gpus: u32,
-    /// The pool the worker joined, and whether it is free (a job with no max runtime
-    /// may only run in free pools: its cost has no bound).
-    pub pool: String,
-    pub pool_free: bool,
-    /// The worker's labels (jobs may require some) and its GPUs (model and memory).
-    pub labels: Vec<(String, String)>,
-    pub gpu_list: Vec<berth_shared::wire::GpuInfo>,
-}
-
-pub use berth_shared::wire::{gpu_matches, FreeResources as Free};
-
-/// Why no worker among `workers` could ever run `spec` (None when one could): the
-/// reason a queued job shows in `berth status` and `berth list`, and that `submit`
-/// warns of.
-pub fn explain_unrunnable(spec: &JobSpec, workers: &[WorkerCaps]) -> Option<String> {
-    if workers.iter().any(|w| w.can_run(spec)) {
-        return None;
-    }
-    if workers.is_empty() {
-        return Some("no worker is connected".into());
-    }
-    let r = &spec.resources;
-    let exec = match spec.executor {
-        berth_shared::job::Executor::Process => "process",
-        berth_shared::job::Executor::Docker { .. } => "docker",
-    };
-    let mut why = Vec::new();
-    if !workers.iter().any(|w| w.executors.iter().any(|e| e == exec)) {
-        why.push(format!("it needs the {exec} executor, which no connected worker offers"));
-    }
-    if r.gpus > 0 {
-        let most = workers.iter().map(|w| w.gpu_list.iter().filter(|g| gpu_matches(g, r)).count()).max().unwrap_or(0);
-        if most < r.gpus as usize {
-            let what = match (&r.gpu_model, r.min_vram_mib) {
-                (None, None) => String::new(),
-                (m, v) => {
-                    let mut parts = Vec::new();
-                    if let Some(m) = m {
-                        parts.push(format!("model `{m}`"));
-                    }
-                    if let Some(v) = v {
-                        parts.push(format!("at least {} MiB", v));
-                    }
-                    format!(" ({})", parts.join(", "))
-                }
-            };
-            why.push(format!("it asks for {} GPU{}{what}; the most any connected worker has is {most}", r.gpus, if r.gpus == 1 { "" } else { "s" }));
-        }
-    }
-    if r.millicpus > 0 && !workers.iter().any(|w| r.millicpus <= w.cpus.saturating_mul(1000)) {
-        why.push(format!(
-            "it asks for {} CPUs; the most any connected worker has is {}",
-            f64::from(r.millicpus) / 1000.0,
-            workers.iter().map(|w| w.cpus).max().unwrap_or(0)
-        ));
-    }
-    if r.mem_mib > 0 && !workers.iter().any(|w| r.mem_mib <= w.mem_mib) {
-        why.push(format!(
-            "it asks for {} MiB of memory; the most any connected worker has is {}",
-            r.mem_mib,
-            workers.iter().map(|w| w.mem_mib).max().unwrap_or(0)
-        ));
-    }
-    for c in &spec.constraints {
-        if !workers.iter().any(|w| w.labels.contains(c)) {
-            why.push(format!("no connected worker has the label {}={}", c.0, c.1));
-        }
-    }
-    if !spec.pools.is_empty() && !workers.iter().any(|w| spec.pools.contains(&w.pool)) {
-        why.push(format!("no connected worker is in pool {}", spec.pools.join(" or ")));
-    }
-    if why.is_empty() {
-        why.push("no connected worker has everything it asks for at once".into());
-    }
-    Some(format!("no connected worker can run it: {}", why.join("; ")))
-}
+pub use crate::scheduler::{explain_unrunnable, WorkerCaps};
+pub use berth_shared::resources::{gpu_matches, FreeResources as Free};
 
 /// What a claim took: the tasks (with the GPU indices each was given), and when to
 /// ask again if some task is waiting for a cheaper pool's spill delay.
@@ -169,25 +88,6 @@ pub fn explain_unrunnable(spec: &JobSpec, workers: &[WorkerCaps]) -> Option<Stri
 pub struct Claimed {
     pub tasks: Vec<Assignment>,
     pub retry_in: Option<Duration>,
-}
-
-impl WorkerCaps {
-    /// Whether a worker with these capabilities could ever run `spec`.
-    pub fn can_run(&self, spec: &JobSpec) -> bool {
-        let exec = match spec.executor {
-            berth_shared::job::Executor::Process => "process",
-            berth_shared::job::Executor::Docker { .. } => "docker",
-        };
-        let r = &spec.resources;
-        self.executors.iter().any(|e| e == exec)
-            && (r.millicpus == 0 || r.millicpus <= self.cpus.saturating_mul(1000))
-            && (r.mem_mib == 0 || r.mem_mib <= self.mem_mib)
-            && r.gpus <= self.gpus
-            && (r.gpus == 0 || self.gpu_list.iter().filter(|g| gpu_matches(g, r)).count() >= r.gpus as usize)
-            && spec.constraints.iter().all(|c| self.labels.contains(c))
-            && (spec.pools.is_empty() || spec.pools.contains(&self.pool))
-            && (self.pool_free || spec.max_runtime_ms.is_some())
-    }
 }
 
 /// One output chunk to store.

@@ -31,7 +31,7 @@ impl<D: Db> Store<D> {
                 let had_rows = self.db.query_one(sql, p![job_seq, next, end])?.u64(0)?;
                 let k = (end - next + 1) as u64 - had_rows;
                 self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![end + 1, job_seq])?;
-                self.shift(job_seq, waiting, JobState::Cancelled, k, s);
+                self.shift(job_seq, waiting, JobState::Cancelled, k, s)?;
                 if !held {
                     self.settle(&meta, job_seq, -1, attempts.saturating_mul(k as u32), Decimal::ZERO)?;
                 }
@@ -49,7 +49,7 @@ impl<D: Db> Store<D> {
                 )?;
                 if inserted > 0 {
                     self.event(job_seq, Some(i), now, JobState::Cancelled, 1, None, Some(reason))?;
-                    self.shift(job_seq, waiting, JobState::Cancelled, 1, s);
+                    self.shift(job_seq, waiting, JobState::Cancelled, 1, s)?;
                     if !held {
                         self.settle(&meta, job_seq, -1, attempts, Decimal::ZERO)?;
                     }
@@ -69,7 +69,7 @@ impl<D: Db> Store<D> {
             self.db
                 .exec("UPDATE tasks SET state = 'cancelled', ended_at = ?1, reason = ?2 WHERE job_seq = ?3 AND idx = ?4", p![ms(now), reason, job_seq, idx])?;
             self.event(job_seq, Self::task_index(&meta, idx).map(i64::from), now, JobState::Cancelled, attempt, worker.as_deref(), Some(reason))?;
-            self.shift(job_seq, from, JobState::Cancelled, 1, s);
+            self.shift(job_seq, from, JobState::Cancelled, 1, s)?;
             // A running attempt is charged for its time so far; what is left is released.
             let actual = match (&worker, from) {
                 (Some(w), JobState::Running) => self.ran_for(&meta, job_seq, idx, w, now)?,

@@ -2,6 +2,7 @@
 //! the picks (task rows, leases, cursors, events).
 
 use super::*;
+use crate::scheduler::{Candidate, Kind, Round};
 
 impl<D: Db> Store<D> {
     pub(super) fn drained(&mut self, worker: &str) -> Result<bool, StoreError> {
@@ -33,20 +34,19 @@ impl<D: Db> Store<D> {
         }
         let expires = ms(lease::expires_at(now, ttl));
         let pools = self.pools.read().map(|p| p.clone()).unwrap_or_default();
-        let my_pool = pools.get(&caps.pool).cloned().unwrap_or_else(|| crate::pools::Pool::free(&caps.pool));
-        let mut free = free.cloned();
 
         // Candidates per account: re-queued tasks first (they have waited longest), then
         // jobs with unclaimed indices behind their cursor.
-        let mut per_account: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
+        let mut candidates = Vec::new();
         let sql = format!(
             "SELECT t.job_seq, t.idx, t.attempt, COALESCE(t.queued_at, j.created_at), j.account, j.owner FROM tasks t JOIN jobs j ON j.seq = t.job_seq
              WHERE t.state = 'queued' ORDER BY j.priority DESC, t.job_seq, t.idx LIMIT ?1{}",
             self.db.skip_locked_of("t")
         );
         for r in self.db.query(&sql, p![(i64::from(n)).clamp(1, 256) * 4])? {
-            let account = r.opt_str(4)?.unwrap_or(r.str(5)?);
-            per_account.entry(account).or_default().push(Candidate::Requeued { job_seq: r.i64(0)?, idx: r.i64(1)?, attempt: r.u32(2)?, queued_at: r.i64(3)? });
+            let (job_seq, account) = (r.i64(0)?, r.opt_str(4)?.unwrap_or(r.str(5)?));
+            let spec = self.meta(job_seq)?.spec.clone();
+            candidates.push(Candidate { job_seq, account, spec, queued_at_ms: r.i64(3)?, kind: Kind::Requeued { idx: r.i64(1)?, attempt: r.u32(2)? } });
         }
         let accounts = self.db.query("SELECT DISTINCT account FROM jobs WHERE next_idx <= idx_end AND held = 0 AND blocked = 0 LIMIT 1000", p![])?;
         let sql = format!(
@@ -56,113 +56,59 @@ impl<D: Db> Store<D> {
         );
         for a in accounts {
             let account = a.str(0)?;
-            let list = per_account.entry(account.clone()).or_default();
             for r in self.db.query(&sql, p![account.as_str()])? {
-                list.push(Candidate::Cursor { job_seq: r.i64(0)?, next: r.i64(1)?, end: r.i64(2)?, queued_at: r.i64(3)?, taken: 0 });
+                let job_seq = r.i64(0)?;
+                let spec = self.meta(job_seq)?.spec.clone();
+                candidates.push(Candidate {
+                    job_seq,
+                    account: account.clone(),
+                    spec,
+                    queued_at_ms: r.i64(3)?,
+                    kind: Kind::Cursor { next: r.i64(1)?, end: r.i64(2)? },
+                });
             }
         }
-        if per_account.values().all(Vec::is_empty) {
+        if candidates.is_empty() {
             return Ok(out);
         }
         // What each account runs now, for the turns.
-        let mut load: HashMap<String, f64> = HashMap::new();
+        let mut running = Vec::new();
         for r in self.db.query("SELECT account, CAST(SUM(n_running) AS BIGINT) FROM jobs WHERE n_running > 0 GROUP BY account", p![])? {
-            let account = r.str(0)?;
-            let w = f64::from(pools.weight(&account));
-            load.insert(account, r.opt_i64(1)?.unwrap_or(0) as f64 / w);
+            running.push((r.str(0)?, r.opt_i64(1)?.unwrap_or(0).max(0) as u64));
         }
-        let mut skip: HashSet<i64> = HashSet::new();
-        while (out.tasks.len() as u32) < n {
-            // The account with the least running work per weight that still has candidates.
-            let Some(account) = per_account
-                .iter()
-                .filter(|(_, c)| !c.is_empty())
-                .map(|(a, _)| a.clone())
-                .min_by(|a, b| load.get(a).copied().unwrap_or(0.0).total_cmp(&load.get(b).copied().unwrap_or(0.0)).then(a.cmp(b)))
-            else {
-                break;
-            };
-            let Some(cand) = per_account.get(&account).and_then(|c| c.first()).copied() else { break };
-            let job_seq = cand.job_seq();
-            let meta = self.meta(job_seq)?;
-            let verdict = if skip.contains(&job_seq) { Err(None) } else { fits(&meta.spec, caps, &my_pool, &pools, free.as_ref(), cand.queued_at(), ms(now)) };
-            let why = match verdict {
-                Ok(why) => why,
-                Err(wait) => {
-                    if let Some(w) = wait {
-                        out.retry_in = Some(out.retry_in.map_or(w, |r: Duration| r.min(w)));
-                    }
-                    if let Candidate::Cursor { next, taken, .. } = cand {
-                        if taken > 0 {
-                            self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![next + taken, job_seq])?;
-                        }
-                    }
-                    skip.insert(job_seq);
-                    if let Some(list) = per_account.get_mut(&account) {
-                        list.remove(0);
-                    }
+        let mut round = Round::new(caps, &pools, free.cloned(), n, candidates, &running, ms(now));
+        while let Some(pick) = round.next_pick() {
+            let (job_seq, idx) = (pick.job_seq, pick.idx);
+            let lease = LeaseId::new();
+            if pick.requeued {
+                self.db.exec(
+                    "UPDATE tasks SET state = 'running', lease = ?1, worker = ?2, lease_expires = ?3, started_at = ?4, ended_at = NULL,
+                         exit_code = NULL, runtime_ms = NULL, reason = NULL WHERE job_seq = ?5 AND idx = ?6",
+                    p![lease.to_string(), worker, expires, ms(now), job_seq, idx],
+                )?;
+            } else {
+                let inserted = self.db.exec(
+                    "INSERT INTO tasks(job_seq, idx, state, attempt, lease, worker, lease_expires, started_at)
+                     VALUES (?1, ?2, 'running', 1, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                    p![job_seq, idx, lease.to_string(), worker, expires, ms(now)],
+                )?;
+                if inserted == 0 {
+                    // Already has a row (cancelled on its own before it ran).
                     continue;
                 }
-            };
-            let lease = LeaseId::new();
-            let (idx, attempt, done) = match cand {
-                Candidate::Requeued { idx, attempt, .. } => {
-                    self.db.exec(
-                        "UPDATE tasks SET state = 'running', lease = ?1, worker = ?2, lease_expires = ?3, started_at = ?4, ended_at = NULL,
-                             exit_code = NULL, runtime_ms = NULL, reason = NULL WHERE job_seq = ?5 AND idx = ?6",
-                        p![lease.to_string(), worker, expires, ms(now), job_seq, idx],
-                    )?;
-                    (idx, attempt, true)
-                }
-                Candidate::Cursor { next, end, taken, .. } => {
-                    let idx = next + taken;
-                    if let Some(Candidate::Cursor { taken, .. }) = per_account.get_mut(&account).and_then(|c| c.first_mut()) {
-                        *taken += 1;
-                    }
-                    let done = idx >= end;
-                    let inserted = self.db.exec(
-                        "INSERT INTO tasks(job_seq, idx, state, attempt, lease, worker, lease_expires, started_at)
-                         VALUES (?1, ?2, 'running', 1, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
-                        p![job_seq, idx, lease.to_string(), worker, expires, ms(now)],
-                    )?;
-                    if done {
-                        self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![idx + 1, job_seq])?;
-                    }
-                    if inserted == 0 {
-                        // Already has a row (cancelled on its own before it ran).
-                        if done {
-                            if let Some(list) = per_account.get_mut(&account) {
-                                list.remove(0);
-                            }
-                        }
-                        continue;
-                    }
-                    (idx, 1, done)
-                }
-            };
-            if let Some(f) = free.as_mut() {
-                f.take(&meta.spec.resources);
             }
-            self.event(job_seq, Some(idx).filter(|_| meta.is_array), now, JobState::Running, attempt, Some(worker), why.as_deref())?;
-            self.shift(job_seq, JobState::Queued, JobState::Running, 1, s);
-            out.tasks.push(Assignment { lease, job: meta.id, index: Self::task_index(&meta, idx), attempt, spec: (*meta.spec).clone() });
-            *load.entry(account.clone()).or_default() += 1.0 / f64::from(pools.weight(&account));
-            if done {
-                if let Some(list) = per_account.get_mut(&account) {
-                    list.remove(0);
-                }
-            }
+            round.placed(&pick);
+            let meta = self.meta(job_seq)?;
+            self.event(job_seq, Some(idx).filter(|_| meta.is_array), now, JobState::Running, pick.attempt, Some(worker), Some(&pick.reason))?;
+            self.shift(job_seq, JobState::Queued, JobState::Running, 1, s)?;
+            out.tasks.push(Assignment { lease, job: meta.id, index: Self::task_index(&meta, idx), attempt: pick.attempt, spec: (*meta.spec).clone() });
         }
-        // Cursors that advanced without reaching their end.
-        for list in per_account.values() {
-            for c in list {
-                if let Candidate::Cursor { job_seq, next, taken, .. } = c {
-                    if *taken > 0 {
-                        self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![*next + *taken, *job_seq])?;
-                    }
-                }
-            }
+        let end = round.finish();
+        // Cursors that advanced (to their end, or part of the way).
+        for (job_seq, next) in end.cursors {
+            self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![next, job_seq])?;
         }
+        out.retry_in = end.retry_in;
         Ok(out)
     }
 }

@@ -87,7 +87,7 @@ impl<D: Db> Store<D> {
                     p![next_attempt, why, ms(now), job_seq, idx],
                 )?;
                 self.event(job_seq, index, now, JobState::Queued, next_attempt, Some(worker), Some(why))?;
-                self.shift(job_seq, JobState::Running, JobState::Queued, 1, s);
+                self.shift(job_seq, JobState::Running, JobState::Queued, 1, s)?;
                 s.work = true;
                 Ok(true)
             }
@@ -98,7 +98,7 @@ impl<D: Db> Store<D> {
                     p![ms(now), why.as_str(), job_seq, idx],
                 )?;
                 self.event(job_seq, index, now, JobState::Failed, attempt, Some(worker), Some(&why))?;
-                self.shift(job_seq, JobState::Running, JobState::Failed, 1, s);
+                self.shift(job_seq, JobState::Running, JobState::Failed, 1, s)?;
                 s.notices.push(Notice::TaskEnded { job: meta.id, index: index.map(|i| i as u32), attempt, state: JobState::Failed });
                 Ok(false)
             }

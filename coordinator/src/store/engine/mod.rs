@@ -118,63 +118,6 @@ struct JobMeta {
     attempt_estimate: Decimal,
 }
 
-/// A task a claim may take.
-#[derive(Clone, Copy)]
-enum Candidate {
-    Requeued { job_seq: i64, idx: i64, attempt: u32, queued_at: i64 },
-    Cursor { job_seq: i64, next: i64, end: i64, queued_at: i64, taken: i64 },
-}
-
-impl Candidate {
-    fn job_seq(&self) -> i64 {
-        match self {
-            Candidate::Requeued { job_seq, .. } | Candidate::Cursor { job_seq, .. } => *job_seq,
-        }
-    }
-    fn queued_at(&self) -> i64 {
-        match self {
-            Candidate::Requeued { queued_at, .. } | Candidate::Cursor { queued_at, .. } => *queued_at,
-        }
-    }
-}
-
-/// Whether this worker may take a task of `spec` now. `Ok` carries the routing reason
-/// for the event; `Err(Some(d))` means "not yet: a cheaper pool may still take it, ask
-/// again in `d`"; `Err(None)` means "not here".
-fn fits(
-    spec: &JobSpec,
-    caps: &WorkerCaps,
-    mine: &crate::pools::Pool,
-    pools: &crate::pools::Pools,
-    free: Option<&Free>,
-    queued_at: i64,
-    now: i64,
-) -> Result<Option<String>, Option<Duration>> {
-    if !caps.can_run(spec) {
-        return Err(None);
-    }
-    if let Some(f) = free {
-        if !f.fits(&spec.resources) {
-            return Err(None);
-        }
-    }
-    // Routing: a cheaper kind among the job's eligible pools has the first claim until
-    // this pool's spill delay has passed.
-    let eligible = pools.eligible(&spec.pools).unwrap_or_default();
-    let cheaper = eligible.iter().any(|p| p.kind < mine.kind && (p.is_free() || spec.max_runtime_ms.is_some()));
-    let waited = Duration::from_millis((now - queued_at).max(0) as u64);
-    let delay = Duration::from_secs(mine.spill_after_s);
-    if cheaper && waited < delay {
-        return Err(Some(delay - waited));
-    }
-    let kind = format!("{:?}", mine.kind).to_lowercase();
-    Ok(Some(if cheaper {
-        format!("pool {} ({kind}): waited {:.1}s with no cheaper slot free", mine.name, waited.as_secs_f64())
-    } else {
-        format!("pool {} ({kind})", mine.name)
-    }))
-}
-
 /// The reply of one applied operation, sent once the batch's fate is known.
 type Pending = Box<dyn FnOnce(&mut Op, bool) + Send>;
 
@@ -544,11 +487,16 @@ impl<D: Db> Store<D> {
     }
 
     /// Moves `n` tasks of a job between states (applied to its counts at the end of
-    /// the batch).
-    fn shift(&self, job_seq: i64, from: JobState, to: JobState, n: u64, s: &mut Scratch) {
+    /// the batch). Every move of a task's state passes here, checked against the one
+    /// table of legal moves (`JobState::can_move_to`).
+    fn shift(&self, job_seq: i64, from: JobState, to: JobState, n: u64, s: &mut Scratch) -> Result<(), StoreError> {
+        if !from.can_move_to(to) {
+            return Err(StoreError::Api(ApiError::new(ErrorKind::Internal, format!("job {job_seq}: a task cannot move from {from} to {to}"))));
+        }
         if n > 0 {
             s.moves.push((job_seq, from, to, n));
         }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -137,7 +137,7 @@ impl<D: Db> Store<D> {
             self.db.exec("UPDATE jobs SET held = 0, next_idx = ?1, decision = ?2 WHERE seq = ?3", p![end + 1, why.as_str(), job_seq])?;
             JobState::Rejected
         };
-        self.shift(job_seq, JobState::PendingApproval, state, tasks, s);
+        self.shift(job_seq, JobState::PendingApproval, state, tasks, s)?;
         self.event(job_seq, None, now, state, 0, None, Some(&why))?;
         if state == JobState::Rejected {
             s.notices.push(Notice::TaskEnded { job, index: None, attempt: 0, state });

@@ -42,7 +42,7 @@ impl<D: Db> Store<D> {
                 p![to.as_str(), o.exit_code, ms(now), o.runtime_ms, reason.as_deref(), job_seq, idx, ms(now) - o.runtime_ms as i64],
             )?;
             self.event(job_seq, index.map(i64::from), now, to, attempt, Some(worker), reason.as_deref())?;
-            self.shift(job_seq, JobState::Running, to, 1, s);
+            self.shift(job_seq, JobState::Running, to, 1, s)?;
             // The task is done: charge this attempt, release the attempts it did not use.
             let actual = self.attempt_charge(&meta, worker, o.runtime_ms);
             let unused = meta.spec.max_attempts.saturating_sub(attempt);
