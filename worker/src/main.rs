@@ -113,8 +113,9 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
         return sweep(&work_dir, name);
     }
     for e in &cli.executors {
-        if e != "process" && e != "docker" {
-            return Err((2, format!("unknown executor `{e}`: this worker offers `process` and `docker`")));
+        if !berth_worker::executor::names().any(|n| n == e) {
+            let known: Vec<String> = berth_worker::executor::names().map(|n| format!("`{n}`")).collect();
+            return Err((2, format!("unknown executor `{e}`: this worker offers {}", known.join(" and "))));
         }
     }
     let limits = berth_worker::host::HostLimits { gpus: cli.gpus.clone(), cpus: cli.cpus, mem_mib: cli.mem };
@@ -150,7 +151,7 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
         limits,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| (1, format!("cannot start the runtime: {e}")))?;
-    rt.block_on(berth_worker::run(cfg, shutdown_signal())).map_err(|e| (1, chain(&e)))
+    rt.block_on(berth_worker::session::run_on_host(cfg, host, shutdown_signal())).map_err(|e| (1, chain(&e)))
 }
 
 /// `berth-worker sweep`: what `sweep.rs` says, on demand; one line per thing removed on

@@ -47,6 +47,12 @@ pub struct Spool {
     pub notify: Notify,
 }
 
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
 fn idx(s: OutStream) -> usize {
     match s {
         OutStream::Stdout => 0,

@@ -1,13 +1,134 @@
 //! Executors run one attempt in its slot workspace and report its outcome.
+//!
+//! The seam: an executor is a type implementing [`Executor`], in a file of this
+//! folder, registered under its name (what `--executor` takes and what a job's spec
+//! names) in [`REGISTERED`]. The run loop knows executors only through these two: it
+//! opens the ones asked for at start-up, and hands each attempt to the one whose name
+//! its job names.
 
 pub mod docker;
 pub mod process;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use berth_shared::wire::KillReason;
-use tokio::sync::watch;
+use berth_shared::ids::LeaseId;
+use berth_shared::job::Outcome;
+use berth_shared::wire::{Assignment, GpuInfo, KillReason};
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, watch};
+
+use crate::spool::Spool;
+use crate::{WorkerConfig, WorkerError};
+
+/// Every executor a worker knows, under its name: the one place a new executor is
+/// registered. Opened in this order at start-up.
+pub const REGISTERED: &[(&str, Open)] = &[(process::NAME, process::open), (docker::NAME, docker::open)];
+
+/// Opens an executor at start-up: cleans up what an earlier run of this worker left
+/// (whether or not it is offered now), then offers it if `Setup::asked`.
+pub type Open = for<'a> fn(&'a Setup<'a>) -> BoxFuture<'a, Result<Opened, WorkerError>>;
+
+/// What an executor is opened with.
+pub struct Setup<'a> {
+    pub cfg: &'a WorkerConfig,
+    /// Whether the operator asked for it (`--executor`).
+    pub asked: bool,
+}
+
+/// How opening went.
+pub enum Opened {
+    Offered(Box<dyn Executor>),
+    NotAsked,
+    /// Asked for, but it cannot run here (why).
+    Declined(String),
+}
+
+/// The names `--executor` takes.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    REGISTERED.iter().map(|(n, _)| *n)
+}
+
+/// An executor offered by this worker.
+pub trait Executor: Send + Sync {
+    /// Its name (`--executor`, and `berth_shared::job::Executor::name` of its jobs).
+    fn name(&self) -> &'static str;
+    /// Where its jobs see their workspace (`BERTH_WORKSPACE`), when not at its path on
+    /// this host.
+    fn workspace_in_job(&self) -> Option<&'static str> {
+        None
+    }
+    /// Starts one attempt on the runtime; what happens to it comes back on `reports`
+    /// (`Report::Started` once it runs, `Report::Ended` always, once).
+    fn spawn(&self, job: Job<'_>, reports: Reports);
+    /// Whether its attempts can be frozen (`Controls::freeze`).
+    fn freezes(&self) -> bool {
+        false
+    }
+    /// Removes an image it made (a frozen one); `false` when it makes none. With
+    /// `reports`, the result comes back as `Report::ImageRemoved`.
+    fn remove_image(&self, _image: String, _reports: Option<Reports>) -> bool {
+        false
+    }
+}
+
+/// One attempt as the run loop hands it to its executor.
+pub struct Job<'a> {
+    pub assignment: &'a Assignment,
+    /// The GPUs set aside for it.
+    pub gpus: &'a [GpuInfo],
+    pub slot: usize,
+    /// `record` is left for the executor to set.
+    pub launch: Launch,
+    pub spool: Arc<Spool>,
+    pub controls: Controls,
+    /// The attempt's span, for what the executor spawns.
+    pub span: tracing::Span,
+}
+
+/// Controls of a running attempt: kill (cancel, timeout, lost lease) and freeze (the tag).
+pub struct Controls {
+    pub kill: watch::Receiver<Option<KillReason>>,
+    pub freeze: watch::Receiver<Option<String>>,
+}
+
+/// How an attempt ended: its outcome, and the image when it was frozen.
+#[derive(Clone, Debug)]
+pub struct Ended {
+    pub outcome: Outcome,
+    pub frozen: Option<String>,
+}
+
+/// What executors tell the run loop.
+#[derive(Debug)]
+pub enum Report {
+    /// The attempt's process (or container) runs.
+    Started(LeaseId),
+    Ended(LeaseId, Ended),
+    /// A frozen image was removed (or why not).
+    ImageRemoved(String, Option<String>),
+}
+
+pub type Reports = mpsc::UnboundedSender<Report>;
+
+/// Runs an attempt's future on the runtime in its span, reporting how it ended.
+pub(crate) fn spawn_attempt(lease: LeaseId, span: tracing::Span, reports: Reports, run: impl std::future::Future<Output = Ended> + Send + 'static) {
+    use tracing::Instrument;
+    tokio::spawn(
+        async move {
+            let ended = run.await;
+            tracing::debug!(exit = ?ended.outcome.exit_code, "attempt ended");
+            let _ = reports.send(Report::Ended(lease, ended));
+        }
+        .instrument(span),
+    );
+}
+
+/// The outcome of an attempt that could not be started (exit code `code`).
+pub fn not_started(code: Option<i32>, error: String) -> Outcome {
+    Outcome { exit_code: code, signal: None, timed_out: false, killed: false, runtime_ms: 0, error: Some(error) }
+}
 
 /// Everything an executor needs to run one attempt.
 #[derive(Clone, Debug)]

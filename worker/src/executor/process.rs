@@ -22,8 +22,56 @@ use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 
-use super::Launch;
+use futures::future::BoxFuture;
+
+use super::{Ended, Executor, Job, Launch, Opened, Report, Reports, Setup};
 use crate::spool::Spool;
+use crate::WorkerError;
+
+/// The executor's name (`--executor process`).
+pub const NAME: &str = "process";
+
+/// The process executor as a worker offers it: where it records the process group
+/// of each slot's attempt (`groups/slot-<n>`, rewritten in place per attempt:
+/// creating and deleting a file per attempt costs more than a trivial job).
+pub struct ProcessExecutor {
+    groups: PathBuf,
+}
+
+/// Kills the process groups an earlier run of this worker left running (whether or
+/// not the executor is offered now), then offers it if asked.
+pub fn open<'a>(s: &'a Setup<'a>) -> BoxFuture<'a, Result<Opened, WorkerError>> {
+    Box::pin(async move {
+        let groups = s.cfg.work_dir.join("groups");
+        // Attempts of a previous run of this worker that was killed outright are still
+        // running, unknown to anyone: their leases are lost, their results would be refused.
+        let left_over = kill_left_over(&groups);
+        if left_over > 0 {
+            tracing::warn!(groups = left_over, "killed attempts left over from before this worker restarted");
+        }
+        Ok(if s.asked { Opened::Offered(Box::new(ProcessExecutor { groups })) } else { Opened::NotAsked })
+    })
+}
+
+impl Executor for ProcessExecutor {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn spawn(&self, job: Job<'_>, reports: Reports) {
+        let lease = job.assignment.lease;
+        let mut launch = job.launch;
+        launch.record = Some(self.groups.join(format!("slot-{}", job.slot)));
+        let (spool, kill, started) = (job.spool, job.controls.kill, reports.clone());
+        super::spawn_attempt(lease, job.span, reports, async move {
+            let outcome = run(launch, spool, kill, move |_| {
+                let _ = started.send(Report::Started(lease));
+            })
+            .await;
+            Ended { outcome, frozen: None }
+        });
+    }
+}
 
 /// What one read may take from a job's pipe: a whole chunk, so a job that prints fast
 /// sends few large chunks (each is a spool record, a frame and a stored row).

@@ -16,19 +16,11 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures::StreamExt;
-use tokio::sync::watch;
 
 use super::freeze::{freeze_into, seed_workspace};
 use super::{message, status, ContainerSpec, Engine, LABEL_WORKSPACE, WORKSPACE_IN_CONTAINER};
-use crate::executor::Launch;
+use crate::executor::{Controls, Ended, Launch};
 use crate::spool::Spool;
-
-/// How an attempt ended: its outcome, and the image when it was frozen.
-#[derive(Clone, Debug)]
-pub struct Ended {
-    pub outcome: Outcome,
-    pub frozen: Option<String>,
-}
 
 fn failed(code: i32, error: String, begin: Instant) -> Ended {
     Ended {
@@ -55,12 +47,6 @@ fn start_failure_code(msg: &str) -> i32 {
     } else {
         125
     }
-}
-
-/// Controls of a running attempt: kill (cancel, timeout, lost lease) and freeze (the tag).
-pub struct Controls {
-    pub kill: watch::Receiver<Option<KillReason>>,
-    pub freeze: watch::Receiver<Option<String>>,
 }
 
 enum End {

@@ -31,13 +31,20 @@ mod freeze;
 mod spec;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
 
 use bollard::errors::Error as BollardError;
 use bollard::query_parameters::{ListContainersOptionsBuilder, ListImagesOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder};
 use bollard::Docker;
 
-pub use container::{run, Controls, Ended};
+use super::{Executor, Job, Opened, Report, Reports, Setup};
+use crate::WorkerError;
+
+pub use crate::executor::{Controls, Ended};
+pub use container::run;
 pub use spec::{container_name, ContainerSpec};
 
 /// Every container and image berth makes carries this label (`1`).
@@ -84,6 +91,113 @@ pub enum EngineError {
 pub struct Engine {
     docker: Docker,
     cluster: String,
+}
+
+/// The executor's name (`--executor docker`).
+pub const NAME: &str = "docker";
+
+/// The docker executor as a worker offers it: its engine, and where it records the
+/// containers of running attempts (`containers/<lease>`).
+pub struct DockerExecutor {
+    engine: Engine,
+    worker: String,
+    pids_limit: i64,
+    containers: PathBuf,
+}
+
+/// Connects to the engine when the executor is asked for (an engine that does not
+/// answer declines it) and removes what an earlier run of this worker left in it.
+pub fn open<'a>(s: &'a Setup<'a>) -> BoxFuture<'a, Result<Opened, WorkerError>> {
+    Box::pin(open_engine(s))
+}
+
+async fn open_engine(s: &Setup<'_>) -> Result<Opened, WorkerError> {
+    if !s.asked {
+        return Ok(Opened::NotAsked);
+    }
+    let cfg = s.cfg;
+    let cluster = cluster_id(&cfg.ca_pem).map_err(|e| WorkerError::Setup(format!("--ca: {e}")))?;
+    // For `berth-worker sweep`, which has no --ca.
+    let path = cfg.work_dir.join(crate::sweep::CLUSTER_FILE);
+    std::fs::write(&path, format!("{cluster}\n")).map_err(|source| WorkerError::WorkDir { path, source })?;
+    let engine = match Engine::connect(Duration::from_secs(10), cluster).await {
+        Ok(e) => e,
+        Err(e) => return Ok(Opened::Declined(berth_shared::logs::chain(&e))),
+    };
+    let mut swept = crate::sweep::Swept::default();
+    crate::sweep::containers(&engine, &cfg.name, &crate::sweep::Held::Nothing, crate::sweep::now_secs(), &mut swept).await;
+    crate::sweep::images(&engine, &cfg.name, &mut swept).await;
+    for line in &swept.removed {
+        tracing::warn!(removed = %line, "swept what an earlier run of this worker left behind");
+    }
+    for line in &swept.failed {
+        tracing::error!(error = %line, "sweep");
+    }
+    Ok(Opened::Offered(Box::new(DockerExecutor {
+        engine,
+        worker: cfg.name.clone(),
+        pids_limit: cfg.docker_pids_limit,
+        containers: cfg.work_dir.join("containers"),
+    })))
+}
+
+impl Executor for DockerExecutor {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn workspace_in_job(&self) -> Option<&'static str> {
+        Some(WORKSPACE_IN_CONTAINER)
+    }
+
+    fn spawn(&self, job: Job<'_>, reports: Reports) {
+        let lease = job.assignment.lease;
+        let spec = ContainerSpec::for_attempt(job.assignment, &self.worker, self.engine.cluster(), self.pids_limit, job.launch.grace, SystemTime::now());
+        let Some(c) = spec.map(|c| c.with_gpus(job.gpus)) else {
+            job.spool.close();
+            let outcome = super::not_started(Some(125), "not a docker job".into());
+            let _ = reports.send(Report::Ended(lease, Ended { outcome, frozen: None }));
+            return;
+        };
+        let mut launch = job.launch;
+        // A container is recorded per attempt, by lease.
+        launch.record = Some(self.containers.join(lease.to_string()));
+        let (engine, started) = (self.engine.clone(), reports.clone());
+        let (spool, controls) = (job.spool, job.controls);
+        super::spawn_attempt(lease, job.span, reports, async move {
+            run(engine, launch, c, spool, controls, move || {
+                let _ = started.send(Report::Started(lease));
+            })
+            .await
+        });
+    }
+
+    fn freezes(&self) -> bool {
+        true
+    }
+
+    fn remove_image(&self, image: String, reports: Option<Reports>) -> bool {
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            let r = engine.remove_frozen_image(&image).await;
+            match reports {
+                Some(reports) => {
+                    match &r {
+                        Ok(how) => tracing::info!(image = %image, ?how, "frozen image removed"),
+                        Err(e) => tracing::warn!(image = %image, error = %e, "cannot remove a frozen image"),
+                    }
+                    let _ = reports.send(Report::ImageRemoved(image, r.err()));
+                }
+                // An image nobody will know of (its freeze's result was rejected).
+                None => {
+                    if let Err(e) = r {
+                        tracing::warn!(image = %image, error = %e, "cannot remove the image of a rejected freeze");
+                    }
+                }
+            }
+        });
+        true
+    }
 }
 
 /// A short, stable name of a cluster: the SHA-256 of its CA certificate (DER), in hex,

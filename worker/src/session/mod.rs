@@ -1,0 +1,584 @@
+//! The worker's run loop: the driver of `state::State`. Attempts live in the state and
+//! outlive connections: when the coordinator is unreachable they keep running, their
+//! output keeps going to the spool, and after a reconnect the worker reports the leases
+//! it holds, kills the ones the coordinator calls stale, resends unacknowledged output
+//! and results.
+//!
+//! This file does the I/O and nothing else: it dials (QUIC), reads frames and writes
+//! what the state queued in one write per turn, arms the state's timer, makes spools and
+//! workspaces, and hands attempts to their executors (`executor::Executor`).
+//!
+//! Reconnecting is paced by the lease TTL: a restarted coordinator gives every running
+//! lease one TTL to be renewed, so a worker must notice a dead link (three heartbeats
+//! in a row without an answer) and dial again well within one TTL.
+
+pub mod state;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_shared::codec::{encode, read_frame, write_frame, write_frame_quic};
+use berth_shared::dial::{client_endpoint, dial, Dialed};
+use berth_shared::ids::LeaseId;
+use berth_shared::tls::client_config;
+use berth_shared::wire::{Assignment, CoordMsg, FreeResources, GpuInfo, HostInfo, OutputFrame, PeerKind, WorkerMsg};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use self::state::{Action, State};
+use crate::executor::{self, Controls, Ended, Executor, Job, Launch, Opened, Report, Reports, Setup};
+use crate::spool::Spool;
+use crate::{identity, WorkerConfig, WorkerError};
+
+/// At most this many more frames and reports are handled in one turn of the session
+/// before what they produced is sent.
+const COALESCE: usize = 64;
+
+/// How long a SIGTERM'd attempt gets before its group is SIGKILLed.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// What the current connection carries.
+struct Link {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    senders: HashMap<LeaseId, JoinHandle<()>>,
+    /// Frames queued by `send`, not yet written.
+    out: Vec<u8>,
+}
+
+impl Link {
+    /// Queues a message; `flush` sends what is queued in one write, so the messages
+    /// one turn of the session produces (a result, a request for more work, the start
+    /// of the next attempt) leave in one packet rather than one each.
+    fn send(&mut self, m: &WorkerMsg) {
+        match encode(m) {
+            Ok(frame) => self.out.extend_from_slice(&frame),
+            Err(e) => tracing::error!(error = %e, "cannot encode a message for the coordinator"),
+        }
+    }
+
+    /// Sends what `send` queued; `false` when the connection is gone.
+    async fn flush(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        let out = bytes::Bytes::from(std::mem::take(&mut self.out));
+        self.send.write_chunk(out).await.is_ok()
+    }
+
+    fn lost(&self, otherwise: &str) -> Closed {
+        Closed::Lost(self.conn.close_reason().map(|r| berth_shared::dial::describe(&r)).unwrap_or_else(|| otherwise.into()))
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        for (_, h) in self.senders.drain() {
+            h.abort();
+        }
+    }
+}
+
+/// How one connection ended.
+enum Closed {
+    Shutdown,
+    Lost(String),
+}
+
+/// The I/O side: what the state's actions are carried out with.
+struct Driver {
+    cfg: WorkerConfig,
+    host: HostInfo,
+    executors: Vec<Box<dyn Executor>>,
+    /// Slots whose workspace was emptied when their last attempt ended.
+    clean: HashSet<usize>,
+    reports: Reports,
+}
+
+/// Runs the worker until `shutdown` resolves.
+pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    run_on(cfg, None, shutdown).await
+}
+
+/// `run`, with the host as the caller already detected it (`host::detect_limited` with
+/// the config's executors and limits), so it is not detected twice.
+pub async fn run_on_host(cfg: WorkerConfig, host: HostInfo, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    run_on(cfg, Some(host), shutdown).await
+}
+
+async fn run_on(mut cfg: WorkerConfig, host: Option<HostInfo>, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    let id = identity::load_or_enrol(&cfg).await?;
+    // The engine mounts slot workspaces by absolute path.
+    cfg.work_dir = std::fs::canonicalize(&cfg.work_dir).map_err(|source| WorkerError::WorkDir { path: cfg.work_dir.clone(), source })?;
+    // One worker per work dir, held for the worker's whole life (`berth-worker sweep`
+    // reads it to know whether the containers there are still someone's).
+    let _lock = match crate::sweep::lock_work_dir(&cfg.work_dir) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => return Err(WorkerError::Setup(format!("work dir {} is in use by another berth-worker", cfg.work_dir.display()))),
+        Err(source) => return Err(WorkerError::WorkDir { path: cfg.work_dir.join("worker.lock"), source }),
+    };
+    let asked = cfg.executors.clone();
+    let executors = open_executors(&mut cfg).await?;
+    for d in ["spool", "slots", "groups", "containers"] {
+        let p = cfg.work_dir.join(d);
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).map_err(|source| WorkerError::WorkDir { path: p.clone(), source })?;
+    }
+    let host = match host {
+        Some(h) => h,
+        None => crate::host::detect_limited(&cfg.executors, &cfg.limits).map(|(h, _)| h).map_err(WorkerError::Setup)?,
+    };
+    let host = offered(host, &asked, &cfg.executors);
+    let (reports, mut reports_rx) = mpsc::unbounded_channel();
+    let free = FreeResources { millicpus: host.cpus.saturating_mul(1000), mem_mib: host.mem_mib, gpus: host.gpus.clone() };
+    let mut state = State::new(cfg.slots, cfg.prefetch, free);
+    let endpoint = {
+        let tls = client_config(&cfg.ca_pem, Some(&id)).map_err(|e| WorkerError::Setup(format!("--ca or certificate: {e}")))?;
+        client_endpoint(tls, false).map_err(|source| WorkerError::WorkDir { path: cfg.work_dir.clone(), source })?
+    };
+    let mut driver = Driver { cfg, host, executors, clean: HashSet::new(), reports };
+    tokio::pin!(shutdown);
+    loop {
+        let dialed = tokio::select! {
+            d = dial(&endpoint, &driver.cfg.coordinators, driver.cfg.server_name.as_deref(), PeerKind::Worker, state::dial_timeout(state.lease_ttl())) => Some(d),
+            _ = &mut shutdown => None,
+        };
+        match dialed {
+            None => break,
+            Some(Ok(d)) => {
+                let addr = d.addr.clone();
+                tracing::info!(coordinator = %addr, "connected");
+                let ended = driver.session(&mut state, d, &mut reports_rx, &mut shutdown).await;
+                state.disconnected();
+                match ended {
+                    Ok(Closed::Shutdown) => break,
+                    Ok(Closed::Lost(why)) => tracing::warn!(coordinator = %addr, reason = %why, "lost the coordinator; attempts keep running, reconnecting"),
+                    Err(e) => {
+                        driver.kill_all(&mut state, &mut reports_rx).await;
+                        return Err(e);
+                    }
+                }
+            }
+            Some(Err(e @ (berth_shared::dial::DialError::Refused { .. } | berth_shared::dial::DialError::Auth { .. }))) => {
+                driver.kill_all(&mut state, &mut reports_rx).await;
+                return Err(e.into());
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "cannot reach a coordinator"),
+        }
+        // Wait before the next try, still looking after running attempts.
+        let retry = tokio::time::sleep_until(state.retry_at(Instant::now(), random()));
+        tokio::pin!(retry);
+        let mut timer = Timer::new();
+        loop {
+            timer.arm(state.next_timeout());
+            tokio::select! {
+                _ = &mut retry => break,
+                Some(r) = reports_rx.recv() => state.report(Instant::now(), r),
+                _ = timer.sleep.as_mut(), if timer.armed.is_some() => {
+                    timer.fired();
+                    // Without a link there is no heartbeat to miss.
+                    let _ = state.timeout(Instant::now());
+                }
+                _ = &mut shutdown => {
+                    driver.kill_all(&mut state, &mut reports_rx).await;
+                    return Ok(());
+                }
+            }
+            driver.apply(&mut state, &mut None);
+        }
+    }
+    driver.kill_all(&mut state, &mut reports_rx).await;
+    Ok(())
+}
+
+/// The state's timer: one sleep, moved when the state's next deadline moves.
+struct Timer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: Option<Instant>,
+}
+
+impl Timer {
+    fn new() -> Timer {
+        Timer { sleep: Box::pin(tokio::time::sleep(Duration::ZERO)), armed: None }
+    }
+
+    fn arm(&mut self, next: Option<Instant>) {
+        if next != self.armed {
+            if let Some(t) = next {
+                self.sleep.as_mut().reset(t);
+            }
+            self.armed = next;
+        }
+    }
+
+    fn fired(&mut self) {
+        self.armed = None;
+    }
+}
+
+/// Opens the executors asked for (each registered one is opened, so it can clean up
+/// what an earlier run left even if not offered now). `cfg.executors` keeps those
+/// offered; a worker left with none does not start.
+async fn open_executors(cfg: &mut WorkerConfig) -> Result<Vec<Box<dyn Executor>>, WorkerError> {
+    let mut offered = Vec::new();
+    let mut declined = Vec::new();
+    for (name, open) in executor::REGISTERED {
+        let asked = cfg.executors.iter().any(|e| e == name);
+        match open(&Setup { cfg, asked }).await? {
+            Opened::Offered(e) => offered.push(e),
+            Opened::NotAsked => {}
+            Opened::Declined(why) => declined.push((*name, why)),
+        }
+    }
+    for (name, why) in declined {
+        cfg.executors.retain(|x| x != name);
+        if cfg.executors.is_empty() {
+            return Err(WorkerError::Setup(format!("{why}: the {name} executor cannot be offered and no other was asked for")));
+        }
+        tracing::warn!(error = %why, "not offering the {name} executor");
+    }
+    Ok(offered)
+}
+
+/// What the worker tells the coordinator it offers: the host as detected, with the
+/// executors that could be opened, and `docker` saying whether the engine answered when
+/// the docker executor was asked for. The one place a worker's capabilities are assembled.
+fn offered(host: HostInfo, asked: &[String], executors: &[String]) -> HostInfo {
+    let docker_asked = asked.iter().any(|e| e == executor::docker::NAME);
+    let docker_offered = executors.iter().any(|e| e == executor::docker::NAME);
+    HostInfo { docker: docker_offered || (host.docker && !docker_asked), executors: executors.to_vec(), ..host }
+}
+
+/// A little randomness for the jitter of reconnects.
+fn random() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0)
+}
+
+impl Driver {
+    /// Carries out what the state queued.
+    fn apply(&mut self, state: &mut State, link: &mut Option<Link>) {
+        while let Some(a) = state.poll_action() {
+            match a {
+                Action::Send(m) => {
+                    if let Some(l) = link.as_mut() {
+                        l.send(&m);
+                    }
+                }
+                Action::Start { lease, slot } => self.start(state, lease, slot),
+                Action::Stream(lease) => {
+                    if let (Some(l), Some(at)) = (link.as_mut(), state.attempt(lease)) {
+                        start_sender(l, lease, at.spool.clone());
+                    }
+                }
+                Action::Kill { lease, reason } => {
+                    if let Some(at) = state.attempt(lease) {
+                        let _ = at.kill.send(Some(reason));
+                    }
+                }
+                Action::Freeze { lease, tag } => match state.attempt(lease) {
+                    Some(at) if self.executor(&at.a).is_some_and(|e| e.freezes()) => {
+                        tracing::info!(lease = %lease, tag = %tag, "freezing attempt");
+                        // Not started yet: it freezes as soon as its container runs.
+                        let _ = at.freeze.send(Some(tag));
+                    }
+                    _ => tracing::warn!(lease = %lease, "asked to freeze an attempt that is not a running container here; ignored"),
+                },
+                Action::Forget { lease, spool } => {
+                    spool.remove();
+                    if let Some(h) = link.as_mut().and_then(|l| l.senders.remove(&lease)) {
+                        h.abort();
+                    }
+                }
+                Action::CleanSlot(slot) => {
+                    if prepare_workspace(&self.workspace(slot)).is_ok() {
+                        self.clean.insert(slot);
+                    }
+                }
+                Action::RemoveImage { image, report } => {
+                    let reports = report.then(|| self.reports.clone());
+                    let removed = self.executors.iter().any(|e| e.remove_image(image.clone(), reports.clone()));
+                    if !removed && report {
+                        let _ = self.reports.send(Report::ImageRemoved(image, Some("this worker has no Docker engine".into())));
+                    }
+                }
+            }
+        }
+    }
+
+    fn executor(&self, a: &Assignment) -> Option<&dyn Executor> {
+        let name = a.spec.executor.name();
+        self.executors.iter().find(|e| e.name() == name).map(|e| e.as_ref())
+    }
+
+    fn workspace(&self, slot: usize) -> std::path::PathBuf {
+        self.cfg.work_dir.join("slots").join(slot.to_string())
+    }
+
+    /// Hands an attempt to its executor in its slot's workspace.
+    fn start(&mut self, state: &State, lease: LeaseId, slot: usize) {
+        let Some(at) = state.attempt(lease) else { return };
+        let workspace = self.workspace(slot);
+        let prepared = if self.clean.remove(&slot) { Ok(()) } else { prepare_workspace(&workspace) };
+        let exec = self.executor(&at.a);
+        let seen = match exec.and_then(|e| e.workspace_in_job()) {
+            Some(p) => std::borrow::Cow::Borrowed(p),
+            None => workspace.to_string_lossy(),
+        };
+        let env = job_env(&at.a, &at.gpus, !self.host.gpus.is_empty(), slot, &seen, &self.cfg.name);
+        let refused = match (prepared, env, exec) {
+            (Err(e), _, _) => Err((None, format!("cannot prepare the slot workspace: {e}"))),
+            (_, Err(e), _) => Err((None, e)),
+            (_, _, None) => Err((
+                Some(125),
+                format!("this worker does not offer the {} executor (it has no Docker engine, or was not asked to)", at.a.spec.executor.name()),
+            )),
+            (Ok(()), Ok(env), Some(exec)) => Ok((env, exec)),
+        };
+        let (env, exec) = match refused {
+            Ok(ok) => ok,
+            Err((code, error)) => {
+                at.spool.close();
+                let _ = self.reports.send(Report::Ended(lease, Ended { outcome: executor::not_started(code, error), frozen: None }));
+                return;
+            }
+        };
+        let launch = Launch {
+            argv: at.a.spec.command.argv(),
+            env,
+            workspace,
+            max_runtime: at.a.spec.max_runtime_ms.map(Duration::from_millis),
+            grace: GRACE,
+            record: None,
+        };
+        let span = tracing::info_span!("attempt", task = %task_name(&at.a), attempt = at.a.attempt, lease = %lease);
+        let controls = Controls { kill: at.kill.subscribe(), freeze: at.freeze.subscribe() };
+        let job = Job { assignment: &at.a, gpus: &at.gpus, slot, launch, spool: at.spool.clone(), controls, span };
+        exec.spawn(job, self.reports.clone());
+    }
+
+    /// Kills every attempt and waits (a bounded time) for their process groups to be
+    /// gone, so a worker that stops leaves nothing running behind it.
+    async fn kill_all(&mut self, state: &mut State, reports: &mut mpsc::UnboundedReceiver<Report>) {
+        state.stop();
+        self.apply(state, &mut None);
+        let deadline = Instant::now() + GRACE + Duration::from_secs(3);
+        while state.running() > 0 {
+            match tokio::time::timeout_at(deadline, reports.recv()).await {
+                Ok(Some(r)) => state.report(Instant::now(), r),
+                Ok(None) | Err(_) => {
+                    tracing::warn!(running = state.running(), "attempts still running as the worker stops");
+                    break;
+                }
+            }
+            self.apply(state, &mut None);
+        }
+    }
+
+    async fn session(
+        &mut self,
+        state: &mut State,
+        d: Dialed,
+        reports: &mut mpsc::UnboundedReceiver<Report>,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Closed, WorkerError> {
+        let Dialed { conn, mut send, mut recv, .. } = d;
+        let register = WorkerMsg::Register {
+            name: self.cfg.name.clone(),
+            slots: self.cfg.slots as u32,
+            pool: self.cfg.pool.clone(),
+            labels: self.cfg.labels.clone(),
+            host: self.host.clone(),
+            held: state.held(),
+        };
+        if write_frame(&mut send, &register).await.is_err() {
+            return Ok(Closed::Lost("cannot register".into()));
+        }
+        match tokio::time::timeout(Duration::from_secs(10), read_frame::<_, CoordMsg>(&mut recv)).await {
+            Ok(Ok(Some(CoordMsg::Registered { lease_ttl_ms, stale }))) => state.registered(Instant::now(), lease_ttl_ms, stale),
+            Ok(Ok(Some(CoordMsg::Refused { reason }))) => return Err(WorkerError::Refused(reason)),
+            other => return Ok(Closed::Lost(format!("no registration answer ({})", if other.is_err() { "timed out".into() } else { format!("{other:?}") }))),
+        };
+        let (frames_tx, mut frames) = mpsc::unbounded_channel::<CoordMsg>();
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(m)) = read_frame::<_, CoordMsg>(&mut recv).await {
+                if frames_tx.send(m).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut link = Some(Link { conn: conn.clone(), send, senders: HashMap::new(), out: Vec::new() });
+        self.apply(state, &mut link);
+        let spool_dir = self.cfg.work_dir.join("spool");
+        let spool = |lease: LeaseId| {
+            let path = spool_dir.join(format!("{lease}.spool"));
+            match Spool::create(&path) {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    tracing::error!(error = %e, path = %path.display(), "cannot create a spool file; the lease will expire and the task run elsewhere");
+                    None
+                }
+            }
+        };
+        let mut timer = Timer::new();
+        let ended = loop {
+            let Some(l) = link.as_mut() else { break Closed::Lost("no link".into()) };
+            if !l.flush().await {
+                break l.lost("cannot send to the coordinator");
+            }
+            timer.arm(state.next_timeout());
+            tokio::select! {
+                m = frames.recv() => match m {
+                    Some(m) => state.frame(Instant::now(), m, spool)?,
+                    None => break l.lost("control stream closed"),
+                },
+                Some(r) = reports.recv() => state.report(Instant::now(), r),
+                _ = timer.sleep.as_mut(), if timer.armed.is_some() => {
+                    timer.fired();
+                    if let Err(why) = state.timeout(Instant::now()) {
+                        break Closed::Lost(why);
+                    }
+                }
+                _ = shutdown.as_mut() => break Closed::Shutdown,
+            }
+            self.apply(state, &mut link);
+            // Take what else is already waiting, then send everything this turn queued.
+            for _ in 0..COALESCE {
+                match frames.try_recv() {
+                    Ok(m) => state.frame(Instant::now(), m, spool)?,
+                    Err(_) => break,
+                }
+                self.apply(state, &mut link);
+            }
+            for _ in 0..COALESCE {
+                match reports.try_recv() {
+                    Ok(r) => state.report(Instant::now(), r),
+                    Err(_) => break,
+                }
+                self.apply(state, &mut link);
+            }
+        };
+        reader.abort();
+        drop(link);
+        match &ended {
+            Closed::Shutdown => conn.close(0u32.into(), b"worker shutting down"),
+            Closed::Lost(_) => conn.close(0u32.into(), b"worker gave up on this connection"),
+        }
+        Ok(ended)
+    }
+}
+
+fn task_name(a: &Assignment) -> String {
+    match a.index {
+        Some(i) => format!("{}:{i}", a.job),
+        None => a.job.to_string(),
+    }
+}
+
+/// Empties a slot's workspace (keeping the directory: an empty workspace, the common
+/// case, costs one `readdir`), when an attempt ends and, if that failed, before the
+/// slot's next attempt.
+fn prepare_workspace(dir: &std::path::Path) -> std::io::Result<()> {
+    let emptied = (|| -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                std::fs::remove_dir_all(e.path())?;
+            } else {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        Ok(())
+    })();
+    match emptied {
+        Ok(()) => Ok(()),
+        // Missing, or a job changed its permissions: start it afresh.
+        Err(_) => {
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            std::fs::create_dir_all(dir)
+        }
+    }
+}
+
+/// The job's environment on top of the worker's: its own variables, secrets
+/// resolved here (never sent or stored), and BERTH_* facts. `workspace` is where the
+/// job sees its workspace.
+fn job_env(a: &Assignment, gpus: &[GpuInfo], has_gpus: bool, slot: usize, workspace: &str, worker: &str) -> Result<Vec<(String, String)>, String> {
+    let mut env: Vec<(String, String)> = a.spec.env.clone();
+    if has_gpus || !gpus.is_empty() {
+        // Only the GPUs it was given: a job that asked for none sees none, so two jobs
+        // never share a GPU.
+        let list = gpus.iter().map(|g| g.index.to_string()).collect::<Vec<_>>().join(",");
+        env.push(("CUDA_VISIBLE_DEVICES".into(), list.clone()));
+        env.push(("NVIDIA_VISIBLE_DEVICES".into(), if list.is_empty() { "none".into() } else { list }));
+    }
+    for (var, name) in &a.spec.secrets {
+        match std::env::var(name) {
+            Ok(v) => env.push((var.clone(), v)),
+            Err(_) => return Err(format!("secret `{name}` is not set on worker {worker} (export it in the worker's environment)")),
+        }
+    }
+    env.push(("BERTH_JOB_ID".into(), a.job.to_string()));
+    env.push(("BERTH_ATTEMPT".into(), a.attempt.to_string()));
+    env.push(("BERTH_SLOT".into(), slot.to_string()));
+    env.push(("BERTH_WORKER".into(), worker.to_string()));
+    env.push(("BERTH_WORKSPACE".into(), workspace.to_string()));
+    if let Some(i) = a.index {
+        env.push(("BERTH_ARRAY_INDEX".into(), i.to_string()));
+    }
+    Ok(env)
+}
+
+/// Streams an attempt's spooled output on its own uni stream, from the first chunk
+/// not yet acknowledged. No stream is opened for an attempt that prints nothing.
+fn start_sender(link: &mut Link, lease: LeaseId, spool: Arc<Spool>) {
+    if link.senders.contains_key(&lease) {
+        return;
+    }
+    let conn = link.conn.clone();
+    let h = tokio::spawn(async move {
+        let mut next = spool.first_unacked();
+        let mut stream: Option<quinn::SendStream> = None;
+        loop {
+            let notified = spool.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            loop {
+                let chunk = match spool.read(next) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the spool");
+                        return;
+                    }
+                };
+                if stream.is_none() {
+                    let Ok(mut s) = conn.open_uni().await else { return };
+                    if write_frame(&mut s, &OutputFrame::Open { lease }).await.is_err() {
+                        return;
+                    }
+                    stream = Some(s);
+                }
+                let Some(s) = stream.as_mut() else { return };
+                if write_frame_quic(s, &OutputFrame::Chunk { stream: chunk.stream, seq: chunk.seq, data: chunk.data }).await.is_err() {
+                    return;
+                }
+                next += 1;
+            }
+            if spool.is_closed() && next >= spool.len() {
+                if let Some(mut s) = stream.take() {
+                    let _ = s.finish();
+                }
+                return;
+            }
+            notified.await;
+        }
+    });
+    link.senders.insert(lease, h);
+}

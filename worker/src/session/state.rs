@@ -1,0 +1,505 @@
+//! The worker's session logic as a plain state machine: attempts, slots, resources set
+//! aside, prefetch credit, heartbeats and the pace of reconnecting. No I/O: its methods
+//! take what happened (a frame from the coordinator, a report from an executor, a timer)
+//! and `now`, and queue [`Action`]s that the driver in `session/mod.rs` carries out.
+//!
+//! Invariants: an attempt holds a slot only while it is `Running`; resources are set
+//! aside from its assignment until its process ends; a result is sent once per
+//! connection and only once its output is all acknowledged; a stale attempt never sends
+//! a result and is forgotten once it has ended; at most `slots + prefetch` tasks are
+//! running, waiting or asked for.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_shared::ids::LeaseId;
+use berth_shared::job::Outcome;
+use berth_shared::wire::{Assignment, CoordMsg, FreeResources, GpuInfo, KillReason, WorkerMsg};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::executor::{Ended, Report};
+use crate::slot::{to_request, SlotTable};
+use crate::spool::Spool;
+use crate::WorkerError;
+
+/// How long an attempt runs before the coordinator is told it started (its process
+/// start time, otherwise recorded from the result's runtime).
+pub const STARTED_AFTER: Duration = Duration::from_millis(50);
+
+/// Heartbeats in a row without any frame from the coordinator after which the link is
+/// taken for dead (a heartbeat goes every third of the lease TTL).
+pub const UNANSWERED_HEARTBEATS: u32 = 3;
+
+/// The first wait before dialling again.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long one dial may take: long enough for a busy coordinator's handshake, short
+/// enough to try again several times within a lease TTL.
+pub fn dial_timeout(ttl: Option<Duration>) -> Duration {
+    ttl.map_or(Duration::from_secs(5), |t| (t / 2).clamp(Duration::from_secs(1), Duration::from_secs(5)))
+}
+
+/// The longest wait between dials.
+pub fn max_backoff(ttl: Option<Duration>) -> Duration {
+    ttl.map_or(Duration::from_secs(5), |t| (t / 8).clamp(Duration::from_millis(100), Duration::from_secs(5)))
+}
+
+#[derive(Debug)]
+pub enum Phase {
+    Queued,
+    Running,
+    Done(Outcome),
+}
+
+/// One attempt the worker holds.
+pub struct Attempt {
+    pub a: Assignment,
+    /// The GPUs set aside for it (their indices are all the job sees).
+    pub gpus: Vec<GpuInfo>,
+    /// Whether its resources are still set aside (until its process ends).
+    holds: bool,
+    pub spool: Arc<Spool>,
+    /// Asks its executor to kill it (the driver sends what `Action::Kill` says).
+    pub kill: watch::Sender<Option<KillReason>>,
+    /// Asks its executor to freeze it (the tag); a tag set before it runs is seen once it runs.
+    pub freeze: watch::Sender<Option<String>>,
+    pub phase: Phase,
+    slot: Option<usize>,
+    finish_sent: bool,
+    stale: bool,
+    /// The image a frozen attempt was committed to.
+    frozen: Option<String>,
+}
+
+/// What the driver is to do, in order.
+#[derive(Debug)]
+pub enum Action {
+    /// Queue a message for the coordinator (what one turn queues leaves in one write).
+    Send(WorkerMsg),
+    /// Start the attempt in this slot (its workspace, its executor).
+    Start {
+        lease: LeaseId,
+        slot: usize,
+    },
+    /// Stream the attempt's spooled output on the connection, from the first chunk not
+    /// acknowledged.
+    Stream(LeaseId),
+    Kill {
+        lease: LeaseId,
+        reason: KillReason,
+    },
+    Freeze {
+        lease: LeaseId,
+        tag: String,
+    },
+    /// The attempt is forgotten: stop streaming it and delete its spool file.
+    Forget {
+        lease: LeaseId,
+        spool: Arc<Spool>,
+    },
+    /// Empty the slot's workspace (its attempt ended).
+    CleanSlot(usize),
+    /// Remove a frozen image; with `report`, tell the coordinator how it went.
+    RemoveImage {
+        image: String,
+        report: bool,
+    },
+}
+
+/// What the current connection carries.
+struct Link {
+    /// Tasks asked for on this connection and not yet assigned.
+    asked: usize,
+    /// The free resources last reported on this connection.
+    free_sent: Option<FreeResources>,
+    /// Heartbeats sent since the coordinator last sent anything. Counted in beats, not
+    /// time, so a worker that was itself suspended reads what arrived before judging.
+    unanswered: u32,
+    beat_at: Instant,
+    beat_every: Duration,
+}
+
+pub struct State {
+    slots: SlotTable,
+    prefetch: usize,
+    /// What is not set aside for running or waiting attempts.
+    free: FreeResources,
+    /// The lease TTL the coordinator last announced.
+    lease_ttl: Option<Duration>,
+    attempts: HashMap<LeaseId, Attempt>,
+    queue: VecDeque<LeaseId>,
+    link: Option<Link>,
+    /// Attempts that started, and when to say so if they still run (in time order).
+    started: VecDeque<(Instant, LeaseId)>,
+    backoff: Duration,
+    /// The worker stops: nothing more starts.
+    stopping: bool,
+    actions: VecDeque<Action>,
+}
+
+impl State {
+    pub fn new(slots: usize, prefetch: usize, free: FreeResources) -> State {
+        State {
+            slots: SlotTable::new(slots),
+            prefetch,
+            free,
+            lease_ttl: None,
+            attempts: HashMap::new(),
+            queue: VecDeque::new(),
+            link: None,
+            started: VecDeque::new(),
+            backoff: FIRST_BACKOFF,
+            stopping: false,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The next thing for the driver to do.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn attempt(&self, lease: LeaseId) -> Option<&Attempt> {
+        self.attempts.get(&lease)
+    }
+
+    pub fn lease_ttl(&self) -> Option<Duration> {
+        self.lease_ttl
+    }
+
+    pub fn running(&self) -> usize {
+        self.attempts.values().filter(|a| matches!(a.phase, Phase::Running)).count()
+    }
+
+    /// Leases the worker holds: everything not known to be stale.
+    pub fn held(&self) -> Vec<LeaseId> {
+        self.attempts.iter().filter(|(_, a)| !a.stale).map(|(l, _)| *l).collect()
+    }
+
+    /// The coordinator accepted a registration (a new connection): kill what it calls
+    /// stale, resend what it has not acknowledged, start what waits, ask for more.
+    pub fn registered(&mut self, now: Instant, lease_ttl_ms: u64, stale: Vec<LeaseId>) {
+        for lease in stale {
+            tracing::warn!(lease = %lease, "the coordinator no longer knows this attempt; killing it");
+            self.kill(lease, KillReason::StaleLease);
+        }
+        let ttl = Duration::from_millis(lease_ttl_ms.max(300));
+        self.lease_ttl = Some(ttl);
+        // The first heartbeat goes at once.
+        self.link = Some(Link { asked: 0, free_sent: None, unanswered: 0, beat_at: now, beat_every: ttl / 3 });
+        let leases: Vec<LeaseId> = self.attempts.keys().copied().collect();
+        for lease in leases {
+            let Some(at) = self.attempts.get_mut(&lease) else { continue };
+            at.finish_sent = false;
+            if !matches!(at.phase, Phase::Queued) {
+                self.actions.push_back(Action::Stream(lease));
+            }
+            self.maybe_finish(lease);
+        }
+        self.start_queued();
+        self.want_more();
+    }
+
+    /// The connection is gone; the next dial waits the shortest backoff.
+    pub fn disconnected(&mut self) {
+        self.link = None;
+        self.backoff = FIRST_BACKOFF;
+    }
+
+    /// When to dial again after a failed dial or a lost connection (`random` picks the
+    /// jitter, up to a quarter of the wait); each wait doubles, up to `max_backoff`.
+    pub fn retry_at(&mut self, now: Instant, random: u64) -> Instant {
+        let quarter = self.backoff.as_millis() as u64 / 4;
+        let jitter = if quarter == 0 { 0 } else { random % quarter };
+        let at = now + self.backoff + Duration::from_millis(jitter);
+        self.backoff = (self.backoff * 2).min(max_backoff(self.lease_ttl));
+        at
+    }
+
+    /// When `timeout` is next due.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        let started = self.started.front().map(|(t, _)| *t);
+        let beat = self.link.as_ref().map(|l| l.beat_at);
+        match (started, beat) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Timers: says which attempts still run `STARTED_AFTER` after they started, and
+    /// heartbeats. `Err` (why) when the link is to be taken for dead.
+    pub fn timeout(&mut self, now: Instant) -> Result<(), String> {
+        while let Some(&(at, lease)) = self.started.front() {
+            if at > now {
+                break;
+            }
+            self.started.pop_front();
+            // Said only of an attempt still running a moment later: a trivial job's
+            // result says it all, a message and a store write sooner.
+            let running = self.attempts.get(&lease).is_some_and(|a| matches!(a.phase, Phase::Running));
+            if running && self.link.is_some() {
+                self.actions.push_back(Action::Send(WorkerMsg::Started { lease }));
+            }
+        }
+        let Some(l) = self.link.as_mut() else { return Ok(()) };
+        if now < l.beat_at {
+            return Ok(());
+        }
+        if l.unanswered >= UNANSWERED_HEARTBEATS {
+            return Err(format!("no answer to {} heartbeats ({:?} apart)", l.unanswered, l.beat_every));
+        }
+        l.unanswered += 1;
+        l.beat_at = now + l.beat_every;
+        let leases = self.held();
+        self.actions.push_back(Action::Send(WorkerMsg::Heartbeat { leases }));
+        Ok(())
+    }
+
+    /// A frame from the coordinator. `spool` makes an assigned attempt's spool (`None`:
+    /// it could not, and the task is left to its lease's expiry).
+    pub fn frame(&mut self, _now: Instant, m: CoordMsg, spool: impl FnMut(LeaseId) -> Option<Arc<Spool>>) -> Result<(), WorkerError> {
+        if let Some(l) = self.link.as_mut() {
+            l.unanswered = 0;
+        }
+        match m {
+            CoordMsg::Assign(list) => {
+                self.assign(list, spool);
+                self.start_queued();
+            }
+            CoordMsg::Kill { lease, reason } => {
+                if reason == KillReason::StaleLease {
+                    tracing::warn!(lease = %lease, "the coordinator refused this attempt's output or result as stale; killing the attempt and dropping its result");
+                }
+                self.kill(lease, reason);
+                self.maybe_finish(lease);
+            }
+            CoordMsg::OutputAck { lease, stream, seq } => {
+                if let Some(at) = self.attempts.get(&lease) {
+                    at.spool.ack(stream, seq);
+                }
+                self.maybe_finish(lease);
+            }
+            CoordMsg::FinishedAck { lease, accepted } => match self.attempts.get(&lease) {
+                Some(at) if at.finish_sent => {
+                    if !accepted {
+                        tracing::warn!(lease = %lease, "the coordinator rejected this attempt's result (its lease was no longer valid)");
+                        // An image nobody will know of: remove it.
+                        if let Some(image) = at.frozen.clone() {
+                            self.actions.push_back(Action::RemoveImage { image, report: false });
+                        }
+                    }
+                    self.forget(lease);
+                }
+                Some(_) => tracing::warn!(lease = %lease, "an acknowledgement of a result not sent; ignored"),
+                None => tracing::debug!(lease = %lease, "an acknowledgement of a result for an attempt not held; ignored"),
+            },
+            CoordMsg::HeartbeatAck { stale } => {
+                for lease in stale {
+                    tracing::warn!(lease = %lease, "the coordinator says this lease is stale; killing the attempt");
+                    self.kill(lease, KillReason::StaleLease);
+                }
+            }
+            CoordMsg::Registered { .. } => {}
+            CoordMsg::Refused { reason } => return Err(WorkerError::Refused(reason)),
+            CoordMsg::Freeze { lease, tag } => match self.attempts.get(&lease) {
+                Some(at) if !matches!(at.phase, Phase::Done(_)) => self.actions.push_back(Action::Freeze { lease, tag }),
+                _ => tracing::warn!(lease = %lease, "asked to freeze an attempt that is not a running container here; ignored"),
+            },
+            CoordMsg::RemoveImage { image } => self.actions.push_back(Action::RemoveImage { image, report: true }),
+        }
+        Ok(())
+    }
+
+    /// A report from an executor.
+    pub fn report(&mut self, now: Instant, r: Report) {
+        match r {
+            Report::Started(lease) => {
+                if !self.stopping {
+                    self.started.push_back((now + STARTED_AFTER, lease));
+                }
+            }
+            Report::Ended(lease, ended) => self.ended(lease, ended),
+            Report::ImageRemoved(image, error) => {
+                if self.link.is_some() {
+                    self.actions.push_back(Action::Send(WorkerMsg::ImageRemoved { image, error }));
+                }
+            }
+        }
+    }
+
+    /// The worker stops: kill every running attempt; nothing more starts.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+        for (lease, at) in &self.attempts {
+            if matches!(at.phase, Phase::Running) {
+                self.actions.push_back(Action::Kill { lease: *lease, reason: KillReason::Cancelled });
+            }
+        }
+    }
+
+    fn ended(&mut self, lease: LeaseId, ended: Ended) {
+        let Some(at) = self.attempts.get_mut(&lease) else { return };
+        if self.stopping {
+            at.phase = Phase::Done(ended.outcome);
+            return;
+        }
+        if ended.frozen.is_some() {
+            at.frozen = ended.frozen;
+        }
+        if let Some(slot) = at.slot.take() {
+            // Emptied now (what a job leaves is not kept), the directory kept.
+            self.actions.push_back(Action::CleanSlot(slot));
+            self.slots.release(slot);
+        }
+        if at.stale {
+            self.forget(lease);
+        } else {
+            at.phase = Phase::Done(ended.outcome);
+            self.release(lease);
+        }
+        self.start_queued();
+        self.want_more();
+        self.maybe_finish(lease);
+    }
+
+    fn assign(&mut self, list: Vec<Assignment>, mut spool: impl FnMut(LeaseId) -> Option<Arc<Spool>>) {
+        if let Some(l) = self.link.as_mut() {
+            l.asked = l.asked.saturating_sub(list.len());
+        }
+        for a in list {
+            let lease = a.lease;
+            if self.attempts.contains_key(&lease) {
+                tracing::warn!(lease = %lease, "assigned an attempt this worker already holds; ignored");
+                continue;
+            }
+            let Some(spool) = spool(lease) else { continue };
+            // The coordinator handed this out against what we said was free; set it aside.
+            let (gpus, holds) = match self.free.take(&a.spec.resources) {
+                Some(g) => (g, true),
+                None => {
+                    tracing::warn!(lease = %lease, "an assigned task does not fit what is free; it runs without resources set aside");
+                    (Vec::new(), false)
+                }
+            };
+            let attempt = Attempt {
+                a,
+                gpus,
+                holds,
+                spool,
+                kill: watch::channel(None).0,
+                freeze: watch::channel(None).0,
+                phase: Phase::Queued,
+                slot: None,
+                finish_sent: false,
+                stale: false,
+                frozen: None,
+            };
+            self.attempts.insert(lease, attempt);
+            self.queue.push_back(lease);
+        }
+    }
+
+    /// Starts queued attempts while slots are free.
+    fn start_queued(&mut self) {
+        if self.stopping {
+            return;
+        }
+        while self.slots.free() > 0 {
+            let Some(lease) = self.queue.pop_front() else { break };
+            let Some(slot) = self.slots.acquire() else { break };
+            let Some(at) = self.attempts.get_mut(&lease) else {
+                self.slots.release(slot);
+                continue;
+            };
+            at.slot = Some(slot);
+            at.phase = Phase::Running;
+            self.actions.push_back(Action::Start { lease, slot });
+            if self.link.is_some() {
+                self.actions.push_back(Action::Stream(lease));
+            }
+        }
+    }
+
+    fn want_more(&mut self) {
+        let running = self.running();
+        let Some(l) = self.link.as_mut() else { return };
+        let n = to_request(self.slots.len(), self.prefetch, running, self.queue.len(), l.asked);
+        // Ask for more, or say that resources came free (the coordinator claims
+        // against what it was last told).
+        if n > 0 || l.free_sent.as_ref() != Some(&self.free) {
+            l.asked += n as usize;
+            l.free_sent = Some(self.free.clone());
+            self.actions.push_back(Action::Send(WorkerMsg::WantFit { n, free: self.free.clone() }));
+        }
+    }
+
+    /// Sends the result once every output chunk is acknowledged.
+    fn maybe_finish(&mut self, lease: LeaseId) {
+        if self.link.is_none() {
+            return;
+        }
+        let Some(at) = self.attempts.get_mut(&lease) else { return };
+        if at.finish_sent || at.stale || !at.spool.settled() {
+            return;
+        }
+        if let Phase::Done(o) = &at.phase {
+            let msg = match &at.frozen {
+                Some(image) => WorkerMsg::Frozen { lease, image: image.clone(), outcome: o.clone() },
+                None => WorkerMsg::Finished { lease, outcome: o.clone() },
+            };
+            at.finish_sent = true;
+            self.actions.push_back(Action::Send(msg));
+        }
+    }
+
+    /// Kills an attempt; a stale one is forgotten without a result.
+    fn kill(&mut self, lease: LeaseId, reason: KillReason) {
+        let Some(at) = self.attempts.get_mut(&lease) else { return };
+        if reason == KillReason::StaleLease {
+            at.stale = true;
+        }
+        match at.phase {
+            Phase::Queued => {
+                self.queue.retain(|l| *l != lease);
+                at.spool.close();
+                if at.stale {
+                    self.forget(lease);
+                } else {
+                    at.phase = Phase::Done(Outcome { exit_code: None, signal: None, timed_out: false, killed: true, runtime_ms: 0, error: None });
+                }
+            }
+            Phase::Running => {
+                tracing::info!(lease = %lease, ?reason, "killing attempt");
+                self.actions.push_back(Action::Kill { lease, reason });
+            }
+            Phase::Done(_) => {
+                if at.stale {
+                    self.forget(lease);
+                }
+            }
+        }
+    }
+
+    /// Forgets an attempt, gives back what was set aside for it, and has its spool deleted.
+    fn forget(&mut self, lease: LeaseId) {
+        self.release(lease);
+        if let Some(at) = self.attempts.remove(&lease) {
+            self.actions.push_back(Action::Forget { lease, spool: at.spool });
+        }
+    }
+
+    /// Gives back what an attempt set aside (once: when its process has ended).
+    fn release(&mut self, lease: LeaseId) {
+        if let Some(at) = self.attempts.get_mut(&lease) {
+            if at.holds {
+                at.holds = false;
+                self.free.give_back(&at.a.spec.resources, at.gpus.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
