@@ -275,14 +275,15 @@ impl Driver {
                 }
                 Action::Kill { lease, reason } => {
                     if let Some(at) = state.attempt(lease) {
-                        let _ = at.kill.send(Some(reason));
+                        at.kill.send_replace(Some(reason));
                     }
                 }
                 Action::Freeze { lease, tag } => match state.attempt(lease) {
                     Some(at) if self.executor(&at.a).is_some_and(|e| e.freezes()) => {
                         tracing::info!(lease = %lease, tag = %tag, "freezing attempt");
-                        // Not started yet: it freezes as soon as its container runs.
-                        let _ = at.freeze.send(Some(tag));
+                        // Kept even while nothing listens: an attempt not started yet freezes
+                        // as soon as its container runs.
+                        at.freeze.send_replace(Some(tag));
                     }
                     _ => tracing::warn!(lease = %lease, "asked to freeze an attempt that is not a running container here; ignored"),
                 },

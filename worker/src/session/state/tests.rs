@@ -340,3 +340,30 @@ async fn reconnects_back_off_doubling_to_a_cap_and_start_over_after_a_connection
     f.s.disconnected();
     assert_eq!(f.s.retry_at(Instant::now(), 25) - Instant::now(), ms(100), "25 % 25 = 0");
 }
+
+#[test]
+fn a_freeze_is_passed_on_for_an_attempt_not_done_and_ignored_after() {
+    let mut f = fixture(1, 1);
+    f.connect();
+    let (run, wait) = (task(0), task(0));
+    f.assign(vec![run.clone(), wait.clone()]);
+    let a = f.frame(CoordMsg::Freeze { lease: wait.lease, tag: "t1".into() });
+    assert!(matches!(a.as_slice(), [Action::Freeze { lease, tag }] if *lease == wait.lease && tag == "t1"), "a waiting attempt freezes once it runs: {a:?}");
+    f.end(run.lease);
+    assert!(f.frame(CoordMsg::Freeze { lease: run.lease, tag: "t2".into() }).is_empty(), "an attempt that ended is not frozen");
+    assert!(f.frame(CoordMsg::Freeze { lease: LeaseId::new(), tag: "t3".into() }).is_empty());
+}
+
+#[test]
+fn a_rejected_freeze_has_its_image_removed() {
+    let mut f = fixture(1, 0);
+    f.connect();
+    let t = task(0);
+    f.assign(vec![t.clone()]);
+    f.s.attempt(t.lease).expect("held").spool.close();
+    f.s.report(Instant::now(), Report::Ended(t.lease, Ended { frozen: Some("berth-frozen:x".into()), ..done() }));
+    let a = f.actions();
+    assert!(sent(&a).iter().any(|m| matches!(m, WorkerMsg::Frozen { lease, .. } if *lease == t.lease)), "{a:?}");
+    let a = f.frame(CoordMsg::FinishedAck { lease: t.lease, accepted: false });
+    assert!(matches!(a.as_slice(), [Action::RemoveImage { image, report: false }, Action::Forget { .. }] if image == "berth-frozen:x"), "{a:?}");
+}
