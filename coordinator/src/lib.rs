@@ -2,17 +2,15 @@
 //! store actors, and the QUIC endpoint that serves clients and workers.
 
 pub mod actors;
-pub mod client_api;
 pub mod config;
+pub mod conn;
 pub mod datadir;
-pub mod freeze_api;
 pub mod lease;
 pub mod ledger;
 pub mod pools;
 pub mod scheduler;
 pub mod server;
 pub mod store;
-pub mod worker_conn;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -59,7 +57,7 @@ pub enum CoordError {
 /// A started coordinator: actors running, endpoint bound, not yet serving.
 pub struct Coordinator {
     endpoint: quinn::Endpoint,
-    shared: Arc<server::Shared>,
+    shared: Arc<conn::Shared>,
     addr: SocketAddr,
 }
 
@@ -100,7 +98,7 @@ impl Coordinator {
         tracing::info!(store = %location.describe(), "job store open");
         let actors = Actors {
             lease_recovery: LeaseRecovery::new(job_store.clone(), every, leadership).start(),
-            log_store: LogStore::new(store.notices.clone()).start(),
+            log_store: LogStore::new(store.clone()).start(),
             registry: WorkerRegistry::default().start(),
             budget: Budget::new(pools, cfg.pools.clone()).start(),
             reader,
@@ -108,7 +106,7 @@ impl Coordinator {
         };
         let endpoint = server::bind(cfg.listen, &ca_pem, &server_cert).map_err(|source| CoordError::Bind { addr: cfg.listen, source })?;
         let addr = endpoint.local_addr().map_err(|source| CoordError::Bind { addr: cfg.listen, source })?;
-        let shared = Arc::new(server::Shared::new(actors, store, cfg.lease_ttl, cfg.name.clone(), ca));
+        let shared = Arc::new(conn::Shared::new(actors, cfg.lease_ttl, cfg.name.clone(), ca));
         let _ = std::fs::write(dir.addr_file(), format!("{addr}\n"));
         Ok(Coordinator { endpoint, shared, addr })
     }

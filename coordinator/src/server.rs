@@ -1,43 +1,19 @@
 //! The QUIC endpoint: accepts connections, checks the hello and the certificate,
-//! and hands each connection to the client API, a worker session or enrolment.
+//! and hands each connection to `conn` (the client API, a worker's link, enrolment).
 //! A bad frame closes that connection with a reason; nothing else is affected.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_shared::codec::{read_frame, write_frame, CodecError};
+use berth_shared::codec::{read_frame, write_frame};
 use berth_shared::tls::{self, CertKey};
 use berth_shared::wire::{Hello, HelloReply, PeerKind, Role, PROTOCOL_VERSION};
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
-use crate::actors::Actors;
-use crate::store::StoreHandle;
-use crate::{client_api, worker_conn};
-
-/// Application close codes.
-pub const CLOSE_DONE: u32 = 0;
-pub const CLOSE_PROTOCOL: u32 = 1;
-pub const CLOSE_REFUSED: u32 = 2;
-
-/// What every connection handler shares.
-pub struct Shared {
-    pub actors: Actors,
-    pub store: StoreHandle,
-    pub lease_ttl: Duration,
-    pub name: String,
-    pub ca: tls::Ca,
-    next_conn: AtomicU64,
-}
-
-impl Shared {
-    pub fn new(actors: Actors, store: StoreHandle, lease_ttl: Duration, name: String, ca: tls::Ca) -> Self {
-        Shared { actors, store, lease_ttl, name, ca, next_conn: AtomicU64::new(1) }
-    }
-}
+use crate::conn::{self, close_for, Shared, CLOSE_DONE, CLOSE_PROTOCOL, CLOSE_REFUSED};
 
 /// Binds the endpoint. Its stateless-reset key is derived from the server's private
 /// key, so it survives a restart: a packet a worker sends on a
@@ -124,7 +100,7 @@ pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, shutdown: imp
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let shared = shared.clone();
-                let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                let id = shared.next_conn_id();
                 let remote = incoming.remote_address();
                 actix_rt::spawn(
                     async move { handle(incoming, shared, id).await }
@@ -135,18 +111,6 @@ pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, shutdown: imp
         }
     }
     endpoint.close(CLOSE_DONE.into(), b"coordinator shutting down");
-}
-
-/// Closes a connection because of a frame it sent. A stream that failed because the
-/// connection went away is not the peer's fault and is only logged.
-pub fn close_for(conn: &quinn::Connection, e: &CodecError) {
-    if matches!(e, CodecError::Io(_)) || conn.close_reason().is_some() {
-        tracing::debug!(error = %e, "stream ended with the connection");
-        return;
-    }
-    let reason = format!("protocol error: {e}");
-    tracing::warn!(reason = %reason, "closing connection");
-    conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
 }
 
 async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>, id: u64) {
@@ -206,13 +170,13 @@ async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>, id: u64) {
     match hello.kind {
         PeerKind::Client => {
             let _ = send.finish();
-            client_api::serve(conn, shared, name, role).await
+            conn::client::serve(conn, shared, name, role).await
         }
         PeerKind::Enrol => {
             let _ = send.finish();
-            client_api::serve(conn, shared, name, Role::Anonymous).await
+            conn::client::serve(conn, shared, name, Role::Anonymous).await
         }
-        PeerKind::Worker => worker_conn::serve(conn, send, recv, shared, name, id).await,
+        PeerKind::Worker => conn::worker::serve(conn, send, recv, shared, name, id).await,
     }
 }
 

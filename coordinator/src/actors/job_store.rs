@@ -150,3 +150,16 @@ store_message!(
     SetDrain { worker: String, drained: bool } -> bool, |m, store, _ttl| {
     store.call(|reply| Op::SetDrain { worker: m.worker, drained: m.drained, reply }).await
 });
+
+/// The store's work signal: bumped after every commit that may have made work
+/// claimable (a submission, a requeue, an undrain), so idle worker links wake.
+#[derive(Message)]
+#[rtype(result = "tokio::sync::watch::Receiver<u64>")]
+pub struct WorkSignal;
+
+impl Handler<WorkSignal> for JobStore {
+    type Result = MessageResult<WorkSignal>;
+    fn handle(&mut self, _: WorkSignal, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.store.work.subscribe())
+    }
+}

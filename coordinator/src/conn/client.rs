@@ -12,10 +12,10 @@ use berth_shared::tls::validate_name;
 use berth_shared::wire::{ApiError, ErrorKind, KillReason, OutStream, Request, Response, Role};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::{api, close_for, mailbox, Shared};
 use crate::actors::reader::query;
 use crate::actors::{budget, job_store, log_store, registry};
-use crate::server::{close_for, Shared};
-use crate::store::{Notice, StoreError};
+use crate::store::Notice;
 
 pub async fn serve(conn: quinn::Connection, shared: Arc<Shared>, who: String, role: Role) {
     loop {
@@ -28,20 +28,6 @@ pub async fn serve(conn: quinn::Connection, shared: Arc<Shared>, who: String, ro
         let conn = conn.clone();
         actix_rt::spawn(async move { request(conn, send, recv, shared, who, role).await });
     }
-}
-
-pub(crate) fn api(e: StoreError) -> ApiError {
-    match e {
-        StoreError::Api(a) => a,
-        other => {
-            tracing::error!(error = %other, "store error");
-            ApiError::new(ErrorKind::Internal, format!("the coordinator failed: {other}"))
-        }
-    }
-}
-
-pub(crate) fn mailbox<T>(_: T) -> ApiError {
-    ApiError::new(ErrorKind::Internal, "the coordinator is shutting down")
 }
 
 fn allowed(role: Role, req: &Request) -> Result<(), ApiError> {
@@ -70,7 +56,7 @@ async fn request(conn: quinn::Connection, mut send: quinn::SendStream, mut recv:
         Ok(None) => return,
         Err(e) => return close_for(&conn, &e),
     };
-    let result = match allowed(role, &req).and_then(|()| crate::freeze_api::labels_allowed(&req)) {
+    let result = match allowed(role, &req).and_then(|()| super::freeze::labels_allowed(&req)) {
         Err(e) => Err(e),
         Ok(()) => answer(req, &mut send, &shared, &who, role).await,
     };
@@ -135,11 +121,8 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
         }
         Request::Drain { worker, drain } => {
             let drained = a.job_store.send(job_store::SetDrain { worker: worker.clone(), drained: drain }).await.map_err(mailbox)?.map_err(api)?;
+            // Undrained, it may claim again: the store's commit has woken it.
             a.registry.do_send(registry::SetDrained { name: worker.clone(), drained });
-            if !drained {
-                // Undrained: it may claim again.
-                shared.store.work.send_modify(|g| *g += 1);
-            }
             Response::Drained { worker, drained }
         }
         Request::Decide { job, approve, reason } => {
@@ -176,13 +159,13 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
             tracing::info!(worker = %name, "worker enrolled");
             Response::Enrolled { cert_pem }
         }
-        Request::Freeze { job, tag } => crate::freeze_api::freeze(shared, who, role, job, tag).await?,
+        Request::Freeze { job, tag } => super::freeze::freeze(shared, who, role, job, tag).await?,
         Request::Resume { job, command, idempotency_key } => {
-            let spec = crate::freeze_api::resume_spec(shared, who, role, job, command).await?;
+            let spec = super::freeze::resume_spec(shared, who, role, job, command).await?;
             return Box::pin(answer(Request::Submit { spec, idempotency_key }, send, shared, who, role)).await;
         }
-        Request::Images => crate::freeze_api::images(shared, who, role).await?,
-        Request::RemoveImage { image } => crate::freeze_api::remove_image(shared, who, role, image).await?,
+        Request::Images => super::freeze::images(shared, who, role).await?,
+        Request::RemoveImage { image } => super::freeze::remove_image(shared, who, role, image).await?,
     };
     write_frame(send, &out).await.map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
 }

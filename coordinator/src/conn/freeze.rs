@@ -14,10 +14,9 @@ use berth_shared::job::{check_user_labels, Command, Executor, JobSpec, JobState,
 use berth_shared::wire::{ApiError, ErrorKind, Request, Response, Role};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::{api, mailbox, Shared};
 use crate::actors::reader::query;
 use crate::actors::{job_store, log_store, registry};
-use crate::client_api::{api, mailbox};
-use crate::server::Shared;
 use crate::store::Notice;
 
 /// How long a client's `freeze` waits for the worker to stop and commit the container.
