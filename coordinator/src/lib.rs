@@ -74,7 +74,7 @@ impl Coordinator {
             Some(f) => crate::pools::Pools::from_file(f).map_err(CoordError::Usage)?,
             None => crate::pools::Pools::default(),
         };
-        let pools: store::SharedPools = Arc::new(std::sync::RwLock::new(Arc::new(pools)));
+        let pools = Arc::new(pools);
         let store = location.writer(pools.clone())?;
         let readers: Vec<_> = (0..2).map(|_| location.reader()).collect::<Result<_, _>>()?;
         let readers = std::sync::Mutex::new(readers);
@@ -100,7 +100,7 @@ impl Coordinator {
             lease_recovery: LeaseRecovery::new(job_store.clone(), every, leadership).start(),
             log_store: LogStore::new(store.clone()).start(),
             registry: WorkerRegistry::default().start(),
-            budget: Budget::new(pools, cfg.pools.clone()).start(),
+            budget: Budget::new(pools, cfg.pools.clone(), job_store.clone()).start(),
             reader,
             job_store,
         };

@@ -994,7 +994,9 @@ fn two_coordinators(h: &mut Harness) {
 // ------------------------------------------------------------------ budget
 
 fn paid(h: &mut Harness, account: &str, estimate: &str, now: DateTime<Utc>) -> Result<Submitted, StoreError> {
-    let admission = Admission { account: account.into(), attempt_estimate: estimate.parse().expect("decimal"), needs_approval: false };
+    let estimate = estimate.parse().expect("decimal");
+    // One attempt of one task: the run's bound is the attempt's.
+    let admission = Admission { account: account.into(), attempt_estimate: estimate, run_estimate: estimate, needs_approval: false };
     let spec = Box::new(JobSpec { max_attempts: 1, ..job() });
     h.call(|reply| Op::Submit { spec, owner: account.into(), idempotency_key: Uuid::new_v4(), admission, now, reply })
 }
@@ -1057,7 +1059,8 @@ fn cap_across_coordinators(h: &mut Harness) {
                 s.spawn(move || {
                     let mut n = 0;
                     for _ in 0..100 {
-                        let admission = Admission { account: "acme".into(), attempt_estimate: "0.1".parse().expect("decimal"), needs_approval: false };
+                        let estimate = "0.1".parse().expect("decimal");
+                        let admission = Admission { account: "acme".into(), attempt_estimate: estimate, run_estimate: estimate, needs_approval: false };
                         let spec = Box::new(JobSpec { max_attempts: 1, ..job() });
                         let r = call_on(store.as_mut(), |reply| Op::Submit {
                             spec,

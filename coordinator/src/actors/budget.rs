@@ -1,5 +1,7 @@
-//! Budget: the pools and their rates (reloaded on SIGHUP, keeping the last good file
-//! when a new one does not parse), and the estimate each submission is admitted with.
+//! Budget: the owner of the pools and their rates (reloaded on SIGHUP, keeping the
+//! last good file when a new one does not parse; each new snapshot is handed to the
+//! job store, which routes and charges by it), and the estimate each submission is
+//! admitted with.
 //! The cap check itself happens in the job store, inside the transaction that makes
 //! the job, under the account's ledger row lock: that is the single serialisation
 //! point for spend, on SQLite and across coordinators on PostgreSQL.
@@ -12,22 +14,25 @@ use berth_shared::job::JobSpec;
 use berth_shared::wire::{ApiError, ErrorKind};
 use rust_decimal::Decimal;
 
+use crate::actors::job_store::{JobStore, UsePools};
 use crate::ledger;
 use crate::pools::{Pool, Pools};
-use crate::store::{Admission, SharedPools};
+use crate::store::Admission;
 
 pub struct Budget {
-    pools: SharedPools,
+    pools: Arc<Pools>,
     file: Option<PathBuf>,
+    job_store: Addr<JobStore>,
 }
 
 impl Budget {
-    pub fn new(pools: SharedPools, file: Option<PathBuf>) -> Self {
-        Budget { pools, file }
+    /// `pools` is what the store was opened with.
+    pub fn new(pools: Arc<Pools>, file: Option<PathBuf>, job_store: Addr<JobStore>) -> Self {
+        Budget { pools, file, job_store }
     }
 
     pub fn snapshot(&self) -> Arc<Pools> {
-        self.pools.read().map(|p| p.clone()).unwrap_or_default()
+        self.pools.clone()
     }
 }
 
@@ -70,7 +75,7 @@ pub fn admission(pools: &Pools, mut spec: JobSpec, owner: &str) -> Result<(JobSp
                 // Free pools can take it: keep it there, where no bound is needed.
                 spec.pools = free.iter().map(|p| p.name.clone()).collect();
             }
-            return Ok((spec, Admission { account, attempt_estimate: Decimal::ZERO, needs_approval: false }));
+            return Ok((spec, Admission { account, ..Admission::default() }));
         }
     };
     // The costliest eligible pool bounds what any attempt can cost.
@@ -80,11 +85,11 @@ pub fn admission(pools: &Pools, mut spec: JobSpec, owner: &str) -> Result<(JobSp
         .map(|p| (ledger::task_estimate(max_runtime, p.idle_tail_s, p.usd_per_s(r.gpus, r.millicpus, r.mem_mib), 1), p))
         .max_by(|a, b| a.0.cmp(&b.0));
     let Some((attempt_estimate, pool)) = costliest else {
-        return Ok((spec, Admission { account, attempt_estimate: Decimal::ZERO, needs_approval: false }));
+        return Ok((spec, Admission { account, ..Admission::default() }));
     };
     let run = attempt_estimate * Decimal::from(spec.max_attempts) * Decimal::from(spec.task_count());
     let needs_approval = !run.is_zero() && pool.approval_threshold_usd.is_some_and(|t| run >= t);
-    Ok((spec, Admission { account, attempt_estimate, needs_approval }))
+    Ok((spec, Admission { account, attempt_estimate, run_estimate: run, needs_approval }))
 }
 
 /// The pool a worker joins, if it exists.
@@ -114,9 +119,8 @@ impl Handler<Reload> for Budget {
         match Pools::from_file(file) {
             Ok(p) => {
                 let n = p.pools.len();
-                if let Ok(mut w) = self.pools.write() {
-                    *w = Arc::new(p);
-                }
+                self.pools = Arc::new(p);
+                self.job_store.do_send(UsePools { pools: self.pools.clone() });
                 tracing::info!(pools = n, file = %file.display(), "pools reloaded");
                 Ok(n)
             }

@@ -163,3 +163,18 @@ impl Handler<WorkSignal> for JobStore {
         MessageResult(self.store.work.subscribe())
     }
 }
+
+/// Route and charge by these pools from now on (the Budget actor, their owner, sends
+/// each snapshot it loads).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UsePools {
+    pub pools: crate::store::PoolsSnapshot,
+}
+
+impl Handler<UsePools> for JobStore {
+    type Result = ();
+    fn handle(&mut self, m: UsePools, _: &mut Self::Context) {
+        let _ = self.store.send(Op::UsePools { pools: m.pools });
+    }
+}

@@ -70,6 +70,7 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
     let a = &shared.actors;
     let out: Response = match req {
         Request::Submit { spec, idempotency_key } => {
+            // The one validation of a submitted spec: the store and the budget trust it.
             spec.validate().map_err(|m| ApiError::new(ErrorKind::Invalid, m))?;
             let (spec, admission) = a.budget.send(budget::Admit { spec, owner: who.to_string() }).await.map_err(mailbox)??;
             let spec_for_warning = spec.clone();

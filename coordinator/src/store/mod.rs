@@ -167,6 +167,9 @@ pub struct Admission {
     /// The upper bound of one attempt of one task on the costliest eligible pool
     /// (zero when only free pools are eligible).
     pub attempt_estimate: rust_decimal::Decimal,
+    /// The whole submission's upper bound: every attempt of every task (what is
+    /// reserved, or what an approver is asked to approve).
+    pub run_estimate: rust_decimal::Decimal,
     /// The estimate reaches an approval threshold: hold the job for an approver.
     pub needs_approval: bool,
 }
@@ -182,9 +185,9 @@ pub struct Decided {
 /// An account's budget and this month's use of it.
 pub use berth_shared::wire::BudgetInfo as BudgetRow;
 
-/// The pools and their rates, shared by the Budget actor (which reloads them) and
-/// the store (which charges finished attempts at the rates of their worker's pool).
-pub type SharedPools = Arc<std::sync::RwLock<Arc<crate::pools::Pools>>>;
+/// The pools and their rates as the Budget actor last loaded them: it owns them, and
+/// hands the store each new snapshot (`Op::UsePools`) for routing and charging.
+pub type PoolsSnapshot = Arc<crate::pools::Pools>;
 
 /// The write operations. Each is applied inside the batch transaction.
 pub enum Op {
@@ -227,6 +230,11 @@ pub enum Op {
         worker: String,
         lease: LeaseId,
         now: DateTime<Utc>,
+    },
+    /// The pools the Budget actor loaded (at start, and on each reload): operations
+    /// after this one route and charge by them.
+    UsePools {
+        pools: PoolsSnapshot,
     },
     Finish {
         worker: String,
@@ -483,7 +491,7 @@ impl Location {
     }
 
     /// Starts the group-commit writer.
-    pub fn writer(&self, pools: SharedPools) -> Result<StoreHandle, StoreError> {
+    pub fn writer(&self, pools: PoolsSnapshot) -> Result<StoreHandle, StoreError> {
         off_runtime(|| {
             Ok(match self {
                 Location::Sqlite(p) => {

@@ -33,7 +33,7 @@ impl<D: Db> Store<D> {
             return Ok(out);
         }
         let expires = ms(lease::expires_at(now, ttl));
-        let pools = self.pools.read().map(|p| p.clone()).unwrap_or_default();
+        let pools = self.pools.clone();
 
         // Candidates per account: re-queued tasks first (they have waited longest), then
         // jobs with unclaimed indices behind their cursor.

@@ -137,7 +137,8 @@ pub struct Store<D: Db> {
     /// With a shared database: this coordinator's name in change notifications, so its
     /// own listener can skip them.
     notify_as: Option<String>,
-    pools: SharedPools,
+    /// The Budget actor's pools, as it last sent them.
+    pools: PoolsSnapshot,
     /// Worker → pool, as each worker last registered.
     worker_pools: HashMap<String, String>,
     jobs: HashMap<i64, Arc<JobMeta>>,
@@ -158,8 +159,15 @@ fn send<T: Send + 'static>(reply: &mut Tx<T>, r: Result<T, StoreError>, committe
 impl<D: Db> Store<D> {
     pub fn new(mut db: D) -> Result<Store<D>, StoreError> {
         super::schema::migrate(&mut db)?;
-        let pools = Arc::new(std::sync::RwLock::new(Arc::new(crate::pools::Pools::default())));
-        Ok(Store { db, notify_as: None, pools, worker_pools: HashMap::new(), jobs: HashMap::new(), expected_seq: HashMap::new(), segments: None })
+        Ok(Store {
+            db,
+            notify_as: None,
+            pools: PoolsSnapshot::default(),
+            worker_pools: HashMap::new(),
+            jobs: HashMap::new(),
+            expected_seq: HashMap::new(),
+            segments: None,
+        })
     }
 
     /// Keeps large output chunks in segment files (see `segments`).
@@ -169,7 +177,7 @@ impl<D: Db> Store<D> {
     }
 
     /// The pools whose rates finished attempts are charged at.
-    pub fn with_pools(mut self, pools: SharedPools) -> Self {
+    pub fn with_pools(mut self, pools: PoolsSnapshot) -> Self {
         self.pools = pools;
         self
     }
@@ -413,6 +421,10 @@ impl<D: Db> Store<D> {
                 };
                 (Box::new(|_: &mut Op, _| {}), outcome)
             }
+            Op::UsePools { pools } => {
+                self.pools = pools.clone();
+                (Box::new(|_: &mut Op, _| {}), Ok(()))
+            }
             Op::Finish { worker, lease, outcome, now, .. } => {
                 let (worker, lease, outcome, now) = (worker.clone(), *lease, outcome.clone(), *now);
                 run!(Finish, self.finish(&worker, lease, &outcome, None, now, s))
@@ -528,7 +540,7 @@ fn fail_op(op: &mut Op) {
         ($($variant:ident),*) => {
             match op {
                 $(Op::$variant { reply, .. } => send(reply, Err(StoreError::Stopped), false),)*
-                Op::Started { .. } => {}
+                Op::Started { .. } | Op::UsePools { .. } => {}
             }
         };
     }

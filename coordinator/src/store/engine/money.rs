@@ -77,7 +77,7 @@ impl<D: Db> Store<D> {
             return Decimal::ZERO;
         }
         let pool = self.worker_pool(worker).unwrap_or_else(|_| "default".into());
-        let pools = self.pools.read().map(|p| p.clone()).unwrap_or_default();
+        let pools = &self.pools;
         let r = &meta.spec.resources;
         pools.get(&pool).map_or(Decimal::ZERO, |p| p.charge(r.gpus, r.millicpus, r.mem_mib, runtime_ms))
     }

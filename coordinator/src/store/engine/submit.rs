@@ -24,6 +24,8 @@ impl<D: Db> Store<D> {
             }
             return Ok(Submitted { job, tasks: (row.i64(2)? - row.i64(1)? + 1) as u64, duplicate: true });
         }
+        // The writer's own guard for operations that do not come through the client API
+        // (which validates every submission, resumes included, before the budget sees it).
         spec.validate().map_err(invalid)?;
         let job = JobId::new();
         let (start, end, is_array) = match spec.array {
@@ -34,7 +36,7 @@ impl<D: Db> Store<D> {
         let blob = berth_shared::codec::encode(&spec).map_err(|_| invalid("the job spec is too large"))?;
         let month = ledger::month_of(now);
         let held = admission.needs_approval;
-        let run_estimate = admission.attempt_estimate * Decimal::from(spec.max_attempts) * Decimal::from(tasks);
+        let run_estimate = admission.run_estimate;
         if !held {
             // The cap check and the reservation happen here, under the account's ledger
             // row lock, in the transaction that makes the job.
