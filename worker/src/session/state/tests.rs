@@ -61,6 +61,15 @@ impl Fixture {
     }
 }
 
+/// A connected worker with one slot and one prefetched task: one attempt running, one waiting.
+fn running_and_waiting() -> (Fixture, Assignment, Assignment) {
+    let mut f = fixture(1, 1);
+    f.connect();
+    let (run, wait) = (task(0), task(0));
+    f.assign(vec![run.clone(), wait.clone()]);
+    (f, run, wait)
+}
+
 fn sent(actions: &[Action]) -> Vec<&WorkerMsg> {
     actions.iter().filter_map(|a| if let Action::Send(m) = a { Some(m) } else { None }).collect()
 }
@@ -71,6 +80,11 @@ fn started(actions: &[Action]) -> Vec<(LeaseId, usize)> {
 
 fn wants(actions: &[Action]) -> Vec<u32> {
     sent(actions).into_iter().filter_map(|m| if let WorkerMsg::WantFit { n, .. } = m { Some(*n) } else { None }).collect()
+}
+
+/// The free resources the last `WantFit` said.
+fn free_said(actions: &[Action]) -> Option<FreeResources> {
+    sent(actions).into_iter().rev().find_map(|m| if let WorkerMsg::WantFit { free, .. } = m { Some(free.clone()) } else { None })
 }
 
 fn finished(actions: &[Action]) -> Vec<LeaseId> {
@@ -109,7 +123,7 @@ fn freed_resources_are_announced_even_when_no_task_is_wanted() {
     let a = f.assign(vec![t.clone()]);
     assert_eq!(started(&a).len(), 1);
     let a = f.end(t.lease);
-    let free_now = sent(&a).into_iter().find_map(|m| if let WorkerMsg::WantFit { free, .. } = m { Some(free.clone()) } else { None });
+    let free_now = free_said(&a);
     assert_eq!(free_now, Some(free()), "what the task held is given back and said");
 }
 
@@ -125,7 +139,7 @@ fn an_assignment_seen_twice_runs_once_and_sets_aside_once() {
     assert_eq!(f.s.running(), 1);
     // Its resources were set aside once: ending it gives all of them back.
     let a = f.end(t.lease);
-    let free_now = sent(&a).into_iter().find_map(|m| if let WorkerMsg::WantFit { free, .. } = m { Some(free.clone()) } else { None });
+    let free_now = free_said(&a);
     assert_eq!(free_now, Some(free()));
 }
 
@@ -193,10 +207,7 @@ fn a_stale_lease_kills_its_attempt_and_it_is_forgotten_without_a_result() {
 
 #[test]
 fn a_stale_lease_of_a_waiting_task_is_dropped_at_registration() {
-    let mut f = fixture(1, 1);
-    f.connect();
-    let (run, wait) = (task(0), task(0));
-    f.assign(vec![run.clone(), wait.clone()]);
+    let (mut f, run, wait) = running_and_waiting();
     f.s.disconnected();
     f.s.registered(Instant::now(), 3000, vec![wait.lease]);
     let a = f.actions();
@@ -207,10 +218,7 @@ fn a_stale_lease_of_a_waiting_task_is_dropped_at_registration() {
 
 #[test]
 fn a_cancelled_waiting_task_reports_killed() {
-    let mut f = fixture(1, 1);
-    f.connect();
-    let (run, wait) = (task(0), task(0));
-    f.assign(vec![run.clone(), wait.clone()]);
+    let (mut f, run, wait) = running_and_waiting();
     let a = f.frame(CoordMsg::Kill { lease: wait.lease, reason: KillReason::Cancelled });
     let outcome = sent(&a).into_iter().find_map(|m| match m {
         WorkerMsg::Finished { lease, outcome } if *lease == wait.lease => Some(outcome.clone()),
@@ -237,10 +245,7 @@ fn results_not_acknowledged_are_sent_again_after_a_reconnect() {
 
 #[test]
 fn nothing_is_sent_or_asked_while_disconnected() {
-    let mut f = fixture(1, 1);
-    f.connect();
-    let (t1, t2) = (task(0), task(0));
-    f.assign(vec![t1.clone(), t2.clone()]);
+    let (mut f, t1, t2) = running_and_waiting();
     f.s.disconnected();
     let a = f.end(t1.lease);
     assert!(sent(&a).is_empty(), "{a:?}");
@@ -258,16 +263,14 @@ fn a_refusal_ends_the_session() {
 
 #[test]
 fn stopping_kills_what_runs_and_starts_nothing_more() {
-    let mut f = fixture(1, 1);
-    f.connect();
-    let (t1, t2) = (task(0), task(0));
-    f.assign(vec![t1.clone(), t2.clone()]);
+    let (mut f, t1, t2) = running_and_waiting();
     f.s.stop();
     let a = f.actions();
     assert!(matches!(a.as_slice(), [Action::Kill { lease, reason: KillReason::Cancelled }] if *lease == t1.lease), "{a:?}");
     let a = f.end(t1.lease);
     assert!(a.is_empty(), "{a:?}");
     assert_eq!(f.s.running(), 0);
+    assert!(matches!(f.s.attempt(t2.lease).map(|a| &a.phase), Some(Phase::Queued)), "the waiting task never starts");
 }
 
 #[tokio::test(start_paused = true)]
@@ -343,10 +346,7 @@ async fn reconnects_back_off_doubling_to_a_cap_and_start_over_after_a_connection
 
 #[test]
 fn a_freeze_is_passed_on_for_an_attempt_not_done_and_ignored_after() {
-    let mut f = fixture(1, 1);
-    f.connect();
-    let (run, wait) = (task(0), task(0));
-    f.assign(vec![run.clone(), wait.clone()]);
+    let (mut f, run, wait) = running_and_waiting();
     let a = f.frame(CoordMsg::Freeze { lease: wait.lease, tag: "t1".into() });
     assert!(matches!(a.as_slice(), [Action::Freeze { lease, tag }] if *lease == wait.lease && tag == "t1"), "a waiting attempt freezes once it runs: {a:?}");
     f.end(run.lease);
