@@ -99,13 +99,7 @@ enum UserCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     berth_shared::logs::init("info");
-    match real_main(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err((code, e)) => {
-            eprintln!("error: {e}");
-            ExitCode::from(code)
-        }
-    }
+    berth_shared::logs::exit(real_main(cli))
 }
 
 use berth_shared::logs::chain;

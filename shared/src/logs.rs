@@ -24,3 +24,15 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// The end of a binary's `main`: success exits 0; an error is printed as one
+/// `error: …` line and exits with its code (2 usage, 1 failure, or the binary's own).
+pub fn exit(result: Result<(), (u8, impl std::fmt::Display)>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err((code, e)) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(code)
+        }
+    }
+}

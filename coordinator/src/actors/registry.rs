@@ -150,6 +150,16 @@ impl Handler<Leases> for WorkerRegistry {
     }
 }
 
+impl WorkerRegistry {
+    /// Sends a message to a connected worker; `false` when it is not connected.
+    fn tell(&self, worker: &str, msg: CoordMsg) -> bool {
+        match self.workers.get(worker).and_then(|e| e.tx.as_ref()) {
+            Some(tx) => tx.send(msg).is_ok(),
+            None => false,
+        }
+    }
+}
+
 /// Tell a worker to kill an attempt.
 #[derive(Message)]
 #[rtype(result = "bool")]
@@ -162,10 +172,7 @@ pub struct Kill {
 impl Handler<Kill> for WorkerRegistry {
     type Result = bool;
     fn handle(&mut self, m: Kill, _: &mut Self::Context) -> bool {
-        match self.workers.get(&m.worker).and_then(|e| e.tx.as_ref()) {
-            Some(tx) => tx.send(CoordMsg::Kill { lease: m.lease, reason: m.reason }).is_ok(),
-            None => false,
-        }
+        self.tell(&m.worker, CoordMsg::Kill { lease: m.lease, reason: m.reason })
     }
 }
 
@@ -198,10 +205,7 @@ pub struct Freeze {
 impl Handler<Freeze> for WorkerRegistry {
     type Result = bool;
     fn handle(&mut self, m: Freeze, _: &mut Self::Context) -> bool {
-        match self.workers.get(&m.worker).and_then(|e| e.tx.as_ref()) {
-            Some(tx) => tx.send(CoordMsg::Freeze { lease: m.lease, tag: m.tag }).is_ok(),
-            None => false,
-        }
+        self.tell(&m.worker, CoordMsg::Freeze { lease: m.lease, tag: m.tag })
     }
 }
 
