@@ -1,4 +1,5 @@
-//! Talking to the coordinator: find the profile, connect, send requests.
+//! Talking to the coordinator: find the profile, connect, send requests, take the
+//! answer a command expects apart (`Client::ask` with `answer!`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -104,6 +105,13 @@ impl Client {
         }
     }
 
+    /// Sends a request that has exactly one answer and takes it apart with `take`, which
+    /// gives back an answer it does not expect (a failure: unexpected). `answer!`
+    /// writes `take` for one shape of `Response`.
+    pub async fn ask<T>(&self, req: &Request, take: impl FnOnce(Response) -> Result<T, Response>) -> Result<T, Fail> {
+        take(self.call(req).await?).map_err(unexpected)
+    }
+
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"bye");
     }
@@ -141,3 +149,15 @@ pub fn api_fail(e: ApiError) -> Fail {
 pub fn unexpected(r: Response) -> Fail {
     Fail::new(EXIT_FAILURE, format!("unexpected answer from the coordinator: {r:?}"))
 }
+
+/// The `take` of `Client::ask` for one shape of answer: `answer!(Response::List(jobs) =>
+/// jobs)` is the list, and any other answer is given back.
+macro_rules! answer {
+    ($shape:pat => $out:expr) => {
+        |r: berth_shared::wire::Response| match r {
+            $shape => Ok($out),
+            other => Err(other),
+        }
+    };
+}
+pub(crate) use answer;

@@ -10,12 +10,12 @@ mod submit;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use berth_shared::ids::JobSelector;
+use berth_shared::ids::{JobSelector, TaskRef};
 use berth_shared::job::JobState;
 use berth_shared::wire::{Request, Response};
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::api::{unexpected, Client};
+use crate::api::{answer, unexpected, Client};
 use crate::exit::{Fail, EXIT_USAGE};
 use crate::show::Style;
 
@@ -236,45 +236,25 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
     match command {
         Cmd::Submit(a) => submit::submit(client, &a, style).await,
         Cmd::Status { job, json } => {
-            let r = client.call(&Request::Status { job }).await?;
-            let Response::Status(st) = r else { return Err(unexpected(r)) };
-            if json {
-                println!("{}", show::status_json(&st));
-            } else {
-                print!("{}", show::status_text(style, &st));
-            }
-            Ok(0)
+            let st = client.ask(&Request::Status { job }, answer!(Response::Status(st) => *st)).await?;
+            show::print(json, style, &st, show::status_json, show::status_text)
         }
         Cmd::List { state, limit, json } => {
-            let r = client.call(&Request::List { state, limit }).await?;
-            let Response::List(jobs) = r else { return Err(unexpected(r)) };
-            if json {
-                println!("{}", serde_json::Value::Array(jobs.iter().map(show::summary_json).collect()));
-            } else {
-                print!("{}", show::list_text(style, &jobs));
-            }
-            Ok(0)
+            let jobs = client.ask(&Request::List { state, limit }, answer!(Response::List(jobs) => jobs)).await?;
+            show::print(json, style, jobs.as_slice(), show::list_json, show::list_text)
         }
         Cmd::Logs { job, follow, attempt } => {
             submit::print_logs(client, job, attempt, follow, None).await?;
             Ok(0)
         }
         Cmd::Cancel { job, reason } => {
-            let r = client.call(&Request::Cancel { job, reason }).await?;
-            let Response::Cancelled { job, tasks } = r else { return Err(unexpected(r)) };
-            eprintln!("cancelled {job} ({tasks} task{})", if tasks == 1 { "" } else { "s" });
-            Ok(0)
+            let (job, tasks) = client.ask(&Request::Cancel { job, reason }, answer!(Response::Cancelled { job, tasks } => (job, tasks))).await?;
+            done(format!("cancelled {job} ({tasks} task{})", if tasks == 1 { "" } else { "s" }))
         }
         Cmd::Workers { command, json } => match command {
             None => {
-                let r = client.call(&Request::Workers).await?;
-                let Response::Workers(ws) = r else { return Err(unexpected(r)) };
-                if json {
-                    println!("{}", show::workers_json(&ws));
-                } else {
-                    print!("{}", show::workers_text(style, &ws));
-                }
-                Ok(0)
+                let ws = client.ask(&Request::Workers, answer!(Response::Workers(ws) => ws)).await?;
+                show::print(json, style, ws.as_slice(), show::workers_json, show::workers_text)
             }
             Some(WorkersCmd::Drain { name }) | Some(WorkersCmd::Undrain { name }) if name.is_empty() => Err(Fail::usage("a worker name is required")),
             Some(c) => {
@@ -282,10 +262,9 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
                     WorkersCmd::Drain { name } => (name, true),
                     WorkersCmd::Undrain { name } => (name, false),
                 };
-                let r = client.call(&Request::Drain { worker, drain }).await?;
-                let Response::Drained { worker, drained } = r else { return Err(unexpected(r)) };
-                eprintln!("{worker}: {}", if drained { "drained (running jobs finish, no new claims)" } else { "undrained" });
-                Ok(0)
+                let (worker, drained) =
+                    client.ask(&Request::Drain { worker, drain }, answer!(Response::Drained { worker, drained } => (worker, drained))).await?;
+                done(format!("{worker}: {}", if drained { "drained (running jobs finish, no new claims)" } else { "undrained" }))
             }
         },
         Cmd::Approve { job, reason } | Cmd::Reject { job, reason } if reason.trim().is_empty() => {
@@ -295,35 +274,25 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
         Cmd::Approve { job, reason } => decide(client, job, true, reason).await,
         Cmd::Reject { job, reason } => decide(client, job, false, reason).await,
         Cmd::Budget { command: BudgetCmd::Set { account, run, month } } => {
-            let r = client.call(&Request::SetBudget { account, run, month }).await?;
-            let Response::BudgetSet { account } = r else { return Err(unexpected(r)) };
-            eprintln!("budget of {account}: ${run} per run, ${month} per month");
-            Ok(0)
+            let account = client.ask(&Request::SetBudget { account, run, month }, answer!(Response::BudgetSet { account } => account)).await?;
+            done(format!("budget of {account}: ${run} per run, ${month} per month"))
         }
         Cmd::Budget { command: BudgetCmd::Show { account, json } } => {
-            let r = client.call(&Request::Budgets { account }).await?;
-            let Response::Budgets(rows) = r else { return Err(unexpected(r)) };
-            if json {
-                println!("{}", show::budgets_json(&rows));
-            } else {
-                print!("{}", show::budgets_text(style, &rows));
-            }
-            Ok(0)
+            let rows = client.ask(&Request::Budgets { account }, answer!(Response::Budgets(rows) => rows)).await?;
+            show::print(json, style, rows.as_slice(), show::budgets_json, show::budgets_text)
         }
         Cmd::Freeze { job, tag, json } => {
-            let r = client.call(&Request::Freeze { job, tag }).await?;
-            let Response::Frozen { job, index, image } = r else { return Err(unexpected(r)) };
-            let task = index.map(|i| format!("{job}:{i}")).unwrap_or_else(|| job.to_string());
+            let (task, image) =
+                client.ask(&Request::Freeze { job, tag }, answer!(Response::Frozen { job, index, image } => (TaskRef { job, index }, image))).await?;
             if json {
-                println!("{}", serde_json::json!({ "job": job.to_string(), "index": index, "image": image }));
+                println!("{}", serde_json::json!({ "job": task.job.to_string(), "index": task.index, "image": image }));
             } else {
                 println!("{image}");
             }
-            eprintln!(
+            done(format!(
                 "froze {task} into {image}: its filesystem and workspace are kept, not the memory of its processes; \
                  `berth resume {task}` starts its command again from that state"
-            );
-            Ok(0)
+            ))
         }
         Cmd::Resume { job, cmd, wait, follow, command } => {
             let command = match (cmd.is_empty(), command.is_empty()) {
@@ -346,28 +315,26 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
             submit::wait(client, new, false, follow, style).await
         }
         Cmd::Images { command: None, json } => {
-            let r = client.call(&Request::Images).await?;
-            let Response::Images(list) = r else { return Err(unexpected(r)) };
-            if json {
-                println!("{}", show::images_json(&list));
-            } else {
-                print!("{}", show::images_text(style, &list));
-            }
-            Ok(0)
+            let list = client.ask(&Request::Images, answer!(Response::Images(list) => list)).await?;
+            show::print(json, style, list.as_slice(), show::images_json, show::images_text)
         }
         Cmd::Images { command: Some(ImagesCmd::Rm { image }), .. } => {
-            let r = client.call(&Request::RemoveImage { image }).await?;
-            let Response::ImageRemoved { image } = r else { return Err(unexpected(r)) };
-            eprintln!("removed {image}");
-            Ok(0)
+            let image = client.ask(&Request::RemoveImage { image }, answer!(Response::ImageRemoved { image } => image)).await?;
+            done(format!("removed {image}"))
         }
         Cmd::Completions { .. } | Cmd::Dev(_) => Ok(0),
     }
 }
 
-async fn decide(client: &mut Client, job: JobSelector, approve: bool, reason: String) -> Result<u8, Fail> {
-    let r = client.call(&Request::Decide { job, approve, reason }).await?;
-    let Response::Decided { job, state, tasks } = r else { return Err(unexpected(r)) };
-    eprintln!("job {job}: {} ({tasks} tasks {state})", if approve { "approved" } else { "rejected" });
+/// A command that changed something: what it did, on stderr (stdout stays for answers
+/// a script reads), and success.
+fn done(what: String) -> Result<u8, Fail> {
+    eprintln!("{what}");
     Ok(0)
+}
+
+async fn decide(client: &mut Client, job: JobSelector, approve: bool, reason: String) -> Result<u8, Fail> {
+    let (job, state, tasks) =
+        client.ask(&Request::Decide { job, approve, reason }, answer!(Response::Decided { job, state, tasks } => (job, state, tasks))).await?;
+    done(format!("job {job}: {} ({tasks} tasks {state})", if approve { "approved" } else { "rejected" }))
 }

@@ -9,6 +9,8 @@ use berth_shared::wire::{FrozenImage, JobStatus, JobSummary, WorkerInfo};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
+use crate::exit::Fail;
+
 #[derive(Clone, Copy)]
 pub struct Style {
     pub color: bool,
@@ -247,6 +249,20 @@ pub fn status_text(style: Style, st: &JobStatus) -> String {
         out.push_str(&table(style, &["TIME", "TASK", "STATE", "ATTEMPT", "WORKER", "REASON"], &ev));
     }
     out
+}
+
+/// Prints an answer for scripts (JSON, with `--json`) or for people (text); exit 0.
+pub fn print<T: ?Sized>(json: bool, style: Style, answer: &T, as_json: fn(&T) -> Value, as_text: fn(Style, &T) -> String) -> Result<u8, Fail> {
+    if json {
+        println!("{}", as_json(answer));
+    } else {
+        print!("{}", as_text(style, answer));
+    }
+    Ok(0)
+}
+
+pub fn list_json(jobs: &[JobSummary]) -> Value {
+    Value::Array(jobs.iter().map(summary_json).collect())
 }
 
 pub fn list_text(style: Style, jobs: &[JobSummary]) -> String {
