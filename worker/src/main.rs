@@ -97,13 +97,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     berth_shared::logs::init("info");
-    match real_main(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err((code, msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::from(code)
-        }
-    }
+    berth_shared::logs::exit(real_main(cli))
 }
 
 use berth_shared::logs::chain;
