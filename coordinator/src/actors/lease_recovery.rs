@@ -60,10 +60,7 @@ impl Handler<RecoverNow> for LeaseRecovery {
             match store.send(ExpireLeases {}).await {
                 Ok(Ok(expired)) => {
                     for e in &expired {
-                        let task = match e.index {
-                            Some(i) => format!("{}:{i}", e.job),
-                            None => e.job.to_string(),
-                        };
+                        let task = berth_shared::ids::TaskRef { job: e.job, index: e.index };
                         tracing::warn!(task = %task, lease = %e.lease, worker = %e.worker, requeued = e.requeued, "lease expired");
                     }
                     expired.len()

@@ -144,11 +144,8 @@ pub async fn resume_spec(shared: &Shared, who: &str, role: Role, job: JobSelecto
         spec.command = c;
     }
     spec.labels.retain(|(k, _)| !k.starts_with(SYSTEM_LABEL_PREFIX));
-    let from = match task.index {
-        Some(i) => format!("{id}:{i}"),
-        None => id.to_string(),
-    };
-    spec.labels.push((LABEL_RESUMED_FROM.into(), from));
+    let from = berth_shared::ids::TaskRef { job: id, index: task.index };
+    spec.labels.push((LABEL_RESUMED_FROM.into(), from.to_string()));
     // The image is on one worker's engine: the job runs there.
     spec.constraints.retain(|(k, _)| k != LABEL_PINNED_WORKER);
     spec.constraints.push((LABEL_PINNED_WORKER.into(), image.worker.clone()));
