@@ -13,12 +13,13 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use berth_coordinator::scheduler::WorkerCaps;
 use berth_coordinator::store::engine::create_token;
 use berth_coordinator::store::segments::{self, Segments};
 use berth_coordinator::store::sql::Val;
 use berth_coordinator::store::{
     Admission, BatchOutcome, ChunkVerdict, Db, Expired, FinishVerdict, KillOrder, Location, LogChunk, Op, PgDb, Reader, Reconciled, SqliteDb, Store,
-    StoreError, Submitted, Tx, WorkerCaps,
+    StoreError, Submitted, Tx,
 };
 use berth_shared::ids::{JobId, JobSelector, LeaseId};
 use berth_shared::job::{ArrayRange, Command, JobSpec, JobState, Outcome, Resources};

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use berth_coordinator::store::{Admission, Location, Op, StoreHandle, WorkerCaps};
+use berth_coordinator::scheduler::WorkerCaps;
+use berth_coordinator::store::{Admission, Location, Op, StoreHandle};
 use berth_shared::job::{ArrayRange, Command, JobSpec, Outcome};
 use chrono::Utc;
 

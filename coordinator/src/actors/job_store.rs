@@ -9,7 +9,8 @@ use berth_shared::ids::{JobId, JobSelector, LeaseId};
 use berth_shared::job::{JobSpec, Outcome};
 use chrono::Utc;
 
-use crate::store::{Admission, Decided, Expired, FinishVerdict, FreezeOrder, KillOrder, Op, Reconciled, StoreError, StoreHandle, Submitted, WorkerCaps};
+use crate::scheduler::WorkerCaps;
+use crate::store::{Admission, Decided, Expired, FinishVerdict, FreezeOrder, KillOrder, Op, Reconciled, StoreError, StoreHandle, Submitted};
 
 pub struct JobStore {
     store: StoreHandle,

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 
-use crate::store::{ChunkVerdict, LogChunk, Notice, Op, StoreError, StoreHandle};
+use crate::store::{ChunkVerdict, LogChunk, Notice, Op, StoreHandle, Tx};
 
 pub struct LogStore {
     store: StoreHandle,
@@ -45,16 +45,13 @@ impl Handler<Follow> for LogStore {
 pub struct Append {
     pub worker: String,
     pub chunks: Vec<LogChunk>,
-    pub reply: Verdicts,
+    pub reply: Tx<Vec<ChunkVerdict>>,
 }
-
-/// Where a batch's verdicts go.
-pub type Verdicts = oneshot::Sender<Result<Vec<ChunkVerdict>, StoreError>>;
 
 impl Handler<Append> for LogStore {
     type Result = ();
     fn handle(&mut self, m: Append, _: &mut Self::Context) {
         // A stopped writer drops the reply, which its receiver reads as a failure.
-        let _ = self.store.send(Op::AppendLogs { worker: m.worker, chunks: m.chunks, reply: Some(m.reply) });
+        let _ = self.store.send(Op::AppendLogs { worker: m.worker, chunks: m.chunks, reply: m.reply });
     }
 }

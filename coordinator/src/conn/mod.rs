@@ -66,6 +66,7 @@ pub fn api(e: StoreError) -> ApiError {
     }
 }
 
+/// An actor that did not answer: only while the coordinator shuts down.
 pub fn mailbox<T>(_: T) -> ApiError {
     ApiError::new(ErrorKind::Internal, "the coordinator is shutting down")
 }

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_shared::job::{Executor, JobSpec};
+use berth_shared::job::JobSpec;
 use berth_shared::resources::{gpu_matches, FreeResources};
 use berth_shared::wire::{GpuInfo, HostInfo};
 
@@ -44,14 +44,6 @@ pub struct WorkerCaps {
     /// The worker's labels (jobs may require some) and its GPUs (model and memory).
     pub labels: Vec<(String, String)>,
     pub gpu_list: Vec<GpuInfo>,
-}
-
-/// The executor name a job needs (`--executor` on the worker).
-pub fn executor_name(spec: &JobSpec) -> &'static str {
-    match spec.executor {
-        Executor::Process => "process",
-        Executor::Docker { .. } => "docker",
-    }
 }
 
 /// The checks that decide whether a worker could ever run a job, each on its own so
@@ -97,7 +89,7 @@ impl WorkerCaps {
     fn passes(&self, check: Check, spec: &JobSpec) -> bool {
         let r = &spec.resources;
         match check {
-            Check::Executor => self.executors.iter().any(|e| e == executor_name(spec)),
+            Check::Executor => self.executors.iter().any(|e| e == spec.executor.name()),
             Check::Gpus => r.gpus <= self.gpus && (r.gpus == 0 || self.matching_gpus(spec) >= r.gpus as usize),
             Check::Cpus => r.millicpus == 0 || r.millicpus <= self.cpus.saturating_mul(1000),
             Check::Mem => r.mem_mib == 0 || r.mem_mib <= self.mem_mib,
@@ -125,7 +117,7 @@ pub fn explain_unrunnable(spec: &JobSpec, workers: &[WorkerCaps]) -> Option<Stri
             continue;
         }
         match check {
-            Check::Executor => why.push(format!("it needs the {} executor, which no connected worker offers", executor_name(spec))),
+            Check::Executor => why.push(format!("it needs the {} executor, which no connected worker offers", spec.executor.name())),
             Check::Gpus => {
                 let most = workers.iter().map(|w| w.matching_gpus(spec)).max().unwrap_or(0);
                 let mut parts = Vec::new();
@@ -156,7 +148,7 @@ pub fn explain_unrunnable(spec: &JobSpec, workers: &[WorkerCaps]) -> Option<Stri
                 }
             }
             Check::Pool => why.push(format!("no connected worker is in pool {}", spec.pools.join(" or "))),
-            Check::Bounded => why.push("it has no max runtime, and every connected worker is in a paid pool".into()),
+            Check::Bounded => why.push("it has no max runtime, and every connected worker is in a paid pool (give --max-runtime)".into()),
         }
     }
     if why.is_empty() {
@@ -332,11 +324,8 @@ impl<'a> Round<'a> {
 
     /// Ends the round: the cursors to write and when to ask again.
     pub fn finish(mut self) -> RoundEnd {
-        let accounts: Vec<String> = self.queues.keys().cloned().collect();
-        for a in accounts {
-            while !self.queues.get(&a).is_none_or(VecDeque::is_empty) {
-                self.pop(&a);
-            }
+        for q in std::mem::take(&mut self.queues).into_values().flatten() {
+            self.end.advanced(&q);
         }
         self.end
     }
@@ -348,9 +337,16 @@ impl<'a> Round<'a> {
     /// Drops an account's head candidate, keeping its cursor's advance.
     fn pop(&mut self, account: &str) {
         if let Some(q) = self.queues.get_mut(account).and_then(VecDeque::pop_front) {
-            if let (Kind::Cursor { next, .. }, true) = (q.cand.kind, q.taken > 0) {
-                self.end.cursors.push((q.cand.job_seq, next + q.taken));
-            }
+            self.end.advanced(&q);
+        }
+    }
+}
+
+impl RoundEnd {
+    /// A candidate leaves the round: a cursor that handed out indices moves past them.
+    fn advanced(&mut self, q: &Queued) {
+        if let (Kind::Cursor { next, .. }, true) = (q.cand.kind, q.taken > 0) {
+            self.cursors.push((q.cand.job_seq, next + q.taken));
         }
     }
 }

@@ -79,8 +79,9 @@ impl From<ApiError> for StoreError {
     }
 }
 
-pub use crate::scheduler::{explain_unrunnable, WorkerCaps};
-pub use berth_shared::resources::{gpu_matches, FreeResources as Free};
+pub use berth_shared::resources::FreeResources as Free;
+
+use crate::scheduler::WorkerCaps;
 
 /// What a claim took: the tasks (with the GPU indices each was given), and when to
 /// ask again if some task is waiting for a cheaper pool's spill delay.

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use berth_shared::codec::{encode, read_frame, write_frame, write_frame_quic};
 use berth_shared::dial::{client_endpoint, dial, Dialed};
-use berth_shared::ids::LeaseId;
+use berth_shared::ids::{LeaseId, TaskRef};
 use berth_shared::tls::client_config;
 use berth_shared::wire::{Assignment, CoordMsg, FreeResources, GpuInfo, HostInfo, OutputFrame, PeerKind, WorkerMsg};
 use tokio::sync::mpsc;
@@ -334,7 +334,13 @@ impl Driver {
             (_, Err(e), _) => Err((None, e)),
             (_, _, None) => Err((
                 Some(125),
-                format!("this worker does not offer the {} executor (it has no Docker engine, or was not asked to)", at.a.spec.executor.name()),
+                format!(
+                    "worker {} does not offer the {} executor (it offers {}): start it with `--executor {}`, or see its log at start for why that executor was declined",
+                    self.cfg.name,
+                    at.a.spec.executor.name(),
+                    self.cfg.executors.join(", "),
+                    at.a.spec.executor.name()
+                ),
             )),
             (Ok(()), Ok(env), Some(exec)) => Ok((env, exec)),
         };
@@ -354,7 +360,7 @@ impl Driver {
             grace: GRACE,
             record: None,
         };
-        let span = tracing::info_span!("attempt", task = %task_name(&at.a), attempt = at.a.attempt, lease = %lease);
+        let span = tracing::info_span!("attempt", task = %TaskRef { job: at.a.job, index: at.a.index }, attempt = at.a.attempt, lease = %lease);
         let controls = Controls { kill: at.kill.subscribe(), freeze: at.freeze.subscribe() };
         let job = Job { assignment: &at.a, gpus: &at.gpus, slot, launch, spool: at.spool.clone(), controls, span };
         exec.spawn(job, self.reports.clone());
@@ -468,13 +474,6 @@ impl Driver {
             Closed::Lost(_) => conn.close(0u32.into(), b"worker gave up on this connection"),
         }
         Ok(ended)
-    }
-}
-
-fn task_name(a: &Assignment) -> String {
-    match a.index {
-        Some(i) => format!("{}:{i}", a.job),
-        None => a.job.to_string(),
     }
 }
 

@@ -27,8 +27,10 @@ use tracing::Instrument;
 pub use link::{Action, Input, Link};
 
 use super::{close_for, Shared, CLOSE_PROTOCOL, CLOSE_REFUSED};
-use crate::actors::{job_store, registry, Actors};
-use crate::store::{StoreError, WorkerCaps};
+use crate::actors::job_store::{self, JobStore};
+use crate::actors::{registry, Actors};
+use crate::scheduler::WorkerCaps;
+use crate::store::StoreError;
 
 /// What the driver's loop waits on besides the worker's control messages: an input
 /// for the link, or the end of the control stream.
@@ -238,34 +240,17 @@ fn act(
     for action in actions.drain(..) {
         match action {
             Action::Claim { n, free } => {
-                let (store, worker, caps, ev_tx) = (a.job_store.clone(), name.to_string(), caps.clone(), ev_tx.clone());
-                actix_rt::spawn(async move {
-                    let result = store.send(job_store::Claim { worker, n, caps, free }).await.unwrap_or(Err(StoreError::Stopped));
-                    let _ = ev_tx.send(Event::Input(Input::Claimed { asked: n, result }));
-                });
+                let claim = job_store::Claim { worker: name.to_string(), n, caps: caps.clone(), free };
+                ask(a, claim, ev_tx, move |result| Input::Claimed { asked: n, result });
             }
             Action::Started { lease } => a.job_store.do_send(job_store::Started { worker: name.to_string(), lease }),
             Action::Finish { lease, outcome } => {
-                let (store, worker, ev_tx) = (a.job_store.clone(), name.to_string(), ev_tx.clone());
-                actix_rt::spawn(async move {
-                    let result = store.send(job_store::Finish { worker, lease, outcome }).await.unwrap_or(Err(StoreError::Stopped));
-                    let _ = ev_tx.send(Event::Input(Input::Finished { lease, result }));
-                });
+                ask(a, job_store::Finish { worker: name.to_string(), lease, outcome }, ev_tx, move |result| Input::Finished { lease, result });
             }
             Action::Frozen { lease, image, outcome } => {
-                let (store, worker, ev_tx) = (a.job_store.clone(), name.to_string(), ev_tx.clone());
-                actix_rt::spawn(async move {
-                    let result = store.send(job_store::Frozen { worker, lease, outcome, image }).await.unwrap_or(Err(StoreError::Stopped));
-                    let _ = ev_tx.send(Event::Input(Input::Finished { lease, result }));
-                });
+                ask(a, job_store::Frozen { worker: name.to_string(), lease, outcome, image }, ev_tx, move |result| Input::Finished { lease, result });
             }
-            Action::Heartbeat { leases } => {
-                let (store, worker, ev_tx) = (a.job_store.clone(), name.to_string(), ev_tx.clone());
-                actix_rt::spawn(async move {
-                    let r = store.send(job_store::Heartbeat { worker, leases }).await.unwrap_or(Err(StoreError::Stopped));
-                    let _ = ev_tx.send(Event::Input(Input::Renewed(r)));
-                });
-            }
+            Action::Heartbeat { leases } => ask(a, job_store::Heartbeat { worker: name.to_string(), leases }, ev_tx, Input::Renewed),
             Action::ImageRemoved { image, error } => a.registry.do_send(registry::ImageRemoved { worker: name.to_string(), image, error }),
             Action::Leases { added, removed, heartbeat } => a.registry.do_send(registry::Leases { name: name.to_string(), added, removed, heartbeat }),
             Action::Send(m) => queue(pending, &m),
@@ -283,6 +268,21 @@ fn act(
         }
     }
     true
+}
+
+/// Asks the JobStore on a task of its own and hands the answer back to the link.
+fn ask<M, T>(a: &Actors, msg: M, ev_tx: &mpsc::UnboundedSender<Event>, input: impl FnOnce(Result<T, StoreError>) -> Input + Send + 'static)
+where
+    M: actix::Message<Result = Result<T, StoreError>> + Send + 'static,
+    T: Send + 'static,
+    JobStore: actix::Handler<M>,
+    <JobStore as actix::Actor>::Context: actix::dev::ToEnvelope<JobStore, M>,
+{
+    let (store, ev_tx) = (a.job_store.clone(), ev_tx.clone());
+    actix_rt::spawn(async move {
+        let result = store.send(msg).await.unwrap_or(Err(StoreError::Stopped));
+        let _ = ev_tx.send(Event::Input(input(result)));
+    });
 }
 
 /// Queues a frame for the worker (see `flush_when_idle`).

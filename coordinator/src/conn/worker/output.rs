@@ -99,7 +99,7 @@ pub async fn serve(mut recv: quinn::RecvStream, shared: Arc<Shared>, worker: Str
                 }
                 let keys: Vec<_> = batch.iter().map(|c| (c.stream, c.seq)).collect();
                 let (reply, verdicts) = oneshot::channel();
-                log_store.do_send(log_store::Append { worker: worker.clone(), chunks: batch, reply });
+                log_store.do_send(log_store::Append { worker: worker.clone(), chunks: batch, reply: Some(reply) });
                 inflight.push_back((keys, verdicts));
             }
             else => break,

@@ -503,7 +503,12 @@ impl<D: Db> Store<D> {
     /// table of legal moves (`JobState::can_move_to`).
     fn shift(&self, job_seq: i64, from: JobState, to: JobState, n: u64, s: &mut Scratch) -> Result<(), StoreError> {
         if !from.can_move_to(to) {
-            return Err(StoreError::Api(ApiError::new(ErrorKind::Internal, format!("job {job_seq}: a task cannot move from {from} to {to}"))));
+            return Err(StoreError::Api(ApiError::new(
+                ErrorKind::Internal,
+                format!(
+                    "internal error: a task of job #{job_seq} cannot move from {from} to {to} (nothing was changed; this is a bug in berth, please report it)"
+                ),
+            )));
         }
         if n > 0 {
             s.moves.push((job_seq, from, to, n));

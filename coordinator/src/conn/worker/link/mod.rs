@@ -130,10 +130,9 @@ impl Link {
                 self.last_heard = now;
                 self.frame(m, out);
             }
-            Input::Work | Input::Retry => {
-                if matches!(input, Input::Retry) {
-                    self.retry_armed = false;
-                }
+            Input::Work => self.hint = true,
+            Input::Retry => {
+                self.retry_armed = false;
                 self.hint = true;
             }
             Input::Claimed { asked, result } => self.claimed(asked, result, out),
