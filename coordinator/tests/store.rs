@@ -18,7 +18,7 @@ use berth_coordinator::store::engine::create_token;
 use berth_coordinator::store::segments::{self, Segments};
 use berth_coordinator::store::sql::Val;
 use berth_coordinator::store::{
-    Admission, BatchOutcome, ChunkVerdict, Db, Expired, FinishVerdict, KillOrder, Location, LogChunk, Op, PgDb, Reader, Reconciled, SqliteDb, Store,
+    Admission, BatchOutcome, ChunkVerdict, Db, Expired, FinishVerdict, KillOrder, Location, LogChunk, Op, PgDb, Reader, Reconciled, Scope, SqliteDb, Store,
     StoreError, Submitted, Tx,
 };
 use berth_shared::ids::{JobId, JobSelector, LeaseId};
@@ -205,7 +205,7 @@ impl Harness {
     }
 
     fn seq(&mut self, job: JobId) -> i64 {
-        self.reader.resolve(&sel(job, None)).expect("resolve").0
+        self.reader.resolve(&sel(job, None), &Scope::All).expect("resolve").0
     }
 
     fn summary(&mut self, job: JobId) -> JobSummary {
@@ -214,7 +214,7 @@ impl Harness {
     }
 
     fn status(&mut self, job: JobId, index: Option<u32>) -> JobStatus {
-        self.reader.status(&sel(job, index)).expect("status")
+        self.reader.status(&sel(job, index), &Scope::All).expect("status")
     }
 
     /// How many task rows the database holds (tasks are stored once claimed).
@@ -273,6 +273,7 @@ on_both_backends!(
     large_output_chunks_read_back_exactly_after_a_restart,
     a_result_without_started_dates_the_start_from_its_runtime,
     submit_is_idempotent_per_owner,
+    reads_see_only_the_jobs_in_scope,
     million_task_array_is_one_row,
     claim_leases_distinct_tasks_within_caps_and_drain,
     finish_records_once_and_only_with_the_live_lease,
@@ -350,6 +351,39 @@ fn indices(a: &[Assignment]) -> Vec<Option<u32>> {
 
 // ------------------------------------------------------------------ tests
 
+fn reads_see_only_the_jobs_in_scope(h: &mut Harness) {
+    let b = h.backend;
+    let mine: Vec<JobId> = (0..3).map(|_| h.submit_as(&job(), "alice", Uuid::new_v4()).job).collect();
+    let spec = Box::new(job());
+    let admission = Admission { account: "carol".into(), needs_approval: true, ..Admission::default() };
+    let pending =
+        h.call(|reply| Op::Submit { spec, owner: "carol".into(), idempotency_key: Uuid::new_v4(), admission, now: at(0), reply }).expect("submit").job;
+    let bobs = h.submit_as(&job(), "bob", Uuid::new_v4()).job;
+    let (alice, bob, ann) = (Scope::Own("alice".into()), Scope::Own("bob".into()), Scope::OwnAndPending("ann".into()));
+    let ids = |rows: Vec<JobSummary>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+
+    // Filtered before the limit: a page holds the caller's newest jobs.
+    assert_eq!(ids(h.reader.list(None, 2, &alice).expect("list")), vec![mine[2], mine[1]], "[{b}]");
+    assert_eq!(ids(h.reader.list(Some(JobState::Queued), 10, &alice).expect("list")).len(), 3, "[{b}]");
+    assert_eq!(ids(h.reader.list(None, 10, &bob).expect("list")), vec![bobs], "[{b}]");
+    assert_eq!(ids(h.reader.list(None, 10, &ann).expect("list")), vec![pending], "[{b}] an approver sees what waits for approval");
+    assert_eq!(h.reader.list(None, 10, &Scope::All).expect("list").len(), 5, "[{b}]");
+
+    // Someone else's job is not found, with the words a missing one gets.
+    let missing = "01900000-0000-7000-8000-000000000000";
+    let absent = api_error(h.reader.resolve(&JobSelector { prefix: missing.into(), index: None }, &bob));
+    for (job, scope) in [(mine[0], &bob), (pending, &bob), (mine[0], &ann)] {
+        let e = api_error(h.reader.status(&sel(job, None), scope));
+        assert_eq!((e.kind, e.message.replace(&job.to_string(), missing)), (absent.kind, absent.message.clone()), "[{b}] {job} for {scope:?}");
+    }
+    assert_eq!(absent.kind, ErrorKind::NotFound);
+    assert_eq!(h.reader.status(&sel(pending, None), &ann).expect("status").summary.state, JobState::PendingApproval, "[{b}]");
+    // A prefix alice's and bob's ids share names bob's job alone for bob.
+    let shared: String = mine[0].to_string().chars().zip(bobs.to_string().chars()).take_while(|(x, y)| x == y).map(|(x, _)| x).collect();
+    assert_eq!(h.reader.resolve(&JobSelector { prefix: shared.clone(), index: None }, &bob).expect("resolve").1, bobs, "[{b}] `{shared}`");
+    assert_eq!(api_error(h.reader.resolve(&JobSelector { prefix: shared, index: None }, &Scope::All)).kind, ErrorKind::Ambiguous, "[{b}]");
+}
+
 fn submit_is_idempotent_per_owner(h: &mut Harness) {
     let key = Uuid::new_v4();
     let first = h.submit_as(&job(), "alice", key);
@@ -367,7 +401,7 @@ fn submit_is_idempotent_per_owner(h: &mut Harness) {
     let third = h.submit_as(&job(), "alice", Uuid::new_v4());
     assert_ne!(third.job, first.job, "[{}] another key is another job", h.backend);
 
-    assert_eq!(h.reader.list(None, 100).expect("list").len(), 3, "[{}] the duplicate made no job", h.backend);
+    assert_eq!(h.reader.list(None, 100, &Scope::All).expect("list").len(), 3, "[{}] the duplicate made no job", h.backend);
     let s = h.summary(first.job);
     assert_eq!((s.counts.queued, s.counts.total(), s.state), (1, 1, JobState::Queued), "[{}] counted once", h.backend);
     assert_eq!(s.owner, "alice");
@@ -874,7 +908,7 @@ fn group_commit_answers_every_operation(h: &mut Harness) {
         ids.insert(s.job);
     }
     assert_eq!(ids.len(), 500, "[{}] 500 distinct jobs", h.backend);
-    let listed = h.reader.list(None, 1000).expect("list");
+    let listed = h.reader.list(None, 1000, &Scope::All).expect("list");
     assert_eq!(listed.len(), 500, "[{}] all committed", h.backend);
     assert_eq!(listed.iter().map(|s| s.counts.queued).sum::<u64>(), 500);
 
@@ -899,7 +933,7 @@ fn group_commit_answers_every_operation(h: &mut Harness) {
     let r: Vec<Result<Submitted, StoreError>> = answers.into_iter().map(|rx| rx.blocking_recv().expect("reply")).collect();
     assert!(r[0].is_ok() && r[2].is_ok(), "[{}] {r:?}", h.backend);
     assert!(matches!(&r[1], Err(StoreError::Api(e)) if e.kind == ErrorKind::Invalid), "[{}] {:?}", h.backend, r[1]);
-    assert_eq!(h.reader.list(None, 1000).expect("list").len(), 502, "[{}]", h.backend);
+    assert_eq!(h.reader.list(None, 1000, &Scope::All).expect("list").len(), 502, "[{}]", h.backend);
 }
 
 // ------------------------------------------------------------------ PostgreSQL only

@@ -261,11 +261,11 @@ fn a_frozen_job_resumes_with_its_files() {
         let script = "echo state > /workspace/f; echo data > /root/g; echo started; sleep 300";
         let id = c.submit(&["--image", &img.name, "--mem", "64m", "--secret", "TOKEN=PATH", "--", "sh", "-c", script])?;
         wait_until("the job to start", Duration::from_secs(60), || logs(&c, &id).is_ok_and(|(o, _)| o == "started\n"))?;
-        // Only the owner or an admin may freeze.
+        // Only the owner or an admin may freeze: to bob, alice's job does not exist.
         let bob = c.path("bob.toml");
         c.user("bob", "submitter", &bob)?;
         let out = c.berth_as(&bob, &["freeze", &id]);
-        assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
 
         let out = c.berth(&["freeze", &id, "--tag", &tag]);
         assert!(out.status.success(), "freeze: {}", String::from_utf8_lossy(&out.stderr));

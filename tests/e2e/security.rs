@@ -1,11 +1,17 @@
-//! Certificates, join tokens, and a worker coming back with its work dir.
+//! Certificates, join tokens, a worker coming back with its work dir, and users kept
+//! apart: each sees its own jobs (an approver also what waits for approval, an admin
+//! all), and nobody but a job's owner sees its env values.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Result;
-use berth_e2e::{bin, run_ok, run_timeout, Cluster};
+use berth_e2e::raw::Raw;
+use berth_e2e::{bin, run_ok, run_timeout, wait_until, Cluster};
+use berth_shared::ids::JobSelector;
 use berth_shared::profile::Profile;
+use berth_shared::wire::{ErrorKind, Request, Response};
 
 #[test]
 fn foreign_certificates_are_refused() -> Result<()> {
@@ -93,5 +99,159 @@ fn a_worker_certificate_from_another_ca_is_refused() -> Result<()> {
     assert_ne!(out.status.code(), Some(0));
     let listed = c.berth_json(&["workers", "--json"])?;
     assert!(listed.as_array().is_some_and(|a| a.is_empty()), "{listed}");
+    Ok(())
+}
+
+/// Pools for `users_are_kept_apart`: a paid pool whose jobs wait for an approver.
+const APPROVAL_POOLS: &str = r#"
+[[pool]]
+name = "cloud"
+kind = "cloud"
+vcpu_usd_per_s = "0.01"
+approval_threshold_usd = "5"
+"#;
+
+fn code(out: &std::process::Output) -> Option<i32> {
+    out.status.code()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_string()
+}
+
+/// `berth ARGS` must succeed; its stdout.
+fn ok(out: std::process::Output) -> String {
+    assert!(out.status.success(), "exit {:?}: {}", out.status.code(), stderr(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn listed(c: &Cluster, profile: &Path, args: &[&str]) -> Result<Vec<String>> {
+    let mut all = vec!["list", "--json"];
+    all.extend_from_slice(args);
+    let v: serde_json::Value = serde_json::from_str(&ok(c.berth_as(profile, &all)))?;
+    Ok(v.as_array().map(|a| a.iter().filter_map(|j| j["id"].as_str().map(String::from)).collect()).unwrap_or_default())
+}
+
+/// The env of a job as the raw Status reply carries it to `profile`'s user.
+fn raw_env(profile: &Path, job: &str) -> Result<Vec<(String, String)>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let raw = Raw::connect(profile).await?;
+        let sel = JobSelector { prefix: job.to_string(), index: None };
+        match raw.request(&Request::Status { job: sel }).await?.as_slice() {
+            [Response::Status(st)] => Ok(st.spec.env.clone()),
+            other => Err(anyhow::anyhow!("status {job}: {other:?}")),
+        }
+    })
+}
+
+/// What the raw client gets for one request about a job: its error kind, if any.
+fn raw_error(profile: &Path, req: Request) -> Result<Option<ErrorKind>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let raw = Raw::connect(profile).await?;
+        let r = raw.request(&req).await?;
+        Ok(r.iter().find_map(|r| match r {
+            Response::Error(e) => Some(e.kind),
+            _ => None,
+        }))
+    })
+}
+
+/// The error a user gets about someone else's job, with its id written as `instead`:
+/// the same text as for a job that does not exist.
+fn as_if_missing(out: &std::process::Output, job: &str, instead: &str) -> String {
+    stderr(out).replace(job, instead)
+}
+
+#[test]
+fn users_are_kept_apart() -> Result<()> {
+    let pools = tempfile::tempdir()?;
+    let pools_file = pools.path().join("pools.toml");
+    std::fs::write(&pools_file, APPROVAL_POOLS)?;
+    let mut c = Cluster::start_with("30s", &["--pools", pools_file.to_str().expect("utf8")])?;
+    let alice = c.profile.clone();
+    let (bob, ann, root) = (c.path("bob.toml"), c.path("ann.toml"), c.path("root.toml"));
+    c.user("bob", "submitter", &bob)?;
+    c.user("ann", "approver", &ann)?;
+    c.user("root", "admin", &root)?;
+    c.add_worker("w1", 2)?;
+    ok(c.berth_as(&root, &["budget", "set", "--account", "alice", "--run", "100", "--month", "100"]));
+
+    // Alice: a running job with a secret in its env, and one waiting for approval.
+    let a = c.submit(&["--env", "API_TOKEN=alice-secret", "--", "sh", "-c", "echo alice-out; sleep 300"])?;
+    wait_until("alice's job to print", Duration::from_secs(30), || c.berth(&["logs", &a]).stdout == b"alice-out\n")?;
+    let big = ["--env", "PENDING_TOKEN=pending-secret", "--cpus", "1", "--max-runtime", "10m", "--attempts", "1", "--pool", "cloud", "--", "true"];
+    let p = c.submit(&big)?;
+    assert_eq!(c.status(&p)?["state"], "pending_approval");
+    // Bob's job is the newest of all.
+    let out = c.berth_as(&bob, &["submit", "--wait", "--", "true"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let b = listed(&c, &bob, &[])?.first().cloned().expect("bob lists his job");
+    let missing = "01900000-0000-7000-8000-000000000000";
+
+    // Bob sees his own job only; alice's answer as jobs that do not exist (exit 5).
+    assert_eq!(listed(&c, &bob, &[])?, vec![b.clone()]);
+    assert_eq!(listed(&c, &bob, &["--state", "running"])?, Vec::<String>::new());
+    for job in [&a, &p] {
+        for args in [vec!["status", job], vec!["logs", job], vec!["logs", "-f", job], vec!["cancel", job], vec!["freeze", job], vec!["resume", job]] {
+            let theirs = c.berth_as(&bob, &args);
+            let nobodys = c.berth_as(&bob, &args.iter().map(|s| if *s == job.as_str() { missing } else { s }).collect::<Vec<_>>());
+            assert_eq!(code(&theirs), Some(5), "bob {args:?}: {}", stderr(&theirs));
+            assert_eq!(as_if_missing(&theirs, job, missing), stderr(&nobodys), "bob {args:?} learns nothing a missing job would not say");
+        }
+        let out = c.berth_as(&bob, &["submit", "--after", job, "--", "true"]);
+        assert_eq!(code(&out), Some(5), "bob may not wait for alice's job: {}", stderr(&out));
+        assert!(!stderr(&out).contains("alice"), "{}", stderr(&out));
+        for req in [
+            Request::Watch { job: JobSelector { prefix: job.clone(), index: None }, tasks: false },
+            Request::Logs { job: JobSelector { prefix: job.clone(), index: None }, attempt: None, follow: false },
+            Request::Cancel { job: JobSelector { prefix: job.clone(), index: None }, reason: None },
+        ] {
+            assert_eq!(raw_error(&bob, req.clone())?, Some(ErrorKind::NotFound), "bob {req:?}");
+        }
+    }
+    // A prefix alice's and bob's ids share names bob's job alone for bob.
+    let shared_prefix: String = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).map(|(x, _)| x).collect();
+    assert!(!shared_prefix.is_empty(), "{a} and {b} share a first character (UUIDv7 time)");
+    let st: serde_json::Value = serde_json::from_str(&ok(c.berth_as(&bob, &["status", &shared_prefix, "--json"])))?;
+    assert_eq!(st["id"], b.as_str(), "{st}");
+    assert_eq!(c.status(&a)?["state"], "running", "bob's cancel changed nothing");
+
+    // Alice sees her own, with her env values; paging counts her jobs only.
+    assert_eq!(listed(&c, &alice, &[])?, vec![p.clone(), a.clone()]);
+    assert_eq!(listed(&c, &alice, &["--limit", "1"])?, vec![p.clone()]);
+    assert_eq!(raw_env(&alice, &a)?, vec![("API_TOKEN".to_string(), "alice-secret".to_string())]);
+    let out = c.berth(&["status", &b]);
+    assert_eq!(code(&out), Some(5), "{}", stderr(&out));
+
+    // Ann, an approver, also sees what waits for approval, with env values masked.
+    assert_eq!(listed(&c, &ann, &[])?, vec![p.clone()]);
+    let st: serde_json::Value = serde_json::from_str(&ok(c.berth_as(&ann, &["status", &p, "--json"])))?;
+    assert_eq!(st["state"], "pending_approval", "{st}");
+    let env = raw_env(&ann, &p)?;
+    assert_eq!(env.len(), 1, "{env:?}");
+    assert_eq!(env[0].0, "PENDING_TOKEN");
+    assert!(!env[0].1.contains("pending-secret"), "an approver does not see env values: {env:?}");
+    for args in [vec!["status", &a], vec!["logs", &a], vec!["cancel", &a], vec!["approve", &a, "--reason", "probe"]] {
+        let out = c.berth_as(&ann, &args);
+        assert_eq!(code(&out), Some(5), "ann {args:?}: {}", stderr(&out));
+    }
+
+    // Root, an admin, sees everything, env values masked, and may cancel.
+    assert_eq!(listed(&c, &root, &[])?, vec![b.clone(), p.clone(), a.clone()]);
+    let env = raw_env(&root, &a)?;
+    assert_eq!(env.len(), 1, "{env:?}");
+    assert_eq!(env[0].0, "API_TOKEN");
+    assert!(!env[0].1.contains("alice-secret"), "an admin does not see env values: {env:?}");
+    assert_eq!(ok(c.berth_as(&root, &["logs", &a])), "alice-out");
+    ok(c.berth_as(&root, &["cancel", &a]));
+    c.wait_state(&a, "cancelled", Duration::from_secs(30))?;
+
+    // Once decided, the job no longer waits for approval: ann no longer sees it.
+    ok(c.berth_as(&ann, &["reject", &p, "--reason", "too dear"]));
+    assert_eq!(c.status(&p)?["state"], "rejected");
+    assert_eq!(code(&c.berth_as(&ann, &["status", &p])), Some(5));
+    assert_eq!(listed(&c, &ann, &[])?, Vec::<String>::new());
     Ok(())
 }

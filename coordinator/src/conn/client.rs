@@ -1,5 +1,8 @@
 //! The client API: one request per bi stream, answered with one or more responses.
-//! Authorisation is by the role in the caller's certificate.
+//! Authorisation is by the name and role in the caller's certificate: a request that
+//! names a job sees only the jobs in the caller's `Scope` (its own; an approver also
+//! those waiting for approval; an admin all), and any other job answers exactly as one
+//! that does not exist. Env values go to a job's owner alone; anyone else sees the keys.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,7 +10,7 @@ use std::time::Duration;
 
 use berth_shared::codec::{read_frame, write_frame};
 use berth_shared::ids::JobSelector;
-use berth_shared::job::JobState;
+use berth_shared::job::{JobSpec, JobState};
 use berth_shared::tls::validate_name;
 use berth_shared::wire::{ApiError, ErrorKind, KillReason, OutStream, Request, Response, Role};
 use tokio::sync::broadcast::error::RecvError;
@@ -15,7 +18,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{api, close_for, mailbox, Shared};
 use crate::actors::reader::query;
 use crate::actors::{budget, job_store, log_store, registry};
-use crate::store::Notice;
+use crate::store::{Notice, Scope};
 
 pub async fn serve(conn: quinn::Connection, shared: Arc<Shared>, who: String, role: Role) {
     loop {
@@ -66,12 +69,38 @@ async fn request(conn: quinn::Connection, mut send: quinn::SendStream, mut recv:
     let _ = send.finish();
 }
 
+/// What a job's env values read as to anyone but its owner.
+pub const MASKED: &str = "********";
+
+/// The keys of the env stay; the values are the owner's alone.
+fn mask_env(spec: &mut JobSpec) {
+    for (_, v) in &mut spec.env {
+        *v = MASKED.into();
+    }
+}
+
+/// A job the caller may see, as a selector naming it by its full id (so the store's
+/// writer, which does not know the caller, finds that job alone); a job outside `scope`
+/// is not found, with the text a job that does not exist gets.
+pub(super) async fn visible(shared: &Shared, job: &JobSelector, scope: &Scope) -> Result<JobSelector, ApiError> {
+    let (sel, scope) = (job.clone(), scope.clone());
+    let (_, id) = query(&shared.actors.reader, move |r| r.resolve(&sel, &scope)).await.map_err(api)?;
+    Ok(JobSelector { prefix: id.to_string(), index: job.index })
+}
+
 async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who: &str, role: Role) -> Result<(), ApiError> {
     let a = &shared.actors;
+    let scope = Scope::of(who, role);
     let out: Response = match req {
-        Request::Submit { spec, idempotency_key } => {
+        Request::Submit { mut spec, idempotency_key } => {
             // The one validation of a submitted spec: the store and the budget trust it.
             spec.validate().map_err(|m| ApiError::new(ErrorKind::Invalid, m))?;
+            // A job may wait only for jobs its submitter may see.
+            for d in &mut spec.after {
+                let sel = JobSelector { prefix: d.job.clone(), index: None };
+                let parent = visible(shared, &sel, &scope).await.map_err(|e| ApiError::new(e.kind, format!("--after {}: {}", d.job, e.message)))?;
+                d.job = parent.prefix;
+            }
             let (spec, admission) = a.budget.send(budget::Admit { spec, owner: who.to_string() }).await.map_err(mailbox)??;
             let spec_for_warning = spec.clone();
             let s = a.job_store.send(job_store::Submit { spec, owner: who.to_string(), idempotency_key, admission }).await.map_err(mailbox)?.map_err(api)?;
@@ -79,7 +108,10 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
             Response::Submitted { job: s.job, tasks: s.tasks, duplicate: s.duplicate, warning }
         }
         Request::Status { job } => {
-            let mut st = query(&a.reader, move |r| r.status(&job)).await.map_err(api)?;
+            let mut st = query(&a.reader, move |r| r.status(&job, &scope)).await.map_err(api)?;
+            if st.summary.owner != who {
+                mask_env(&mut st.spec);
+            }
             if st.summary.state == JobState::Queued && st.summary.reason.is_none() {
                 st.summary.reason = a.registry.send(registry::Explain { spec: st.spec.clone() }).await.map_err(mailbox)?;
             }
@@ -87,19 +119,20 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
         }
         Request::List { state, limit } => {
             let limit = limit.clamp(1, 10_000);
-            let mut rows = query(&a.reader, move |r| r.list(state, limit)).await.map_err(api)?;
+            let mut rows = query(&a.reader, move |r| r.list(state, limit, &scope)).await.map_err(api)?;
             // Queued jobs that no connected worker could run say why (the first 50).
             for row in rows.iter_mut().filter(|r| r.state == JobState::Queued && r.reason.is_none()).take(50) {
                 let sel = JobSelector { prefix: row.id.to_string(), index: None };
-                let spec = query(&a.reader, move |r| r.status(&sel)).await.map_err(api)?.spec;
+                let spec = query(&a.reader, move |r| r.status(&sel, &Scope::All)).await.map_err(api)?.spec;
                 row.reason = a.registry.send(registry::Explain { spec }).await.map_err(mailbox)?;
             }
             Response::List(rows)
         }
         Request::Cancel { job, reason } => {
+            let job = visible(shared, &job, &scope).await?;
             let status = {
                 let sel = job.clone();
-                query(&a.reader, move |r| r.status(&sel)).await.map_err(api)?
+                query(&a.reader, move |r| r.status(&sel, &Scope::All)).await.map_err(api)?
             };
             if role != Role::Admin && status.summary.owner != who {
                 return Err(ApiError::new(
@@ -114,8 +147,8 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
             }
             Response::Cancelled { job: id, tasks: n }
         }
-        Request::Logs { job, attempt, follow } => return logs(shared, send, job, attempt, follow).await,
-        Request::Watch { job, tasks } => return watch(shared, send, job, tasks).await,
+        Request::Logs { job, attempt, follow } => return logs(shared, send, visible(shared, &job, &scope).await?, attempt, follow).await,
+        Request::Watch { job, tasks } => return watch(shared, send, visible(shared, &job, &scope).await?, tasks).await,
         Request::Workers => {
             let enrolled = query(&a.reader, |r| r.workers()).await.map_err(api)?;
             Response::Workers(a.registry.send(registry::List { enrolled }).await.map_err(mailbox)?)
@@ -130,6 +163,7 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
             if reason.trim().is_empty() {
                 return Err(ApiError::new(ErrorKind::Invalid, "give a --reason: the decision is recorded with it"));
             }
+            let job = visible(shared, &job, &scope).await?;
             let d = a.job_store.send(job_store::Decide { job, approve, by: who.to_string(), reason }).await.map_err(mailbox)?.map_err(api)?;
             tracing::info!(job = %d.job, by = who, state = %d.state, "approval decision");
             Response::Decided { job: d.job, state: d.state, tasks: d.tasks }
@@ -160,9 +194,9 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
             tracing::info!(worker = %name, "worker enrolled");
             Response::Enrolled { cert_pem }
         }
-        Request::Freeze { job, tag } => super::freeze::freeze(shared, who, role, job, tag).await?,
+        Request::Freeze { job, tag } => super::freeze::freeze(shared, who, role, visible(shared, &job, &scope).await?, tag).await?,
         Request::Resume { job, command, idempotency_key } => {
-            let spec = super::freeze::resume_spec(shared, who, role, job, command).await?;
+            let spec = super::freeze::resume_spec(shared, who, visible(shared, &job, &scope).await?, command).await?;
             return Box::pin(answer(Request::Submit { spec, idempotency_key }, send, shared, who, role)).await;
         }
         Request::Images => super::freeze::images(shared, who, role).await?,
@@ -175,13 +209,13 @@ async fn send_frame(send: &mut quinn::SendStream, r: &Response) -> Result<(), Ap
     write_frame(send, r).await.map_err(|e| ApiError::new(ErrorKind::Internal, format!("client went away: {e}")))
 }
 
-/// Streams progress until every task has ended.
+/// Streams progress until every task has ended (of a job `visible` to the caller).
 async fn watch(shared: &Shared, send: &mut quinn::SendStream, job: JobSelector, tasks: bool) -> Result<(), ApiError> {
     let a = &shared.actors;
     let mut rx = a.log_store.send(log_store::Follow).await.map_err(mailbox)?;
     let (seq, id) = {
         let sel = job.clone();
-        query(&a.reader, move |r| r.resolve(&sel)).await.map_err(api)?
+        query(&a.reader, move |r| r.resolve(&sel, &Scope::All)).await.map_err(api)?
     };
     let mut last_sent = tokio::time::Instant::now() - Duration::from_secs(1);
     let mut counts = query(&a.reader, move |r| r.summary(seq)).await.map_err(api)?.counts;
@@ -212,7 +246,8 @@ async fn watch(shared: &Shared, send: &mut quinn::SendStream, job: JobSelector, 
     }
 }
 
-/// Sends one attempt's output; with `follow`, keeps sending until the attempt ends.
+/// Sends one attempt's output (of a job `visible` to the caller); with `follow`, keeps
+/// sending until the attempt ends.
 async fn logs(shared: &Shared, send: &mut quinn::SendStream, job: JobSelector, attempt: Option<u32>, follow: bool) -> Result<(), ApiError> {
     let a = &shared.actors;
     let mut rx = a.log_store.send(log_store::Follow).await.map_err(mailbox)?;
@@ -220,8 +255,8 @@ async fn logs(shared: &Shared, send: &mut quinn::SendStream, job: JobSelector, a
     let (seq, id, first) = {
         let sel = job.clone();
         query(&a.reader, move |r| {
-            let (seq, id) = r.resolve(&sel)?;
-            let st = r.status(&sel)?;
+            let (seq, id) = r.resolve(&sel, &Scope::All)?;
+            let st = r.status(&sel, &Scope::All)?;
             let first = st.spec.array.map(|r| r.start);
             Ok((seq, id, first))
         })

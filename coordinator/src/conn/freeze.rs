@@ -17,7 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{api, mailbox, Shared};
 use crate::actors::reader::query;
 use crate::actors::{job_store, log_store, registry};
-use crate::store::Notice;
+use crate::store::{Notice, Scope};
 
 /// How long a client's `freeze` waits for the worker to stop and commit the container.
 const FREEZE_WAIT: Duration = Duration::from_secs(600);
@@ -36,7 +36,8 @@ pub fn labels_allowed(req: &Request) -> Result<(), ApiError> {
     }
 }
 
-/// `berth freeze`: reserve the image name, ask the worker, and wait for the task to end.
+/// `berth freeze` of a job visible to the caller (`client::visible`): reserve the image
+/// name, ask the worker, and wait for the task to end.
 pub async fn freeze(shared: &Shared, who: &str, role: Role, job: JobSelector, tag: Option<String>) -> Result<Response, ApiError> {
     let a = &shared.actors;
     if let Some(t) = &tag {
@@ -56,7 +57,7 @@ pub async fn freeze(shared: &Shared, who: &str, role: Role, job: JobSelector, ta
     loop {
         let st = {
             let sel = sel.clone();
-            query(&a.reader, move |r| r.status(&sel)).await.map_err(api)?
+            query(&a.reader, move |r| r.status(&sel, &Scope::All)).await.map_err(api)?
         };
         let task = st.task.as_ref().map(|t| (t.state, t.reason.clone()));
         match task {
@@ -96,15 +97,16 @@ pub async fn freeze(shared: &Shared, who: &str, role: Role, job: JobSelector, ta
     }
 }
 
-/// `berth resume`: the spec of a new job from a frozen task's image (checked; the caller
-/// submits it).
-pub async fn resume_spec(shared: &Shared, who: &str, role: Role, job: JobSelector, command: Option<Command>) -> Result<JobSpec, ApiError> {
+/// `berth resume` of a job visible to the caller (`client::visible`): the spec of a new
+/// job from a frozen task's image (checked; the caller submits it). Only the owner may:
+/// the new job carries the env values, which are the owner's alone.
+pub async fn resume_spec(shared: &Shared, who: &str, job: JobSelector, command: Option<Command>) -> Result<JobSpec, ApiError> {
     let a = &shared.actors;
     let (st, image) = {
         let sel = job.clone();
         query(&a.reader, move |r| {
-            let (seq, _) = r.resolve(&sel)?;
-            let st = r.status(&sel)?;
+            let (seq, _) = r.resolve(&sel, &Scope::All)?;
+            let st = r.status(&sel, &Scope::All)?;
             let image = match &st.task {
                 Some(t) => r.frozen_image(seq, t.index)?,
                 None => None,
@@ -115,8 +117,11 @@ pub async fn resume_spec(shared: &Shared, who: &str, role: Role, job: JobSelecto
         .map_err(api)?
     };
     let id = st.summary.id;
-    if role != Role::Admin && st.summary.owner != who {
-        return Err(ApiError::new(ErrorKind::Refused, format!("job {id} belongs to {}; only its owner or an admin may resume it", st.summary.owner)));
+    if st.summary.owner != who {
+        return Err(ApiError::new(
+            ErrorKind::Refused,
+            format!("job {id} belongs to {}; only its owner may resume it (the new job would carry its env values)", st.summary.owner),
+        ));
     }
     let Some(task) = &st.task else {
         return Err(invalid(format!("job {id} is an array: resume one frozen task, as {}:INDEX", id.short())));
@@ -153,10 +158,11 @@ pub async fn resume_spec(shared: &Shared, who: &str, role: Role, job: JobSelecto
     Ok(spec)
 }
 
-/// `berth images`: a submitter sees its own; approvers and admins see all.
+/// `berth images`: a submitter or approver sees its own (an image is a job's, and never
+/// waits for approval); an admin sees all.
 pub async fn images(shared: &Shared, who: &str, role: Role) -> Result<Response, ApiError> {
     let owner = match role {
-        Role::Admin | Role::Approver => None,
+        Role::Admin => None,
         _ => Some(who.to_string()),
     };
     let list = query(&shared.actors.reader, move |r| r.images(owner.as_deref())).await.map_err(api)?;
@@ -172,12 +178,10 @@ pub async fn remove_image(shared: &Shared, who: &str, role: Role, image: String)
         let name = image.clone();
         query(&a.reader, move |r| r.image(&name)).await.map_err(api)?
     };
-    let Some(found) = found else {
+    // Someone else's image is, to a non-admin, no image at all.
+    let Some(found) = found.filter(|f| role == Role::Admin || f.owner == who) else {
         return Err(ApiError::new(ErrorKind::NotFound, format!("no frozen image named {image}: `berth images` lists them")));
     };
-    if role != Role::Admin && found.owner != who {
-        return Err(ApiError::new(ErrorKind::Refused, format!("image {image} belongs to {}; only its owner or an admin may remove it", found.owner)));
-    }
     let answer = a.registry.send(registry::RemoveImage { worker: found.worker.clone(), image: image.clone() }).await.map_err(mailbox)?;
     let answer = answer.map_err(|e| ApiError::new(ErrorKind::Internal, e))?;
     match tokio::time::timeout(REMOVE_WAIT, answer).await {

@@ -343,11 +343,49 @@ pub enum Notice {
     Output { job: JobId, index: Option<u32>, attempt: u32, stream: OutStream, seq: u64, data: Arc<Vec<u8>> },
 }
 
-/// Read queries, answered from a read connection.
+/// The jobs a caller may see, and so name: its own; an approver also every job waiting
+/// for approval; an admin every job. A job outside the scope answers exactly as a job
+/// that does not exist (the same error, the same text), so ids cannot be probed, and a
+/// prefix resolves among the jobs in scope only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every job (admins, and the coordinator's own reads).
+    All,
+    /// The jobs this user submitted (submitters).
+    Own(String),
+    /// The jobs this user submitted and every job waiting for approval (approvers).
+    OwnAndPending(String),
+}
+
+impl Scope {
+    /// The scope of a caller with this certificate.
+    pub fn of(who: &str, role: berth_shared::wire::Role) -> Scope {
+        use berth_shared::wire::Role;
+        match role {
+            Role::Admin => Scope::All,
+            Role::Approver => Scope::OwnAndPending(who.to_string()),
+            _ => Scope::Own(who.to_string()),
+        }
+    }
+
+    /// A condition on `jobs` (its columns unqualified) whose one parameter, if any, is
+    /// `?n`; and that parameter.
+    pub fn sql(&self, n: usize) -> (String, Vec<sql::Val>) {
+        match self {
+            Scope::All => ("1 = 1".into(), Vec::new()),
+            Scope::Own(who) => (format!("owner = ?{n}"), vec![who.as_str().into()]),
+            Scope::OwnAndPending(who) => (format!("(owner = ?{n} OR state = 'pending_approval')"), vec![who.as_str().into()]),
+        }
+    }
+}
+
+/// Read queries, answered from a read connection. Those that name jobs take the
+/// caller's `Scope`.
 pub trait Reader {
-    fn resolve(&mut self, sel: &JobSelector) -> Result<(i64, JobId), StoreError>;
-    fn status(&mut self, sel: &JobSelector) -> Result<JobStatus, StoreError>;
-    fn list(&mut self, state: Option<JobState>, limit: u32) -> Result<Vec<JobSummary>, StoreError>;
+    fn resolve(&mut self, sel: &JobSelector, scope: &Scope) -> Result<(i64, JobId), StoreError>;
+    fn status(&mut self, sel: &JobSelector, scope: &Scope) -> Result<JobStatus, StoreError>;
+    /// The newest `limit` jobs in `scope` (and in `state`, if given).
+    fn list(&mut self, state: Option<JobState>, limit: u32, scope: &Scope) -> Result<Vec<JobSummary>, StoreError>;
     fn summary(&mut self, job_seq: i64) -> Result<JobSummary, StoreError>;
     /// Output of one attempt after the given per-stream sequence numbers, in arrival order.
     fn logs(&mut self, job_seq: i64, index: Option<u32>, attempt: Option<u32>, after: (u64, u64)) -> Result<LogRead, StoreError>;

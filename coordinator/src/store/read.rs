@@ -6,9 +6,9 @@ use berth_shared::job::{Event, JobSpec, JobState};
 use berth_shared::wire::{ApiError, ErrorKind, FrozenImage, JobStatus, JobSummary, TaskStatus};
 use rust_decimal::Decimal;
 
-use super::engine::{counts_from, decimal, from_ms, invalid, job_id, resolve, state_of, stream_of};
-use super::sql::{p, Db, Row};
-use super::{BudgetRow, LogRead, Reader, StoreError};
+use super::engine::{counts_from, decimal, from_ms, invalid, job_id, resolve_in, state_of, stream_of};
+use super::sql::{p, Db, Row, Val};
+use super::{BudgetRow, LogRead, Reader, Scope, StoreError};
 
 /// A read-only view of the store for queries, on its own connection.
 pub struct ReadView<D: Db> {
@@ -131,8 +131,8 @@ impl<D: Db> ReadView<D> {
 }
 
 impl<D: Db> Reader for ReadView<D> {
-    fn resolve(&mut self, sel: &JobSelector) -> Result<(i64, JobId), StoreError> {
-        resolve(&mut self.db, sel)
+    fn resolve(&mut self, sel: &JobSelector, scope: &Scope) -> Result<(i64, JobId), StoreError> {
+        resolve_in(&mut self.db, sel, scope)
     }
 
     fn summary(&mut self, job_seq: i64) -> Result<JobSummary, StoreError> {
@@ -140,8 +140,8 @@ impl<D: Db> Reader for ReadView<D> {
         Ok(summary_row(&self.db.query_one(&sql, p![job_seq])?)?.1)
     }
 
-    fn status(&mut self, sel: &JobSelector) -> Result<JobStatus, StoreError> {
-        let (job_seq, job) = self.resolve(sel)?;
+    fn status(&mut self, sel: &JobSelector, scope: &Scope) -> Result<JobStatus, StoreError> {
+        let (job_seq, job) = self.resolve(sel, scope)?;
         let summary = self.summary(job_seq)?;
         let spec = self.spec(job_seq)?;
         let is_array = spec.array.is_some();
@@ -196,11 +196,19 @@ impl<D: Db> Reader for ReadView<D> {
         Ok(JobStatus { summary, spec, task, events })
     }
 
-    fn list(&mut self, state: Option<JobState>, limit: u32) -> Result<Vec<JobSummary>, StoreError> {
-        let rows = match state {
-            Some(s) => self.db.query(&format!("SELECT {SUMMARY_COLS} FROM jobs WHERE state = ?1 ORDER BY seq DESC LIMIT ?2"), p![s.as_str(), limit])?,
-            None => self.db.query(&format!("SELECT {SUMMARY_COLS} FROM jobs ORDER BY seq DESC LIMIT ?1"), p![limit])?,
+    fn list(&mut self, state: Option<JobState>, limit: u32, scope: &Scope) -> Result<Vec<JobSummary>, StoreError> {
+        // Filtered here, before the limit, so a page holds `limit` jobs the caller may see.
+        let mut params: Vec<Val> = vec![limit.into()];
+        let state_is = match state {
+            Some(s) => {
+                params.push(s.as_str().into());
+                "state = ?2"
+            }
+            None => "1 = 1",
         };
+        let (visible, by) = scope.sql(params.len() + 1);
+        params.extend(by);
+        let rows = self.db.query(&format!("SELECT {SUMMARY_COLS} FROM jobs WHERE {state_is} AND {visible} ORDER BY seq DESC LIMIT ?1"), &params)?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let (seq, mut summary) = summary_row(r)?;

@@ -48,6 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs(
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+-- `berth list` of a submitter: its own jobs, newest first.
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
 CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs(account, priority DESC, seq) WHERE next_idx <= idx_end AND held = 0 AND blocked = 0;
 CREATE INDEX IF NOT EXISTS jobs_running ON jobs(account) WHERE n_running > 0;
 CREATE TABLE IF NOT EXISTS tasks(

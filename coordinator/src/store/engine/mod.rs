@@ -570,8 +570,16 @@ fn fail_op(op: &mut Op) {
 }
 
 pub(super) fn resolve(db: &mut dyn Db, sel: &JobSelector) -> Result<(i64, JobId), StoreError> {
+    resolve_in(db, sel, &super::Scope::All)
+}
+
+/// `resolve` among the jobs in `scope`: one outside it is not found, with the same text.
+pub(super) fn resolve_in(db: &mut dyn Db, sel: &JobSelector, scope: &super::Scope) -> Result<(i64, JobId), StoreError> {
     let hi = format!("{}~", sel.prefix);
-    let rows = db.query("SELECT seq, id FROM jobs WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT 6", p![sel.prefix.as_str(), hi])?;
+    let (visible, by) = scope.sql(3);
+    let mut params: Vec<Val> = vec![sel.prefix.as_str().into(), hi.into()];
+    params.extend(by);
+    let rows = db.query(&format!("SELECT seq, id FROM jobs WHERE id >= ?1 AND id < ?2 AND {visible} ORDER BY id LIMIT 6"), &params)?;
     match rows.as_slice() {
         [] => Err(not_found(sel)),
         [r] => Ok((r.i64(0)?, job_id(&r.str(1)?)?)),
