@@ -46,6 +46,8 @@ fn fail(e: impl std::fmt::Display) -> Fail {
 }
 
 pub fn run(args: DevArgs) -> Result<u8, Fail> {
+    // The dev cluster's data dir holds keys and env values, as a coordinator's does.
+    berth_coordinator::datadir::private_umask();
     let dir = args.data_dir.clone().unwrap_or_else(default_dir);
     let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     if slots == 0 || slots > 4096 {

@@ -1,6 +1,12 @@
 //! The coordinator's data directory: CA, server certificate, database, and the
 //! address file the last `run` wrote.
+//!
+//! Everything in it is the coordinator's user's alone: the directory 0700, its files
+//! 0600 (keys, and env values in the database). The binaries make files under umask
+//! 077 (`private_umask`), and a start tightens what an older version left looser
+//! (`tighten`).
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use berth_shared::profile::write_private;
@@ -34,6 +40,33 @@ pub struct DataDir {
     pub root: PathBuf,
 }
 
+/// Makes every file and directory this process creates from now on private to its
+/// user (umask 077). The binaries call it first thing.
+pub fn private_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
+/// A mode `tighten` changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tightened {
+    pub path: PathBuf,
+    pub from: u32,
+    pub to: u32,
+}
+
+/// Takes group and other permissions off `path` (not following a symlink).
+fn tighten_one(path: &Path, out: &mut Vec<Tightened>) -> Result<std::fs::Metadata, DataDirError> {
+    let meta = std::fs::symlink_metadata(path).map_err(|source| DataDirError::Read { path: path.to_path_buf(), source })?;
+    let from = meta.permissions().mode() & 0o7777;
+    if meta.file_type().is_symlink() || from & 0o077 == 0 {
+        return Ok(meta);
+    }
+    let to = from & 0o700;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(to)).map_err(|source| DataDirError::Write { path: path.to_path_buf(), source })?;
+    out.push(Tightened { path: path.to_path_buf(), from, to });
+    Ok(meta)
+}
+
 impl DataDir {
     pub fn new(root: &Path) -> Self {
         DataDir { root: root.to_path_buf() }
@@ -57,6 +90,39 @@ impl DataDir {
         self.root.join("coordinator.addr")
     }
 
+    /// Takes group and other permissions off the data dir, every file in it, and the
+    /// output segment directory and its files (an older version made them 0755 and
+    /// 0644); each change is logged and returned. Other directories in it (`berth dev`
+    /// keeps its worker's work dir there) are the business of whoever made them.
+    pub fn tighten(&self) -> Result<Vec<Tightened>, DataDirError> {
+        let mut out = Vec::new();
+        tighten_one(&self.root, &mut out)?;
+        let segments = crate::store::segments::dir_for(&self.database());
+        let mut dirs = vec![self.root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let entries = std::fs::read_dir(&dir).map_err(|source| DataDirError::Read { path: dir.clone(), source })?;
+            for e in entries {
+                let path = e.map_err(|source| DataDirError::Read { path: dir.clone(), source })?.path();
+                let meta = match std::fs::symlink_metadata(&path) {
+                    Ok(m) => m,
+                    // Gone in between (a `-shm` file the store removed): nothing to tighten.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(source) => return Err(DataDirError::Read { path, source }),
+                };
+                if meta.is_file() || (meta.is_dir() && path == segments) {
+                    tighten_one(&path, &mut out)?;
+                }
+                if meta.is_dir() && path == segments {
+                    dirs.push(path);
+                }
+            }
+        }
+        for t in &out {
+            tracing::warn!(path = %t.path.display(), from = format!("{:o}", t.from), to = format!("{:o}", t.to), "tightened permissions in the data dir");
+        }
+        Ok(out)
+    }
+
     pub fn is_initialised(&self) -> bool {
         self.ca_cert().exists() && self.ca_key().exists()
     }
@@ -67,20 +133,20 @@ impl DataDir {
         if self.is_initialised() {
             return Ok(false);
         }
-        std::fs::create_dir_all(&self.root).map_err(|source| DataDirError::Write { path: self.root.clone(), source })?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.root).map_err(|source| DataDirError::Write { path: self.root.clone(), source })?;
         let tls = |source| DataDirError::Tls { path: self.root.clone(), source };
         let ca = Ca::generate(names.first().map(String::as_str).unwrap_or("coordinator")).map_err(tls)?;
         let server = ca.issue_server(names).map_err(tls)?;
-        self.write(&self.ca_key(), ca.key_pem().as_bytes(), true)?;
-        self.write(&self.server_key(), server.key_pem.as_bytes(), true)?;
-        self.write(&self.server_cert(), server.cert_pem.as_bytes(), false)?;
-        self.write(&self.ca_cert(), ca.cert_pem().as_bytes(), false)?;
+        self.write(&self.ca_key(), ca.key_pem().as_bytes())?;
+        self.write(&self.server_key(), server.key_pem.as_bytes())?;
+        self.write(&self.server_cert(), server.cert_pem.as_bytes())?;
+        self.write(&self.ca_cert(), ca.cert_pem().as_bytes())?;
         Ok(true)
     }
 
-    fn write(&self, path: &Path, bytes: &[u8], private: bool) -> Result<(), DataDirError> {
-        let r = if private { write_private(path, bytes) } else { std::fs::write(path, bytes) };
-        r.map_err(|source| DataDirError::Write { path: path.to_path_buf(), source })
+    /// Writes a file of the data dir (0600, as everything there).
+    pub fn write(&self, path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
+        write_private(path, bytes).map_err(|source| DataDirError::Write { path: path.to_path_buf(), source })
     }
 
     fn read(&self, path: &Path) -> Result<String, DataDirError> {

@@ -77,6 +77,8 @@ impl Coordinator {
         let pools = Arc::new(pools);
         let store = location.writer(pools.clone())?;
         let readers: Vec<_> = (0..2).map(|_| location.reader()).collect::<Result<_, _>>()?;
+        // The store's files exist now: none may be readable by anyone else.
+        dir.tighten()?;
         let readers = std::sync::Mutex::new(readers);
         let for_readers = location.clone();
         let reader = SyncArbiter::start(2, move || {
@@ -107,7 +109,7 @@ impl Coordinator {
         let endpoint = server::bind(cfg.listen, &ca_pem, &server_cert).map_err(|source| CoordError::Bind { addr: cfg.listen, source })?;
         let addr = endpoint.local_addr().map_err(|source| CoordError::Bind { addr: cfg.listen, source })?;
         let shared = Arc::new(conn::Shared::new(actors, cfg.lease_ttl, cfg.name.clone(), ca));
-        let _ = std::fs::write(dir.addr_file(), format!("{addr}\n"));
+        let _ = dir.write(&dir.addr_file(), format!("{addr}\n").as_bytes());
         Ok(Coordinator { endpoint, shared, addr })
     }
 
@@ -137,6 +139,7 @@ pub fn init(data_dir: &Path, names: &[String]) -> Result<bool, CoordError> {
     let made = dir.init(names)?;
     // Create the database too, so `token create` works before the first `run`.
     Location::Sqlite(dir.database()).connect()?;
+    dir.tighten()?;
     Ok(made)
 }
 

@@ -97,6 +97,8 @@ enum UserCmd {
 }
 
 fn main() -> ExitCode {
+    // The data dir holds keys and env values: nothing made here is anyone else's to read.
+    berth_coordinator::datadir::private_umask();
     let cli = Cli::parse();
     berth_shared::logs::init("info");
     berth_shared::logs::exit(real_main(cli))

@@ -1,6 +1,7 @@
-//! Certificates, join tokens, a worker coming back with its work dir, and users kept
-//! apart: each sees its own jobs (an approver also what waits for approval, an admin
-//! all), and nobody but a job's owner sees its env values.
+//! Certificates, join tokens, a worker coming back with its work dir; users kept apart
+//! (each sees its own jobs, an approver also what waits for approval, an admin all, and
+//! nobody but a job's owner sees its env values); and files on the head node and the
+//! workers that nobody else can read.
 
 use std::path::Path;
 use std::process::Command;
@@ -253,5 +254,94 @@ fn users_are_kept_apart() -> Result<()> {
     assert_eq!(c.status(&p)?["state"], "rejected");
     assert_eq!(code(&c.berth_as(&ann, &["status", &p])), Some(5));
     assert_eq!(listed(&c, &ann, &[])?, Vec::<String>::new());
+    Ok(())
+}
+
+/// What under `root` (itself included) others could read, write or enter: a file with
+/// any group or other permission, a directory with any, except those in `traversable`
+/// (a worker's work dir and `slots/`, which job users must pass through: 0711 at most).
+fn loose(root: &Path, traversable: &[std::path::PathBuf]) -> Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&p)?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let allowed = if meta.is_dir() && traversable.contains(&p) { 0o011 } else { 0 };
+        if mode & 0o077 & !allowed != 0 {
+            out.push(format!("{} is {mode:o}", p.display()));
+        }
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                todo.push(e?.path());
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn the_head_nodes_and_workers_files_are_private() -> Result<()> {
+    let mut c = Cluster::start()?;
+    c.add_worker("w1", 2)?;
+    // Output large enough to go to segment files, and a job still running (its spool
+    // and workspace exist) with a secret in its env.
+    let big = "head -c 1048576 /dev/zero | tr '\\0' a; echo";
+    let out = c.berth(&["submit", "--wait", "--env", "API_TOKEN=s3cret", "--", "sh", "-c", big]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = c.submit(&["--env", "API_TOKEN=s3cret", "--", "sh", "-c", "echo up > out.txt; echo up; sleep 300"])?;
+    wait_until("the job to print", Duration::from_secs(30), || c.berth(&["logs", &id]).stdout == b"up\n")?;
+
+    let segments = c.data.join("berth-output");
+    assert!(std::fs::read_dir(&segments)?.flatten().any(|e| e.path().extension().is_some_and(|x| x == "seg")), "segment files exist");
+    for f in ["berth.db", "berth.db-wal", "berth-output.db", "ca.key", "ca.pem", "server.key", "server.pem", "coordinator.addr"] {
+        assert!(c.data.join(f).exists(), "{f} is there to be checked");
+    }
+    assert_eq!(loose(&c.data, &[])?, Vec::<String>::new(), "the coordinator's data dir is its user's alone");
+    let work = c.path("w-w1");
+    assert!(work.join("slots").is_dir());
+    assert_eq!(loose(&work, &[work.clone(), work.join("slots")])?, Vec::<String>::new(), "the worker's work dir is its user's alone");
+    Ok(())
+}
+
+#[test]
+fn a_data_dir_from_an_older_version_is_tightened() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::start()?;
+    c.add_worker("w1", 1)?;
+    let out = c.berth(&["submit", "--wait", "--env", "API_TOKEN=s3cret", "--", "sh", "-c", "head -c 100000 /dev/zero | tr '\\0' a"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = c.berth_json(&["list", "--json"])?[0]["id"].as_str().map(String::from).expect("the job is listed");
+    if let Some(mut coord) = c.coord.take() {
+        coord.stop(Duration::from_secs(10));
+    }
+    // What an older version left: a world-readable directory and files.
+    let segments = c.data.join("berth-output");
+    let mut loosened = 0;
+    for dir in [&c.data, &segments] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        for e in std::fs::read_dir(dir)? {
+            let p = e?.path();
+            if p.is_file() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))?;
+                loosened += 1;
+            }
+        }
+    }
+    assert!(loosened >= 5, "{loosened} files loosened");
+    assert_ne!(loose(&c.data, &[])?, Vec::<String>::new());
+
+    c.restart_coordinator()?;
+    assert_eq!(loose(&c.data, &[])?, Vec::<String>::new(), "a start tightens the data dir");
+    let log = c.logs_of("coordinator");
+    let said: Vec<&str> = log.lines().filter(|l| l.contains("tightened permissions")).collect();
+    assert!(said.iter().any(|l| l.contains("berth.db") && l.contains("644") && l.contains("600")), "each change is logged: {said:?}");
+    assert!(said.iter().any(|l| l.contains("755") && l.contains("700")), "{said:?}");
+    // And the data is all there.
+    assert_eq!(c.status(&id)?["state"], "succeeded");
+    assert_eq!(c.berth(&["logs", &id]).stdout.len(), 100_000);
     Ok(())
 }

@@ -95,6 +95,11 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
+    // What the worker makes (certificate, key, spool, workspaces) is its user's alone.
+    // The work dir and its `slots/` are then 0700; the code that runs jobs as other
+    // users opens those two to 0711 (traverse, not list) for them: keep that there and
+    // everything else private.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     berth_shared::logs::init("info");
     berth_shared::logs::exit(real_main(cli))

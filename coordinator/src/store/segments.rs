@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Chunks at least this large go to a segment; smaller ones stay in the row.
@@ -49,7 +49,8 @@ impl Segments {
     /// Opens the directory (made if missing) and begins a new segment after the highest
     /// one there.
     pub fn open(dir: &Path) -> std::io::Result<Segments> {
-        std::fs::create_dir_all(dir)?;
+        // The coordinator's alone, as everything in its data dir (see `datadir`).
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
         let mut highest = 0u64;
         for e in std::fs::read_dir(dir)? {
             let name = e?.file_name();
@@ -64,7 +65,7 @@ impl Segments {
     }
 
     fn create(dir: &Path, id: u64) -> std::io::Result<File> {
-        let f = std::fs::OpenOptions::new().create_new(true).append(true).open(dir.join(file_name(id)))?;
+        let f = std::fs::OpenOptions::new().create_new(true).append(true).mode(0o600).open(dir.join(file_name(id)))?;
         // The new name must survive a crash as well as the bytes.
         File::open(dir)?.sync_all()?;
         Ok(f)
