@@ -63,15 +63,27 @@ fn rootfs_tar() -> Result<&'static Path> {
     TAR.get_or_init(|| make_rootfs_tar().map_err(|e| format!("{e:#}"))).as_deref().map_err(|e| anyhow::anyhow!("cannot make the test image's root: {e}"))
 }
 
-fn make_rootfs_tar() -> Result<PathBuf> {
-    // The package is kept between runs under the target dir (target/tmp, next to
-    // target/<profile>/deps/<this test binary>).
+/// Debian's `busybox-static` package, downloaded once into the target dir
+/// (`target/tmp/busybox-static`) and kept there between runs.
+pub fn busybox_deb() -> Result<&'static Path> {
+    static DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DEB.get_or_init(|| download_busybox_deb().map_err(|e| format!("{e:#}"))).as_deref().map_err(|e| anyhow::anyhow!("cannot get busybox-static: {e}"))
+}
+
+/// The cache directory for the package and the test roots.
+fn busybox_cache() -> Result<PathBuf> {
+    // target/tmp, next to target/<profile>/deps/<this test binary>.
     let exe = std::env::current_exe()?;
     let target = exe.ancestors().nth(3).context("no target dir above the test binary")?;
     let cache = target.join("tmp").join("busybox-static");
     std::fs::create_dir_all(&cache)?;
+    Ok(cache)
+}
+
+fn download_busybox_deb() -> Result<PathBuf> {
+    let cache = busybox_cache()?;
     let has_deb = |d: &Path| -> Option<PathBuf> { std::fs::read_dir(d).ok()?.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "deb")) };
-    let deb = match has_deb(&cache) {
+    Ok(match has_deb(&cache) {
         Some(d) => d,
         None => {
             // Into a directory of this process's, then renamed into place: test processes
@@ -101,7 +113,12 @@ fn make_rootfs_tar() -> Result<PathBuf> {
             let _ = std::fs::remove_dir_all(&dl);
             deb
         }
-    };
+    })
+}
+
+fn make_rootfs_tar() -> Result<PathBuf> {
+    let cache = busybox_cache()?;
+    let deb = busybox_deb()?;
     // Roots of earlier test processes that are gone.
     for e in std::fs::read_dir(&cache)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -118,7 +135,7 @@ fn make_rootfs_tar() -> Result<PathBuf> {
     let root = work.join("root");
     std::fs::create_dir_all(&unpacked)?;
     let mut x = Command::new("dpkg-deb");
-    x.arg("-x").arg(&deb).arg(&unpacked);
+    x.arg("-x").arg(deb).arg(&unpacked);
     let out = run_timeout(x, Duration::from_secs(60))?;
     if !out.status.success() {
         bail!("dpkg-deb -x {} failed: {}", deb.display(), String::from_utf8_lossy(&out.stderr).trim());
