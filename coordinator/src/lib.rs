@@ -98,10 +98,11 @@ impl Coordinator {
             Location::Sqlite(_) => Leadership::always(),
         };
         tracing::info!(store = %location.describe(), "job store open");
+        let registry = WorkerRegistry::default().start();
         let actors = Actors {
-            lease_recovery: LeaseRecovery::new(job_store.clone(), every, leadership).start(),
+            lease_recovery: LeaseRecovery::new(job_store.clone(), registry.clone().recipient(), every, leadership).start(),
             log_store: LogStore::new(store.clone()).start(),
-            registry: WorkerRegistry::default().start(),
+            registry,
             budget: Budget::new(pools, cfg.pools.clone(), job_store.clone()).start(),
             reader,
             job_store,

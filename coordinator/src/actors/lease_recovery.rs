@@ -1,15 +1,20 @@
 //! LeaseRecovery: re-queues (or fails, out of attempts) tasks whose lease was not
-//! renewed in time. Runs on an interval and on an explicit `RecoverNow`; idempotent.
+//! renewed in time, and tells the registry their workers no longer hold them. Runs on
+//! an interval and on an explicit `RecoverNow`; idempotent.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix::prelude::*;
 
 use super::job_store::{ExpireLeases, JobStore, RestartLeases};
+use super::registry::Leases;
 use crate::store::cluster::Leadership;
 
 pub struct LeaseRecovery {
     job_store: Addr<JobStore>,
+    /// The registry, which lists what each worker holds.
+    registry: Recipient<Leases>,
     every: Duration,
     leadership: Leadership,
     /// Whether this coordinator ran recovery last time it looked.
@@ -19,9 +24,9 @@ pub struct LeaseRecovery {
 impl LeaseRecovery {
     /// `leadership` says whether this coordinator is the one that runs recovery (with
     /// SQLite always; with PostgreSQL, the holder of the advisory lock).
-    pub fn new(job_store: Addr<JobStore>, every: Duration, leadership: Leadership) -> Self {
+    pub fn new(job_store: Addr<JobStore>, registry: Recipient<Leases>, every: Duration, leadership: Leadership) -> Self {
         // A coordinator that starts has just given every lease a full TTL.
-        LeaseRecovery { job_store, every, leading: true, leadership }
+        LeaseRecovery { job_store, registry, every, leading: true, leadership }
     }
 }
 
@@ -41,6 +46,7 @@ impl Handler<RecoverNow> for LeaseRecovery {
     type Result = ResponseFuture<usize>;
     fn handle(&mut self, _: RecoverNow, _: &mut Self::Context) -> Self::Result {
         let store = self.job_store.clone();
+        let registry = self.registry.clone();
         let leader = self.leadership.is_leader();
         let took_over = leader && !self.leading;
         self.leading = leader;
@@ -59,9 +65,15 @@ impl Handler<RecoverNow> for LeaseRecovery {
             }
             match store.send(ExpireLeases {}).await {
                 Ok(Ok(expired)) => {
+                    let mut by_worker: BTreeMap<&str, Vec<_>> = BTreeMap::new();
                     for e in &expired {
                         let task = berth_shared::ids::TaskRef { job: e.job, index: e.index };
                         tracing::warn!(task = %task, lease = %e.lease, worker = %e.worker, requeued = e.requeued, "lease expired");
+                        by_worker.entry(e.worker.as_str()).or_default().push(e.lease);
+                    }
+                    // The store no longer counts them as the worker's: neither may `berth workers`.
+                    for (worker, removed) in by_worker {
+                        registry.do_send(Leases { name: worker.to_string(), added: Vec::new(), removed, heartbeat: false });
                     }
                     expired.len()
                 }

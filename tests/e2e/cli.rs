@@ -1,0 +1,48 @@
+//! Small things a user meets at the command line and in its listings, each test
+//! one of them, through the real binaries.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use berth_e2e::{group_members, wait_until, Cluster};
+use serde_json::Value;
+
+fn worker_row(c: &Cluster, name: &str) -> Option<Value> {
+    c.berth_json(&["workers", "--json"]).ok()?.as_array()?.iter().find(|w| w["name"] == name).cloned()
+}
+
+#[test]
+fn a_dead_workers_recovered_leases_are_not_listed() -> Result<()> {
+    let mut c = Cluster::start_with_ttl("2s")?;
+    c.add_worker("w1", 1)?;
+    let pidfile = c.path("job.pid");
+    let id = c.submit(&["--max-runtime", "5m", "--", "sh", "-c", &format!("echo $$ > {}; exec sleep 60", pidfile.display())])?;
+    c.wait_state(&id, "running", Duration::from_secs(30))?;
+    wait_until("w1 to list the job's lease", Duration::from_secs(10), || worker_row(&c, "w1").is_some_and(|w| w["running"] == 1))?;
+    let mut pgid = None;
+    wait_until("the job to write its pid", Duration::from_secs(10), || {
+        pgid = std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse::<i32>().ok());
+        pgid.is_some()
+    })?;
+    c.worker("w1").context("w1")?.kill9();
+    let result = (|| {
+        // Lease recovery sends the task back to the queue (no other worker takes it).
+        wait_until("the task to be re-queued", Duration::from_secs(20), || c.status(&id).is_ok_and(|st| st["state"] == "queued" && st["attempts"] == 2))?;
+        let mut last = None;
+        wait_until("w1 to be listed down, holding nothing", Duration::from_secs(20), || {
+            last = worker_row(&c, "w1");
+            last.as_ref().is_some_and(|w| w["connected"] == false && w["running"] == 0 && w["leases"].as_array().is_some_and(Vec::is_empty))
+        })
+        .with_context(|| format!("last listing of w1: {last:?}"))?;
+        let out = c.berth(&["workers"]);
+        let table = String::from_utf8(out.stdout)?;
+        let row = table.lines().find(|l| l.starts_with("w1")).context("w1 in the table")?.to_string();
+        assert!(row.contains("down") && row.contains("0/1"), "{table}");
+        anyhow::Ok(())
+    })();
+    // kill -9 left the job's process group running: end it (it is this test's).
+    if let Some(pg) = pgid.filter(|pg| !group_members(*pg).is_empty()) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pg), nix::sys::signal::Signal::SIGKILL);
+    }
+    result
+}
