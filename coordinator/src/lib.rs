@@ -146,6 +146,7 @@ pub fn init(data_dir: &Path, names: &[String]) -> Result<bool, CoordError> {
 
 /// `berth-coordinator token create`.
 pub fn token_create(data_dir: &Path, store: Option<&str>, role: &str, ttl: Duration) -> Result<String, CoordError> {
+    check_token_ttl(ttl).map_err(CoordError::Usage)?;
     if role != "worker" {
         return Err(CoordError::Usage(format!("join tokens are for role worker, not `{role}`; users get a profile from `user add`")));
     }
@@ -154,6 +155,21 @@ pub fn token_create(data_dir: &Path, store: Option<&str>, role: &str, ttl: Durat
     let location = Location::parse(store, &dir.database()).map_err(CoordError::Usage)?;
     let mut db = location.connect()?;
     Ok(create_token(db.as_mut(), role, ttl, Utc::now())?)
+}
+
+/// The longest a join token may live.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A join token lives for more than zero time (one that is born expired enrols no one)
+/// and at most `MAX_TOKEN_TTL`.
+pub fn check_token_ttl(ttl: Duration) -> Result<(), String> {
+    if ttl.is_zero() {
+        return Err("a join token's --ttl must be more than zero, e.g. 1h".into());
+    }
+    if ttl > MAX_TOKEN_TTL {
+        return Err("a join token's --ttl may be at most 365d: make a new token when it runs out".into());
+    }
+    Ok(())
 }
 
 /// `berth-coordinator user add`: issues a certificate and writes a client profile.

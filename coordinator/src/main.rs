@@ -20,6 +20,7 @@ struct Cli {
 enum Cmd {
     /// Make the CA and the server certificate in a new data directory.
     Init {
+        /// The new data directory (CA, keys, database).
         #[arg(long)]
         data_dir: PathBuf,
         /// A host name or address clients use to reach this coordinator (repeatable).
@@ -38,6 +39,7 @@ enum Cmd {
     },
     /// Serve clients and workers.
     Run {
+        /// The data directory made by `init`.
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Address to listen on (port 0 picks a free port).
@@ -64,11 +66,14 @@ enum Cmd {
 enum TokenCmd {
     /// Print a one-time join token alone on stdout.
     Create {
+        /// The coordinator's data directory.
         #[arg(long)]
         data_dir: PathBuf,
+        /// The role the token enrols: worker.
         #[arg(long)]
         role: String,
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        /// How long the token can be used: more than zero, at most 365d.
+        #[arg(long, default_value = "1h", value_parser = parse_token_ttl, allow_hyphen_values = true)]
         ttl: Duration,
         /// The job store, as for `run --store`.
         #[arg(long, env = "BERTH_STORE", hide_env_values = true)]
@@ -80,11 +85,15 @@ enum TokenCmd {
 enum UserCmd {
     /// Issue a certificate for a user and write their profile.
     Add {
+        /// The user's name (the certificate's subject; their jobs' owner).
         name: String,
+        /// admin, approver or submitter.
         #[arg(long)]
         role: String,
+        /// The coordinator's data directory.
         #[arg(long)]
         data_dir: PathBuf,
+        /// Where to write the profile (private: it holds the user's key).
         #[arg(long)]
         out: PathBuf,
         /// Coordinator address for the profile (repeatable; default: where the last `run` listened).
@@ -94,6 +103,13 @@ enum UserCmd {
         #[arg(long, default_value = "localhost")]
         server_name: String,
     },
+}
+
+/// `--ttl` of a join token: a duration, more than zero and at most a year.
+fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = if s.trim_start().starts_with('-') { Duration::ZERO } else { parse_duration(s)? };
+    berth_coordinator::check_token_ttl(ttl)?;
+    Ok(ttl)
 }
 
 fn main() -> ExitCode {
@@ -192,4 +208,34 @@ fn reload_on_sighup(budget: actix::Addr<berth_coordinator::actors::budget::Budge
             let _ = budget.send(berth_coordinator::actors::budget::Reload).await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every command says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments().filter(|a| a.get_help().is_none()) {
+                missing.push(format!("{path} {}", a.get_id()));
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "berth-coordinator", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
+    }
+
+    #[test]
+    fn a_token_ttl_is_positive_and_bounded() {
+        assert_eq!(parse_token_ttl("10m"), Ok(Duration::from_secs(600)));
+        for bad in ["0", "0s", "0ms", "-5m", "366d", "1000000000d"] {
+            assert!(parse_token_ttl(bad).is_err(), "{bad}");
+        }
+    }
 }

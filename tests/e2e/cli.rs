@@ -1,11 +1,36 @@
 //! Small things a user meets at the command line and in its listings, each test
 //! one of them, through the real binaries.
 
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use berth_e2e::{group_members, wait_until, Cluster};
+use berth_e2e::{bin, group_members, run_timeout, wait_until, Cluster};
 use serde_json::Value;
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn a_join_token_lives_for_a_positive_bounded_time() -> Result<()> {
+    let c = Cluster::start()?;
+    for ttl in ["0s", "0", "0ms", "-5m", "1000000000d"] {
+        let mut cmd = Command::new(bin("berth-coordinator"));
+        cmd.args(["token", "create", "--role", "worker", "--ttl", ttl, "--data-dir"]).arg(&c.data);
+        let out = run_timeout(cmd, Duration::from_secs(30))?;
+        assert_eq!(out.status.code(), Some(2), "--ttl {ttl}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("--ttl") && !err.contains("panicked"), "--ttl {ttl}: {err}");
+        assert!(out.stdout.is_empty(), "no token printed for --ttl {ttl}");
+    }
+    // A sane one still works.
+    let mut cmd = Command::new(bin("berth-coordinator"));
+    cmd.args(["token", "create", "--role", "worker", "--ttl", "10m", "--data-dir"]).arg(&c.data);
+    let out = run_timeout(cmd, Duration::from_secs(30))?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    Ok(())
+}
 
 fn worker_row(c: &Cluster, name: &str) -> Option<Value> {
     c.berth_json(&["workers", "--json"]).ok()?.as_array()?.iter().find(|w| w["name"] == name).cloned()
