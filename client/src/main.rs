@@ -62,8 +62,8 @@ enum Cmd {
         /// Keep printing as the task prints, until it ends.
         #[arg(short, long)]
         follow: bool,
-        /// Which attempt (default: the latest).
-        #[arg(long)]
+        /// Which attempt, from 1 (default: the latest).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         attempt: Option<u32>,
     },
     /// Cancel a job, or one task of an array (JOB:INDEX); running tasks are killed.

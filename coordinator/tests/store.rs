@@ -695,6 +695,13 @@ fn output_chunks_in_order_per_attempt(h: &mut Harness) {
     assert_eq!(r.chunks, want, "[{}] attempt 1's output is kept", h.backend);
     let r = h.reader.logs(seq, None, None, (0, 0)).expect("logs");
     assert_eq!((r.attempt, r.chunks), (2, vec![(Stdout, 1, b"again\n".to_vec())]));
+    // An attempt it never had is not found, naming those it had.
+    for a in [0, 3] {
+        match h.reader.logs(seq, None, Some(a), (0, 0)) {
+            Err(StoreError::Api(e)) => assert!(e.kind == ErrorKind::NotFound && e.message.contains("attempts 1 to 2"), "[{}] {e:?}", h.backend),
+            other => panic!("[{}] attempt {a}: {other:?}", h.backend),
+        }
+    }
 }
 
 fn large_output_chunks_read_back_exactly_after_a_restart(h: &mut Harness) {

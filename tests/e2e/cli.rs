@@ -12,6 +12,13 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
+/// The one line a usage error prints on stderr.
+fn one_line(out: &Output) -> String {
+    let err = stderr(out).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "expected one line, got: {err}");
+    err
+}
+
 #[test]
 fn a_join_token_lives_for_a_positive_bounded_time() -> Result<()> {
     let c = Cluster::start()?;
@@ -29,6 +36,29 @@ fn a_join_token_lives_for_a_positive_bounded_time() -> Result<()> {
     cmd.args(["token", "create", "--role", "worker", "--ttl", "10m", "--data-dir"]).arg(&c.data);
     let out = run_timeout(cmd, Duration::from_secs(30))?;
     assert!(out.status.success(), "{}", stderr(&out));
+    Ok(())
+}
+
+#[test]
+fn logs_of_an_attempt_that_does_not_exist_is_not_found() -> Result<()> {
+    let mut c = Cluster::start()?;
+    c.add_worker("w1", 1)?;
+    let id = c.submit(&["--", "echo", "hi"])?;
+    c.wait_state(&id, "succeeded", Duration::from_secs(30))?;
+    let out = c.berth(&["logs", &id, "--attempt", "1"]);
+    assert_eq!((out.status.code(), out.stdout.as_slice()), (Some(0), &b"hi\n"[..]), "{}", stderr(&out));
+    let out = c.berth(&["logs", &id, "--attempt", "999"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let err = one_line(&out);
+    assert!(err.contains("999") && err.contains("attempt 1"), "the attempts that exist are named: {err}");
+    assert!(out.stdout.is_empty());
+    let out = c.berth(&["logs", &id, "--attempt", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // A job that has not run yet has no second attempt either.
+    let queued = c.submit(&["--gpus", "8", "--", "true"])?;
+    let out = c.berth(&["logs", &queued, "--attempt", "2"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    one_line(&out);
     Ok(())
 }
 

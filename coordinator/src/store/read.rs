@@ -221,7 +221,10 @@ impl<D: Db> Reader for ReadView<D> {
     fn logs(&mut self, job_seq: i64, index: Option<u32>, attempt: Option<u32>, after: (u64, u64)) -> Result<LogRead, StoreError> {
         let idx = i64::from(index.unwrap_or(0));
         let Some(task) = self.db.query_opt("SELECT state, attempt FROM tasks WHERE job_seq = ?1 AND idx = ?2", p![job_seq, idx])? else {
-            // Not started yet (or cancelled before it ran).
+            // Not started yet (or cancelled before it ran): attempt 1 is all there can be.
+            if let Some(a) = attempt.filter(|a| *a != 1) {
+                return Err(no_attempt(a, "the task has not run yet (its first will be attempt 1)".into()));
+            }
             let st = state_of(&self.db.query_one("SELECT state FROM jobs WHERE seq = ?1", p![job_seq])?.str(0)?);
             return Ok(LogRead {
                 attempt: 1,
@@ -232,6 +235,10 @@ impl<D: Db> Reader for ReadView<D> {
         };
         let (state, current) = (state_of(&task.str(0)?), task.u32(1)?);
         let attempt = attempt.unwrap_or(current);
+        if attempt == 0 || attempt > current {
+            let has = if current == 1 { "the task has attempt 1 only".to_string() } else { format!("the task has attempts 1 to {current}") };
+            return Err(no_attempt(attempt, has));
+        }
         let rows = self.db.query(
             "SELECT stream, seq, data, seg, off, len FROM logs WHERE job_seq = ?1 AND idx = ?2 AND attempt = ?3
              AND ((stream = 0 AND seq > ?4) OR (stream = 1 AND seq > ?5)) ORDER BY id LIMIT 512",
@@ -347,4 +354,9 @@ impl<D: Db> Reader for ReadView<D> {
         }
         Ok(out)
     }
+}
+
+/// `berth logs --attempt N` for an attempt the task never had: not found, naming those it had.
+fn no_attempt(attempt: u32, has: String) -> StoreError {
+    StoreError::Api(ApiError::new(ErrorKind::NotFound, format!("there is no attempt {attempt}: {has}")))
 }
