@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use berth_shared::codec::{read_frame, write_frame};
+use berth_shared::codec::{encode, read_frame, CodecError};
 use berth_shared::dial::{client_endpoint, dial, DialError};
 use berth_shared::profile::Profile;
 use berth_shared::tls::client_config;
@@ -88,10 +88,18 @@ impl Client {
         }
     }
 
-    /// Sends a request; the returned stream yields its responses.
+    /// Sends a request; the returned stream yields its responses. A request too large
+    /// for one frame is refused here, as invalid, before anything is sent.
     pub async fn open(&self, req: &Request) -> Result<Responses, Fail> {
+        let frame = encode(req).map_err(|e| match e {
+            CodecError::TooLarge { len, limit } => Fail::usage(format!(
+                "the request is {len} bytes, over the {} MiB ({limit} bytes) one request may carry: keep large data in files the job reads",
+                limit >> 20
+            )),
+            other => Fail::new(EXIT_FAILURE, format!("cannot encode the request: {other}")),
+        })?;
         let (mut send, recv) = self.conn.open_bi().await.map_err(|e| Fail::lost(format!("lost the coordinator: {e}")))?;
-        write_frame(&mut send, req).await.map_err(|e| Fail::lost(format!("cannot send the request: {e}")))?;
+        send.write_all(&frame).await.map_err(|e| Fail::lost(format!("cannot send the request: {e}")))?;
         let _ = send.finish();
         Ok(Responses { recv, conn: self.conn.clone() })
     }

@@ -9,6 +9,9 @@ use toml::Spanned;
 use crate::duration::{parse_duration, parse_size_mib};
 use crate::job::{ArrayRange, Command, Executor, JobSpec};
 use crate::profile::one_line;
+use crate::wire::MAX_FRAME_BYTES;
+
+const MIB: f64 = 1024.0 * 1024.0;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +49,16 @@ struct JobFile {
 
 /// Reads and checks a job file.
 pub fn load(path: &Path) -> Result<JobSpec, String> {
+    // A submission is one frame: a file larger than a frame can never be sent.
+    let len = std::fs::metadata(path).map_err(|e| format!("cannot read job file {}: {e}", path.display()))?.len();
+    if len > MAX_FRAME_BYTES as u64 {
+        return Err(format!(
+            "job file {} is {:.1} MiB, over the {} MiB one submission may carry: keep large data in files the job reads",
+            path.display(),
+            len as f64 / MIB,
+            MAX_FRAME_BYTES >> 20
+        ));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read job file {}: {e}", path.display()))?;
     parse(&text).map_err(|e| format!("{}{e}", path.display()))
 }

@@ -20,6 +20,19 @@ fn one_line(out: &Output) -> String {
 }
 
 #[test]
+fn a_job_file_too_large_for_a_frame_is_an_invalid_spec() -> Result<()> {
+    let c = Cluster::start()?;
+    let f = c.path("big.toml");
+    std::fs::write(&f, format!("command = [\"echo\", \"{}\"]\n", "a".repeat(9 * 1024 * 1024)))?;
+    let out = c.berth(&["submit", f.to_str().context("utf8")?]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = one_line(&out);
+    assert!(err.contains("big.toml") && err.contains("8 MiB"), "the file and the limit are named: {err}");
+    assert_eq!(c.berth_json(&["list", "--json"])?, serde_json::json!([]));
+    Ok(())
+}
+
+#[test]
 fn a_join_token_lives_for_a_positive_bounded_time() -> Result<()> {
     let c = Cluster::start()?;
     for ttl in ["0s", "0", "0ms", "-5m", "1000000000d"] {
