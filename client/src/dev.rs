@@ -11,6 +11,7 @@ use berth_worker::WorkerConfig;
 
 use crate::api::Client;
 use crate::exit::{Fail, EXIT_FAILURE};
+use crate::out::{note, out};
 use crate::show::Style;
 use crate::submit;
 
@@ -113,14 +114,15 @@ pub fn run(args: DevArgs) -> Result<u8, Fail> {
         let worker = tokio::spawn(berth_worker::run(wcfg, async {
             let _ = wstop_rx.await;
         }));
-        println!("ready profile={}", profile_path.display());
+        // Nobody reading the ready line is no reason to stop the cluster.
+        let _ = out!("ready profile={}", profile_path.display());
         let code = if args.demo {
             tokio::select! {
                 r = demo(&profile) => r,
                 _ = tokio::signal::ctrl_c() => Ok(130),
             }
         } else {
-            eprintln!(
+            note!(
                 "berth dev: coordinator at {addr}, worker `local` with {slots} slots; try `BERTH_PROFILE={} berth submit -- echo hi`; Ctrl-C stops",
                 profile_path.display()
             );
@@ -129,8 +131,8 @@ pub fn run(args: DevArgs) -> Result<u8, Fail> {
         };
         let _ = wstop_tx.send(());
         match tokio::time::timeout(Duration::from_secs(10), worker).await {
-            Ok(Ok(Err(e))) => eprintln!("worker: {e}"),
-            Err(_) => eprintln!("the worker did not stop within 10 s"),
+            Ok(Ok(Err(e))) => note!("worker: {e}"),
+            Err(_) => note!("the worker did not stop within 10 s"),
             _ => {}
         }
         code
@@ -151,11 +153,11 @@ async fn demo(profile: &berth_shared::profile::Profile) -> Result<u8, Fail> {
     spec.max_runtime_ms = Some(60_000);
     let resp = client.call(&berth_shared::wire::Request::Submit { spec, idempotency_key: uuid::Uuid::new_v4() }).await?;
     let berth_shared::wire::Response::Submitted { job, tasks, .. } = resp else { return Err(crate::api::unexpected(resp)) };
-    eprintln!("demo: submitted array {job} ({tasks} tasks)");
+    note!("demo: submitted array {job} ({tasks} tasks)");
     let code = submit::wait(&client, job, true, true, style).await?;
     client.close();
     if code == 0 {
-        eprintln!("demo finished: every task succeeded");
+        note!("demo finished: every task succeeded");
     }
     Ok(code)
 }

@@ -13,17 +13,23 @@ pub struct Fail {
     pub message: String,
     /// The coordinator was lost mid-request: an idempotent request may be sent again.
     pub lost: bool,
+    /// Nothing to say: whoever read the output has gone (a closed pipe).
+    pub quiet: bool,
 }
 
 impl Fail {
     pub fn new(code: u8, message: impl Into<String>) -> Fail {
-        Fail { code, message: message.into(), lost: false }
+        Fail { code, message: message.into(), lost: false, quiet: false }
     }
     /// The connection to the coordinator broke (or timed out) during a request.
     pub fn lost(message: impl Into<String>) -> Fail {
-        Fail { code: EXIT_AUTH, message: message.into(), lost: true }
+        Fail { code: EXIT_AUTH, message: message.into(), lost: true, quiet: false }
     }
     pub fn usage(message: impl Into<String>) -> Fail {
         Fail::new(EXIT_USAGE, message)
+    }
+    /// Stdout's reader went away (`berth list | head -1`): stop and exit 0, saying nothing.
+    pub fn quiet() -> Fail {
+        Fail { code: 0, message: String::new(), lost: false, quiet: true }
     }
 }

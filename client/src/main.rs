@@ -1,9 +1,13 @@
 //! `berth`: the submit client. Parse flags, find the profile, call the coordinator;
 //! exit codes follow DESIGN.md (0 ok, 2 usage, 3 refused, 4 unreachable, 5 not found).
+//! Everything printed goes through `out!` and `note!`: a closed pipe ends a command
+//! quietly.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 mod api;
 mod dev;
 mod exit;
+mod out;
 mod show;
 mod submit;
 
@@ -17,6 +21,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::api::{answer, unexpected, Client};
 use crate::exit::{Fail, EXIT_USAGE};
+use crate::out::{note, out};
 use crate::show::Style;
 
 #[derive(Parser)]
@@ -198,15 +203,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { EXIT_USAGE } else { 0 });
             }
             let first = e.to_string().lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string();
-            eprintln!("error: {first} (see `berth --help`)");
+            note!("error: {first} (see `berth --help`)");
             return ExitCode::from(EXIT_USAGE);
         }
     };
     berth_shared::logs::init("warn");
     match real_main(cli) {
         Ok(code) => ExitCode::from(code),
+        Err(f) if f.quiet => ExitCode::from(f.code),
         Err(f) => {
-            eprintln!("error: {}", f.message);
+            note!("error: {}", f.message);
             ExitCode::from(f.code)
         }
     }
@@ -215,7 +221,9 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> Result<u8, Fail> {
     match cli.command {
         Cmd::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "berth", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "berth", &mut script);
+            out::stdout(&script)?;
             Ok(0)
         }
         Cmd::Dev(args) => dev::run(args),
@@ -285,9 +293,9 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
             let (task, image) =
                 client.ask(&Request::Freeze { job, tag }, answer!(Response::Frozen { job, index, image } => (TaskRef { job, index }, image))).await?;
             if json {
-                println!("{}", serde_json::json!({ "job": task.job.to_string(), "index": task.index, "image": image }));
+                out!("{}", serde_json::json!({ "job": task.job.to_string(), "index": task.index, "image": image }))?;
             } else {
-                println!("{image}");
+                out!("{image}")?;
             }
             done(format!(
                 "froze {task} into {image}: its filesystem and workspace are kept, not the memory of its processes; \
@@ -308,10 +316,10 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
             let r = client.call_idempotent(&Request::Resume { job: job.clone(), command, idempotency_key: key }, std::time::Duration::from_secs(60)).await?;
             let Response::Submitted { job: new, .. } = r else { return Err(unexpected(r)) };
             if !wait && !follow {
-                println!("{new}");
+                out!("{new}")?;
                 return Ok(0);
             }
-            eprintln!("resumed {} as {new}", job.prefix);
+            note!("resumed {} as {new}", job.prefix);
             submit::wait(client, new, false, follow, style).await
         }
         Cmd::Images { command: None, json } => {
@@ -329,7 +337,7 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
 /// A command that changed something: what it did, on stderr (stdout stays for answers
 /// a script reads), and success.
 fn done(what: String) -> Result<u8, Fail> {
-    eprintln!("{what}");
+    note!("{what}");
     Ok(0)
 }
 

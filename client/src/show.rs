@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use crate::exit::Fail;
+use crate::out::out;
 
 #[derive(Clone, Copy)]
 pub struct Style {
@@ -254,9 +255,9 @@ pub fn status_text(style: Style, st: &JobStatus) -> String {
 /// Prints an answer for scripts (JSON, with `--json`) or for people (text); exit 0.
 pub fn print<T: ?Sized>(json: bool, style: Style, answer: &T, as_json: fn(&T) -> Value, as_text: fn(Style, &T) -> String) -> Result<u8, Fail> {
     if json {
-        println!("{}", as_json(answer));
+        out!("{}", as_json(answer))?;
     } else {
-        print!("{}", as_text(style, answer));
+        crate::out::stdout(as_text(style, answer).as_bytes())?;
     }
     Ok(0)
 }

@@ -2,7 +2,7 @@
 //! idempotency key, so a retried submission does not enqueue twice), and optionally
 //! wait for it or follow its output.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use berth_shared::duration::{parse_duration, parse_size_mib};
@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::api::{unexpected, Client};
 use crate::exit::{Fail, EXIT_FAILURE};
+use crate::out::{note, out};
 use crate::show::{self, Style};
 
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -182,22 +183,22 @@ pub async fn submit(client: &mut Client, a: &SubmitArgs, style: Style) -> Result
     let resp = client.call_idempotent(&Request::Submit { spec, idempotency_key: key }, Duration::from_secs(60)).await?;
     let Response::Submitted { job, tasks, warning, .. } = resp else { return Err(unexpected(resp)) };
     if let Some(w) = warning {
-        eprintln!("warning: job {job} stays queued for now: {w}");
+        note!("warning: job {job} stays queued for now: {w}");
     }
     if !a.wait && !a.follow {
         if a.json {
-            println!("{}", serde_json::json!({ "id": job.to_string(), "tasks": tasks }));
+            out!("{}", serde_json::json!({ "id": job.to_string(), "tasks": tasks }))?;
         } else {
-            println!("{job}");
+            out!("{job}")?;
         }
         return Ok(0);
     }
-    eprintln!("submitted {job}{}", if is_array { format!(" ({tasks} tasks)") } else { String::new() });
+    note!("submitted {job}{}", if is_array { format!(" ({tasks} tasks)") } else { String::new() });
     let code = wait(client, job, is_array, a.follow, style).await?;
     if a.json {
         let st = client.call(&Request::Status { job: selector(job) }).await?;
         if let Response::Status(st) = st {
-            println!("{}", show::status_json(&st));
+            out!("{}", show::status_json(&st))?;
         }
     }
     Ok(code)
@@ -207,25 +208,20 @@ pub fn selector(job: JobId) -> JobSelector {
     JobSelector { prefix: job.to_string(), index: None }
 }
 
-/// Writes output chunks where they belong; a closed pipe ends quietly.
-pub fn emit(stream: OutStream, data: &[u8], prefix: Option<&str>) {
-    let write = |w: &mut dyn Write| {
-        match prefix {
-            None => {
-                let _ = w.write_all(data);
-            }
-            Some(p) => {
-                for line in data.split_inclusive(|b| *b == b'\n') {
-                    let _ = w.write_all(p.as_bytes());
-                    let _ = w.write_all(line);
-                }
-            }
+/// Writes output chunks where they belong, unchanged (they are the job's own bytes);
+/// a closed pipe ends the command quietly (`Fail::quiet`), a follower included.
+pub fn emit(stream: OutStream, data: &[u8], prefix: Option<&str>) -> Result<(), Fail> {
+    let prefixed;
+    let bytes = match prefix {
+        None => data,
+        Some(p) => {
+            prefixed = data.split_inclusive(|b| *b == b'\n').flat_map(|line| p.as_bytes().iter().chain(line)).copied().collect::<Vec<u8>>();
+            &prefixed
         }
-        let _ = w.flush();
     };
     match stream {
-        OutStream::Stdout => write(&mut std::io::stdout().lock()),
-        OutStream::Stderr => write(&mut std::io::stderr().lock()),
+        OutStream::Stdout => crate::out::stdout(bytes),
+        OutStream::Stderr => crate::out::stderr(bytes),
     }
 }
 
@@ -234,7 +230,7 @@ pub async fn print_logs(client: &Client, sel: JobSelector, attempt: Option<u32>,
     let mut r = client.open(&Request::Logs { job: sel, attempt, follow }).await?;
     while let Some(resp) = r.next().await? {
         match resp {
-            Response::Output { stream, data } => emit(stream, &data, prefix),
+            Response::Output { stream, data } => emit(stream, &data, prefix)?,
             Response::End => break,
             other => return Err(unexpected(other)),
         }
@@ -282,12 +278,12 @@ pub async fn wait(client: &Client, job: JobId, is_array: bool, follow: bool, sty
                 let print = async { print_logs(client, sel, Some(attempt), false, Some(&label)).await };
                 match &bar {
                     Some(b) => {
-                        b.suspend(|| eprintln!("{label}{}", style.state(state)));
+                        b.suspend(|| note!("{label}{}", style.state(state)));
                         // Printing under suspend keeps the bar below the output.
                         print.await?;
                     }
                     None => {
-                        eprintln!("{label}{}", style.state(state));
+                        note!("{label}{}", style.state(state));
                         print.await?;
                     }
                 }
@@ -298,7 +294,7 @@ pub async fn wait(client: &Client, job: JobId, is_array: bool, follow: bool, sty
                 }
                 let what = if is_array { format!(" ({})", show::counts_text(&counts)) } else { String::new() };
                 let code = exit_code_of(exit_code, state);
-                eprintln!("job {job}: {}{what}, exit code {code}", style.state(state));
+                note!("job {job}: {}{what}, exit code {code}", style.state(state));
                 break Ok(code);
             }
             other => break Err(unexpected(other)),

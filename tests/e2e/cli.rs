@@ -1,7 +1,8 @@
 //! Small things a user meets at the command line and in its listings, each test
 //! one of them, through the real binaries.
 
-use std::process::{Command, Output};
+use std::os::fd::OwnedFd;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -17,6 +18,73 @@ fn one_line(out: &Output) -> String {
     let err = stderr(out).trim().to_string();
     assert_eq!(err.lines().count(), 1, "expected one line, got: {err}");
     err
+}
+
+/// `berth ARGS` with its stdout a pipe nobody reads any more (as in `berth list | head
+/// -1` once head has exited): the read end is closed before berth starts, so its first
+/// write fails with EPIPE.
+fn berth_closed_stdout(c: &Cluster, args: &[&str]) -> Result<Output> {
+    let (read, write): (OwnedFd, OwnedFd) = nix::unistd::pipe()?;
+    drop(read);
+    let mut cmd = Command::new(bin("berth"));
+    cmd.args(args).env("BERTH_PROFILE", &c.profile).env("NO_COLOR", "1").env("RUST_BACKTRACE", "1").stdin(Stdio::null());
+    // run_timeout pipes stdout itself; spawn by hand to hand berth the dead pipe.
+    cmd.stdout(Stdio::from(write)).stderr(Stdio::piped());
+    let child = cmd.spawn()?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            anyhow::bail!("berth {args:?} did not end within 30s with its stdout closed")
+        }
+    }
+}
+
+#[test]
+fn a_closed_stdout_ends_every_command_quietly() -> Result<()> {
+    let mut c = Cluster::start()?;
+    let admin = c.path("admin.toml");
+    c.user("root", "admin", &admin)?;
+    let out = c.berth_as(&admin, &["budget", "set", "--account", "alice", "--run", "1", "--month", "10"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.add_worker("w1", 2)?;
+    let done = c.submit(&["--name", "done", "--", "sh", "-c", "echo out; echo err >&2"])?;
+    c.wait_state(&done, "succeeded", Duration::from_secs(30))?;
+    // A job that prints until it is stopped: `logs -f` must stop when its reader has.
+    let chatty = c.submit(&["--max-runtime", "2m", "--", "sh", "-c", "while true; do echo line; sleep 0.05; done"])?;
+    c.wait_state(&chatty, "running", Duration::from_secs(30))?;
+    let commands: &[&[&str]] = &[
+        &["list"],
+        &["list", "--json"],
+        &["status", &done],
+        &["status", &done, "--json"],
+        &["logs", &done],
+        &["logs", "-f", &chatty],
+        &["workers"],
+        &["workers", "--json"],
+        &["budget", "show"],
+        &["budget", "show", "--json"],
+        &["images"],
+        &["images", "--json"],
+        &["submit", "--", "true"],
+        &["submit", "--json", "--", "true"],
+        &["submit", "--follow", "--", "echo", "followed"],
+        &["completions", "bash"],
+    ];
+    for args in commands {
+        let out = berth_closed_stdout(&c, args)?;
+        let err = stderr(&out);
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "berth {args:?} with a closed stdout: {err}");
+        assert_eq!(out.status.code(), Some(0), "berth {args:?} ends quietly with a closed stdout: {err}");
+    }
+    let out = c.berth(&["cancel", &chatty]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    Ok(())
 }
 
 #[test]
