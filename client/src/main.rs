@@ -1,7 +1,7 @@
 //! `berth`: the submit client. Parse flags, find the profile, call the coordinator;
 //! exit codes follow DESIGN.md (0 ok, 2 usage, 3 refused, 4 unreachable, 5 not found).
-//! Everything printed goes through `out!` and `note!`: a closed pipe ends a command
-//! quietly.
+//! Everything printed goes through `out!` and `note!` (a closed pipe ends a command
+//! quietly), and user text through `show::clean`.
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 mod api;
@@ -212,7 +212,8 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(f) if f.quiet => ExitCode::from(f.code),
         Err(f) => {
-            note!("error: {}", f.message);
+            // The message may carry the coordinator's words and other users' text.
+            note!("error: {}", show::clean(&f.message));
             ExitCode::from(f.code)
         }
     }
@@ -295,7 +296,7 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
             if json {
                 out!("{}", serde_json::json!({ "job": task.job.to_string(), "index": task.index, "image": image }))?;
             } else {
-                out!("{image}")?;
+                out!("{}", show::clean(&image))?;
             }
             done(format!(
                 "froze {task} into {image}: its filesystem and workspace are kept, not the memory of its processes; \
@@ -337,7 +338,7 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
 /// A command that changed something: what it did, on stderr (stdout stays for answers
 /// a script reads), and success.
 fn done(what: String) -> Result<u8, Fail> {
-    note!("{what}");
+    note!("{}", show::clean(&what));
     Ok(0)
 }
 

@@ -1,5 +1,7 @@
 //! Output for people and scripts: aligned, coloured tables (colour off with NO_COLOR
-//! or when not a terminal) and JSON with stable field names.
+//! or when not a terminal) and JSON with stable field names. User text (names,
+//! commands, reasons, accounts, worker names) is shown through `clean`, and a table
+//! cuts a long cell short; JSON carries the text as it is.
 
 use std::io::IsTerminal;
 
@@ -11,6 +13,17 @@ use serde_json::{json, Value};
 
 use crate::exit::Fail;
 use crate::out::out;
+
+/// User text as it may be shown: control characters and bidirectional overrides
+/// escaped (`\x1b`, `\n`, `\u{202e}`), so nobody's text steers the reader's terminal.
+pub fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    berth_shared::text::escape(s)
+}
+
+/// An optional piece of user text, cleaned, or `-`.
+fn clean_or_dash(s: Option<&str>) -> String {
+    s.map(|s| clean(s).into_owned()).unwrap_or_else(|| "-".into())
+}
 
 #[derive(Clone, Copy)]
 pub struct Style {
@@ -67,10 +80,45 @@ fn visible_width(s: &str) -> usize {
     w
 }
 
-/// Left-aligned columns, two spaces apart.
+/// The most characters a table shows of a cell (the last column: `MAX_LAST_CELL`);
+/// a longer one ends in `…`, so one long name does not pad every row.
+pub const MAX_CELL: usize = 48;
+pub const MAX_LAST_CELL: usize = 160;
+
+/// `cell` cut to `max` visible characters, the last of them `…` (colour codes kept).
+fn cut(cell: &str, max: usize) -> String {
+    if visible_width(cell) <= max {
+        return cell.to_string();
+    }
+    let mut out = String::with_capacity(max + 8);
+    let (mut w, mut in_esc, mut styled) = (0, false, false);
+    for c in cell.chars() {
+        match (in_esc, c) {
+            (false, '\x1b') => {
+                in_esc = true;
+                styled = true;
+            }
+            (true, 'm') => in_esc = false,
+            (true, _) => {}
+            (false, _) if w + 1 >= max => break,
+            (false, _) => w += 1,
+        }
+        out.push(c);
+    }
+    out.push('…');
+    if styled {
+        out.push_str("\x1b[0m");
+    }
+    out
+}
+
+/// Left-aligned columns, two spaces apart; long cells cut short.
 pub fn table(style: Style, headers: &[&str], rows: &[Vec<String>]) -> String {
+    let last = headers.len().saturating_sub(1);
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|r| r.iter().enumerate().map(|(i, c)| cut(c, if i >= last { MAX_LAST_CELL } else { MAX_CELL })).collect()).collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             if i < widths.len() {
                 widths[i] = widths[i].max(visible_width(c));
@@ -91,7 +139,7 @@ pub fn table(style: Style, headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = line(headers.iter().map(|h| style.bold(h)).collect());
     out.push('\n');
     for r in rows {
-        out.push_str(&line(r.clone()));
+        out.push_str(&line(r));
         out.push('\n');
     }
     out
@@ -178,12 +226,12 @@ pub fn status_text(style: Style, st: &JobStatus) -> String {
     let s = &st.summary;
     let mut rows: Vec<(&str, String)> = vec![("job", s.id.to_string())];
     if let Some(n) = &s.name {
-        rows.push(("name", n.clone()));
+        rows.push(("name", clean(n).into_owned()));
     }
     let state = st.task.as_ref().map(|t| t.state).unwrap_or(s.state);
     rows.push(("state", style.state(state)));
     if let Some(w) = &s.reason {
-        rows.push(("waiting", style.paint("33", w)));
+        rows.push(("waiting", style.paint("33", &clean(w))));
     }
     if let Some(t) = &st.task {
         if let Some(i) = t.index {
@@ -191,13 +239,13 @@ pub fn status_text(style: Style, st: &JobStatus) -> String {
         }
         rows.push(("attempt", format!("{} of {}", t.attempt, st.spec.max_attempts)));
         if let Some(w) = &t.worker {
-            rows.push(("worker", w.clone()));
+            rows.push(("worker", clean(w).into_owned()));
         }
         if let Some(c) = t.exit_code {
             rows.push(("exit code", c.to_string()));
         }
         if let Some(r) = &t.reason {
-            rows.push(("reason", r.clone()));
+            rows.push(("reason", clean(r).into_owned()));
         }
         if let Some(x) = t.started_at {
             rows.push(("started", time(x)));
@@ -211,18 +259,18 @@ pub fn status_text(style: Style, st: &JobStatus) -> String {
     } else {
         rows.push(("tasks", format!("{} ({})", s.tasks, counts_text(&s.counts))));
     }
-    rows.push(("command", command_text(&st.spec.command)));
+    rows.push(("command", clean(&command_text(&st.spec.command)).into_owned()));
     if let Executor::Docker { image, network } = &st.spec.executor {
-        rows.push(("image", image.clone()));
-        rows.push(("network", network.clone().unwrap_or_else(|| "none".into())));
+        rows.push(("image", clean(image).into_owned()));
+        rows.push(("network", clean(network.as_deref().unwrap_or("none")).into_owned()));
     }
     if let Some(from) = label(st, LABEL_RESUMED_FROM) {
-        rows.push(("resumed from", from.to_string()));
+        rows.push(("resumed from", clean(from).into_owned()));
     }
     if let Some(image) = label(st, LABEL_FROZEN_IMAGE) {
-        rows.push(("frozen into", format!("{image} (filesystem and workspace; not process memory)")));
+        rows.push(("frozen into", format!("{} (filesystem and workspace; not process memory)", clean(image))));
     }
-    rows.push(("owner", s.owner.clone()));
+    rows.push(("owner", clean(&s.owner).into_owned()));
     rows.push(("submitted", time(s.submitted_at)));
     if let (Some(e), None) = (s.ended_at, &st.task) {
         rows.push(("ended", time(e)));
@@ -242,8 +290,8 @@ pub fn status_text(style: Style, st: &JobStatus) -> String {
                     e.index.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
                     style.state(e.state),
                     e.attempt.to_string(),
-                    e.worker.clone().unwrap_or_else(|| "-".into()),
-                    e.reason.clone().unwrap_or_default(),
+                    clean_or_dash(e.worker.as_deref()),
+                    e.reason.as_deref().map(|r| clean(r).into_owned()).unwrap_or_default(),
                 ]
             })
             .collect();
@@ -273,12 +321,12 @@ pub fn list_text(style: Style, jobs: &[JobSummary]) -> String {
             let progress = if j.tasks == 1 { "1".to_string() } else { format!("{}/{}", j.counts.succeeded, j.tasks) };
             vec![
                 j.id.short(),
-                j.name.clone().unwrap_or_else(|| style.dim("-")),
+                j.name.as_deref().map(|n| clean(n).into_owned()).unwrap_or_else(|| style.dim("-")),
                 style.state(j.state),
                 progress,
-                j.owner.clone(),
+                clean(&j.owner).into_owned(),
                 time(j.submitted_at),
-                j.reason.clone().unwrap_or_default(),
+                j.reason.as_deref().map(|r| clean(r).into_owned()).unwrap_or_default(),
             ]
         })
         .collect();
@@ -296,10 +344,10 @@ pub fn workers_text(style: Style, ws: &[WorkerInfo]) -> String {
                 (false, false) => style.dim("down"),
             };
             vec![
-                w.name.clone(),
+                clean(&w.name).into_owned(),
                 state,
                 format!("{}/{}", w.running, w.slots),
-                w.pool.clone(),
+                clean(&w.pool).into_owned(),
                 format!("{} cpu, {} MiB, {} gpu", w.host.cpus, w.host.mem_mib, w.host.gpus.len()),
                 w.last_heartbeat.map(time).unwrap_or_else(|| "-".into()),
             ]
@@ -342,7 +390,7 @@ pub fn images_text(style: Style, list: &[FrozenImage]) -> String {
                 Some(n) => format!("{}:{n}", i.job.short()),
                 None => i.job.short(),
             };
-            vec![i.image.clone(), job, i.worker.clone(), i.owner.clone(), time(i.created_at)]
+            vec![clean(&i.image).into_owned(), job, clean(&i.worker).into_owned(), clean(&i.owner).into_owned(), time(i.created_at)]
         })
         .collect();
     table(style, &["IMAGE", "FROZEN FROM", "WORKER", "OWNER", "FROZEN AT"], &rows)
@@ -370,7 +418,7 @@ pub fn budgets_text(style: Style, rows: &[berth_shared::wire::BudgetInfo]) -> St
         .iter()
         .map(|b| {
             vec![
-                b.account.clone(),
+                clean(&b.account).into_owned(),
                 b.month.clone(),
                 format!("${}", b.run_cap),
                 format!("${}", b.month_cap),
@@ -413,5 +461,27 @@ mod tests {
         assert_eq!(plain[1].find('x'), plain[2].find('y'));
         let off = Style { color: false };
         assert!(!table(off, &["A"], &[vec![off.state(JobState::Failed)]]).contains('\x1b'));
+    }
+
+    #[test]
+    fn long_cells_are_cut_with_an_ellipsis() {
+        let off = Style { color: false };
+        let t = table(off, &["NAME", "STATE"], &[vec!["n".repeat(1000), "queued".into()], vec!["short".into(), "running".into()]]);
+        let widths: Vec<usize> = t.lines().map(|l| l.chars().count()).collect();
+        assert!(widths.iter().all(|w| *w <= MAX_CELL + 2 + "running".len()), "{t}");
+        assert!(t.lines().nth(1).is_some_and(|l| l.contains(&format!("{}…", "n".repeat(MAX_CELL - 1)))), "{t}");
+        // Cutting keeps colour codes whole and closes them.
+        let on = Style { color: true };
+        let c = cut(&on.paint("33", &"y".repeat(100)), 10);
+        assert_eq!(c, format!("\x1b[33m{}…\x1b[0m", "y".repeat(9)));
+        assert_eq!(cut("short", 10), "short");
+    }
+
+    #[test]
+    fn user_text_is_escaped_in_listings() {
+        let st = Style { color: false };
+        assert_eq!(clean("a\x1b[2Jb\u{202e}"), "a\\x1b[2Jb\\u{202e}");
+        let t = table(st, &["A", "B"], &[vec![clean("x\x07y").into_owned(), "z".into()]]);
+        assert!(!t.contains('\x07') && t.contains("x\\x07y"), "{t:?}");
     }
 }

@@ -32,7 +32,7 @@ fn parse_cpus(s: &str) -> Result<f64, String> {
 
 #[derive(clap::Args, Debug)]
 pub struct SubmitArgs {
-    /// A name shown in listings.
+    /// A name shown in listings: printable text of at most 256 bytes (no control characters).
     #[arg(long)]
     pub name: Option<String>,
     /// Submit an array of tasks START-END; each gets BERTH_ARRAY_INDEX.
@@ -183,7 +183,7 @@ pub async fn submit(client: &mut Client, a: &SubmitArgs, style: Style) -> Result
     let resp = client.call_idempotent(&Request::Submit { spec, idempotency_key: key }, Duration::from_secs(60)).await?;
     let Response::Submitted { job, tasks, warning, .. } = resp else { return Err(unexpected(resp)) };
     if let Some(w) = warning {
-        note!("warning: job {job} stays queued for now: {w}");
+        note!("warning: job {job} stays queued for now: {}", show::clean(&w));
     }
     if !a.wait && !a.follow {
         if a.json {

@@ -332,6 +332,13 @@ impl JobSpec {
     /// Checks what a coordinator must refuse whatever the client said.
     pub fn validate(&self) -> Result<(), String> {
         self.executor.validate()?;
+        if let Some(n) = &self.name {
+            crate::text::check_label("the job name", n, crate::text::MAX_NAME_BYTES)?;
+        }
+        // A blank account is the submitter's own.
+        if let Some(a) = self.account.as_deref().filter(|a| !a.trim().is_empty()) {
+            crate::text::check_label("the account", a, crate::text::MAX_NAME_BYTES)?;
+        }
         match &self.command {
             Command::Argv(v) if v.is_empty() => return Err("the command is empty: give CMD ARGS after --, or a script".into()),
             Command::Argv(v) if v[0].is_empty() => return Err("the command's program name is empty".into()),
@@ -673,5 +680,20 @@ mod tests {
         assert!(spec.validate().is_err());
         spec.executor = Executor::Docker { image: "busybox".into(), network: Some("bridge".into()) };
         assert!(spec.validate().is_ok());
+    }
+
+    #[test]
+    fn names_and_accounts_are_short_printable_text() {
+        let mut spec = JobSpec::new(Command::Argv(vec!["true".into()]));
+        spec.name = Some("x".repeat(256));
+        spec.account = Some(String::new());
+        assert_eq!(spec.validate(), Ok(()));
+        for bad in ["x".repeat(257), "\x1b]0;title\x07".into(), "two\nlines".into(), "".into()] {
+            spec.name = Some(bad.clone());
+            assert!(spec.validate().is_err(), "{bad:?}");
+        }
+        spec.name = None;
+        spec.account = Some("team\x1b[2J".into());
+        assert!(spec.validate().expect_err("account").contains("the account"));
     }
 }

@@ -16,7 +16,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JobFile {
-    name: Option<String>,
+    name: Option<Spanned<String>>,
     command: Option<Spanned<Vec<String>>>,
     script: Option<Spanned<String>>,
     array: Option<Spanned<String>>,
@@ -97,7 +97,12 @@ pub fn parse(text: &str) -> Result<JobSpec, String> {
         }
     };
     let mut spec = JobSpec::new(command);
-    spec.name = f.name;
+    if let Some(n) = f.name {
+        let span = n.span();
+        let n = n.into_inner();
+        crate::text::check_label("the name", &n, crate::text::MAX_NAME_BYTES).map_err(|e| at(span, "name", e))?;
+        spec.name = Some(n);
+    }
     spec.env = f.env.into_iter().collect();
     spec.secrets = f.secrets.into_iter().collect();
     spec.labels = f.labels.into_iter().collect();
@@ -202,5 +207,9 @@ mem = "2G"
         assert!(e.starts_with(":2: field `attempts`"), "{e}");
         let e = parse("command = [\n").expect_err("syntax");
         assert!(!e.contains('\n'), "one line: {e}");
+        let e = parse("command = [\"true\"]\nname = \"a\\u001bb\"\n").expect_err("control character");
+        assert!(e.starts_with(":2: field `name`") && e.contains("control character"), "{e}");
+        let e = parse(&format!("command = [\"true\"]\nname = \"{}\"\n", "n".repeat(300))).expect_err("long name");
+        assert!(e.starts_with(":2: field `name`") && e.contains("256"), "{e}");
     }
 }

@@ -88,6 +88,62 @@ fn a_closed_stdout_ends_every_command_quietly() -> Result<()> {
 }
 
 #[test]
+fn user_text_is_escaped_in_tables_and_names_are_bounded() -> Result<()> {
+    let mut c = Cluster::start()?;
+    // Control bytes and huge names are refused at submit, with the limit named.
+    for name in ["\x1b[2Jgone", "tab\there", "line\nbreak"] {
+        let out = c.berth(&["submit", "--name", name, "--", "true"]);
+        assert_eq!(out.status.code(), Some(2), "name {name:?}: {}", stderr(&out));
+        assert!(one_line(&out).contains("control character"), "{}", stderr(&out));
+    }
+    let huge = "n".repeat(100 * 1024);
+    let out = c.berth(&["submit", "--name", &huge, "--", "true"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = one_line(&out);
+    assert!(err.contains("256") && err.len() < 400, "the limit is named, the name not echoed whole: {err}");
+    let f = c.path("named.toml");
+    std::fs::write(&f, format!("command = [\"true\"]\nname = \"{huge}\"\n"))?;
+    let out = c.berth(&["submit", f.to_str().context("utf8")?]);
+    assert_eq!(out.status.code(), Some(2), "a job file's name is bounded too: {}", stderr(&out));
+    assert_eq!(c.berth_json(&["list", "--json"])?, serde_json::json!([]), "nothing was submitted");
+
+    // The longest name allowed is cut short in the table, not padded into every row.
+    let long = "x".repeat(256);
+    c.submit(&["--name", &long, "--", "true"])?;
+    c.submit(&["--name", "short", "--", "true"])?;
+    let out = c.berth(&["list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = String::from_utf8(out.stdout)?;
+    assert!(table.contains('…'), "a long cell ends in an ellipsis: {table}");
+    assert!(table.lines().all(|l| l.chars().count() < 200), "rows stay narrow: {table}");
+    assert!(table.lines().any(|l| l.contains("short")), "{table}");
+    assert_eq!(c.berth_json(&["list", "--json"])?.as_array().map(|a| a.iter().any(|j| j["name"] == long.as_str())), Some(true), "--json is data");
+
+    // Control bytes in a command and a reason are shown escaped, in `status` and its
+    // events table; `--json` keeps them as they are, and `logs` is the job's own output.
+    let esc = "\x1b]0;owned\x07\x1b[31m";
+    let id = c.submit(&["--", "printf", esc])?;
+    let out = c.berth(&["cancel", &id, "--reason", &format!("bye{esc}")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!out.stderr.contains(&0x1b), "what cancel says is escaped: {:?}", stderr(&out));
+    let out = c.berth(&["status", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout)?;
+    assert!(!text.contains('\x1b') && !text.contains('\x07'), "no raw control bytes reach the terminal: {text:?}");
+    assert!(text.contains("printf \\x1b]0;owned\\x07\\x1b[31m"), "the command is shown escaped: {text}");
+    assert!(text.contains("bye\\x1b]0;owned"), "the reason is shown escaped: {text}");
+    let st = c.status(&id)?;
+    assert!(st["command"].as_str().is_some_and(|s| s.contains(esc)), "{st}");
+
+    c.add_worker("w1", 1)?;
+    let job = c.submit(&["--", "printf", esc])?;
+    c.wait_state(&job, "succeeded", Duration::from_secs(30))?;
+    let out = c.berth(&["logs", &job]);
+    assert_eq!(out.stdout, esc.as_bytes(), "logs print the job's bytes unchanged");
+    Ok(())
+}
+
+#[test]
 fn a_job_file_too_large_for_a_frame_is_an_invalid_spec() -> Result<()> {
     let c = Cluster::start()?;
     let f = c.path("big.toml");
