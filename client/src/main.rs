@@ -46,22 +46,28 @@ enum Cmd {
     Submit(submit::SubmitArgs),
     /// Show a job (or JOB:INDEX, one task of an array) and its history.
     Status {
+        /// The job: its id or a unique prefix, optionally :INDEX for one task of an array.
         #[arg(value_parser = job_selector)]
         job: JobSelector,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// List jobs, newest first.
     List {
+        /// Only jobs in this state (queued, running, succeeded, failed, ...).
         #[arg(long, value_parser = |s: &str| s.parse::<JobState>())]
         state: Option<JobState>,
+        /// At most this many jobs.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Print a task's output (stdout to stdout, stderr to stderr).
     Logs {
+        /// The job (or JOB:INDEX, one task of an array; an array alone shows its first task).
         #[arg(value_parser = job_selector)]
         job: JobSelector,
         /// Keep printing as the task prints, until it ends.
@@ -73,13 +79,16 @@ enum Cmd {
     },
     /// Cancel a job, or one task of an array (JOB:INDEX); running tasks are killed.
     Cancel {
+        /// The job, or JOB:INDEX for one task of an array.
         #[arg(value_parser = job_selector)]
         job: JobSelector,
+        /// Why (recorded in the job's history).
         #[arg(long)]
         reason: Option<String>,
     },
     /// Approve a job waiting for approval (approver or admin); it is reserved then.
     Approve {
+        /// The job waiting for approval.
         #[arg(value_parser = job_selector)]
         job: JobSelector,
         /// Why (recorded with the decision).
@@ -88,8 +97,10 @@ enum Cmd {
     },
     /// Reject a job waiting for approval (approver or admin); it ends `rejected`.
     Reject {
+        /// The job waiting for approval.
         #[arg(value_parser = job_selector)]
         job: JobSelector,
+        /// Why (recorded with the decision).
         #[arg(long)]
         reason: String,
     },
@@ -102,6 +113,7 @@ enum Cmd {
     Workers {
         #[command(subcommand)]
         command: Option<WorkersCmd>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -109,17 +121,20 @@ enum Cmd {
     /// and workspace to an image. Process memory is not kept: a resumed job starts its
     /// command again from that state. Prints the image.
     Freeze {
+        /// The running container job, or JOB:INDEX.
         #[arg(value_parser = job_selector)]
         job: JobSelector,
         /// The image's tag (default: the job's short id): the image is berth-frozen:TAG.
         #[arg(long, value_parser = |s: &str| berth_shared::job::validate_tag(s).map(|()| s.to_string()))]
         tag: Option<String>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Submit a new job from a frozen job's image, with its command and resources (or
     /// the command after --cmd or --), linked to it. Prints the new job's id.
     Resume {
+        /// The frozen job, or JOB:INDEX.
         #[arg(value_parser = job_selector)]
         job: JobSelector,
         /// Run this instead of the job's command (takes the rest of the line).
@@ -139,11 +154,15 @@ enum Cmd {
     Images {
         #[command(subcommand)]
         command: Option<ImagesCmd>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Print shell completions.
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Run a coordinator and a local worker in the foreground.
     Dev(dev::DevArgs),
 }
@@ -152,17 +171,22 @@ enum Cmd {
 enum BudgetCmd {
     /// Set an account's caps in USD: per run (one submission) and per calendar month (UTC).
     Set {
+        /// The account.
         #[arg(long)]
         account: String,
+        /// The most one run (one submission) may cost, in USD.
         #[arg(long, value_parser = parse_usd)]
         run: rust_decimal::Decimal,
+        /// The most the account may spend per calendar month (UTC), in USD.
         #[arg(long, value_parser = parse_usd)]
         month: rust_decimal::Decimal,
     },
     /// Caps, reserved and spent this month, per account.
     Show {
+        /// Only this account (a submitter sees only its own).
         #[arg(long)]
         account: Option<String>,
+        /// Print JSON; amounts are strings, exact.
         #[arg(long)]
         json: bool,
     },
@@ -180,6 +204,7 @@ fn parse_usd(s: &str) -> Result<rust_decimal::Decimal, String> {
 enum ImagesCmd {
     /// Remove a frozen image from the engine of the worker that holds it.
     Rm {
+        /// The image, as `berth images` lists it.
         #[arg(value_parser = |s: &str| berth_shared::job::validate_image(s).map(|()| s.to_string()))]
         image: String,
     },
@@ -188,9 +213,15 @@ enum ImagesCmd {
 #[derive(Subcommand)]
 enum WorkersCmd {
     /// Stop new claims on a worker; running jobs finish.
-    Drain { name: String },
+    Drain {
+        /// The worker's name, as `berth workers` lists it.
+        name: String,
+    },
     /// Let a drained worker claim again.
-    Undrain { name: String },
+    Undrain {
+        /// The worker's name, as `berth workers` lists it.
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -202,8 +233,7 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::from(if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { EXIT_USAGE } else { 0 });
             }
-            let first = e.to_string().lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string();
-            note!("error: {first} (see `berth --help`)");
+            note!("error: {}", usage_error(&e));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -217,6 +247,21 @@ fn main() -> ExitCode {
             ExitCode::from(f.code)
         }
     }
+}
+
+/// A clap error on one line: its message with what it lists (the arguments missing),
+/// and the usage of the command it is about.
+fn usage_error(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("invalid arguments").trim_start_matches("error: ").trim_end();
+    let listed: Vec<&str> = lines.take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+    let mut msg = if listed.is_empty() { first.to_string() } else { format!("{first} {}", listed.join(", ")) };
+    match text.lines().find_map(|l| l.strip_prefix("Usage: ")) {
+        Some(usage) => msg.push_str(&format!(" (usage: {}; see --help)", usage.trim())),
+        None => msg.push_str(" (see `berth --help`)"),
+    }
+    show::clean(&msg).into_owned()
 }
 
 fn real_main(cli: Cli) -> Result<u8, Fail> {
@@ -346,4 +391,33 @@ async fn decide(client: &mut Client, job: JobSelector, approve: bool, reason: St
     let (job, state, tasks) =
         client.ask(&Request::Decide { job, approve, reason }, answer!(Response::Decided { job, state, tasks } => (job, state, tasks))).await?;
     done(format!("job {job}: {} ({tasks} tasks {state})", if approve { "approved" } else { "rejected" }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag and argument of every command says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments().filter(|a| a.get_help().is_none()) {
+                missing.push(format!("{path} {}", a.get_id()));
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "berth", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_naming_what_is_missing() {
+        let e = Cli::try_parse_from(["berth", "approve"]).err().map(|e| usage_error(&e)).unwrap_or_default();
+        assert!(!e.contains('\n') && e.contains("--reason") && e.contains("<JOB>") && e.contains("usage: berth approve"), "{e}");
+        let e = Cli::try_parse_from(["berth", "list", "--nope"]).err().map(|e| usage_error(&e)).unwrap_or_default();
+        assert!(!e.contains('\n') && e.contains("--nope"), "{e}");
+    }
 }

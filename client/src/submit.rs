@@ -50,6 +50,7 @@ pub struct SubmitArgs {
     /// How many attempts before a job whose worker dies is failed.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub attempts: Option<u32>,
+    /// CPUs to set aside for each task, e.g. 2 or 0.5 (default: none reserved).
     #[arg(long, value_parser = parse_cpus)]
     pub cpus: Option<f64>,
     /// Memory, e.g. 512M or 2G.
@@ -70,6 +71,7 @@ pub struct SubmitArgs {
     /// Wait for JOB to end first: `JOB` or `JOB:ok` (run only if it succeeded) or `JOB:any` (repeatable).
     #[arg(long = "after", value_parser = |s: &str| s.parse::<berth_shared::job::Dependency>(), value_name = "JOB[:ok|:any]")]
     pub after: Vec<berth_shared::job::Dependency>,
+    /// The account the job is charged to and capped by (default: your own user).
     #[arg(long)]
     pub account: Option<String>,
     /// Only run in these pools (repeatable).
@@ -82,6 +84,7 @@ pub struct SubmitArgs {
     /// The container's network: `none` (the default), `bridge` or a network's name.
     #[arg(long, value_parser = |s: &str| berth_shared::job::validate_network(s).map(|()| s.to_string()))]
     pub network: Option<String>,
+    /// Higher runs first among your account's queued jobs (default 0; may be negative).
     #[arg(long, allow_hyphen_values = true)]
     pub priority: Option<i32>,
     /// Wait for the job and exit with its exit code (an array: 0 only if every task succeeded).

@@ -199,6 +199,32 @@ fn logs_of_an_attempt_that_does_not_exist_is_not_found() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_missing_argument_is_named() -> Result<()> {
+    // Parsing happens before any profile is read: no cluster needed.
+    // (`berth status` alone shows the coordinator's own state.)
+    let cases: &[(&[&str], &str)] = &[
+        (&["logs"], "<JOB>"),
+        (&["cancel"], "<JOB>"),
+        (&["approve", "--reason", "ok"], "<JOB>"),
+        (&["reject", "--reason", "no"], "<JOB>"),
+        (&["approve"], "--reason"),
+        (&["freeze"], "<JOB>"),
+        (&["resume"], "<JOB>"),
+        (&["workers", "drain"], "<NAME>"),
+        (&["images", "rm"], "<IMAGE>"),
+    ];
+    for (args, missing) in cases {
+        let mut cmd = Command::new(bin("berth"));
+        cmd.args(*args).env("BERTH_PROFILE", "/nonexistent/profile.toml").stdin(Stdio::null());
+        let out = run_timeout(cmd, Duration::from_secs(30))?;
+        assert_eq!(out.status.code(), Some(2), "berth {args:?}: {}", stderr(&out));
+        let err = one_line(&out);
+        assert!(err.contains("required") && err.contains(missing), "berth {args:?} names {missing}: {err}");
+    }
+    Ok(())
+}
+
 fn worker_row(c: &Cluster, name: &str) -> Option<Value> {
     c.berth_json(&["workers", "--json"]).ok()?.as_array()?.iter().find(|w| w["name"] == name).cloned()
 }
@@ -237,4 +263,44 @@ fn a_dead_workers_recovered_leases_are_not_listed() -> Result<()> {
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pg), nix::sys::signal::Signal::SIGKILL);
     }
     result
+}
+
+#[test]
+fn every_submit_flag_has_help() -> Result<()> {
+    let mut cmd = Command::new(bin("berth"));
+    cmd.args(["submit", "--help"]).stdin(Stdio::null());
+    let out = run_timeout(cmd, Duration::from_secs(30))?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let help = String::from_utf8(out.stdout)?;
+    let flags = [
+        "--name",
+        "--array",
+        "--env",
+        "--secret",
+        "--max-runtime",
+        "--attempts",
+        "--cpus",
+        "--mem",
+        "--gpus",
+        "--gpu-model",
+        "--min-vram",
+        "--label-constraint",
+        "--after",
+        "--account",
+        "--pool",
+        "--image",
+        "--network",
+        "--priority",
+        "--wait",
+        "--follow",
+        "--json",
+        "--idempotency-key",
+    ];
+    for flag in flags {
+        let line = help.lines().find(|l| l.trim_start().split([' ', ',']).next() == Some(flag)).with_context(|| format!("{flag} in:\n{help}"))?;
+        // `      --cpus <CPUS>  What it is`: the text follows the flag after two spaces.
+        let text = line.trim().split_once("  ").map(|(_, t)| t.trim()).unwrap_or("");
+        assert!(text.len() > 5, "{flag} has help text: `{line}`");
+    }
+    Ok(())
 }
