@@ -82,6 +82,12 @@ pub fn run(args: DevArgs) -> Result<u8, Fail> {
         .map_err(fail)?;
     let addr = addr_rx.recv().map_err(|_| fail("the coordinator did not start"))?.map_err(fail)?;
 
+    // The worker's work dir is in here: its jobs run as slot users of their own, who must
+    // pass through to their workspaces (nothing here can be listed; every file is 0600).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).map_err(fail)?;
+    }
     let profile_path = dir.join("profile.toml");
     let profile = berth_coordinator::user_add(&dir, "dev", "admin", vec![addr.to_string()], "localhost", &profile_path).map_err(fail)?;
     let ca_pem = profile.ca.clone();
@@ -105,7 +111,8 @@ pub fn run(args: DevArgs) -> Result<u8, Fail> {
         labels: Vec::new(),
         executors: vec!["process".into()],
         server_name: Some("localhost".into()),
-        docker_pids_limit: 4096,
+        contain: Default::default(),
+        secrets: Default::default(),
         limits: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(fail)?;

@@ -353,7 +353,26 @@ pub fn workers_text(style: Style, ws: &[WorkerInfo]) -> String {
             ]
         })
         .collect();
-    table(style, &["NAME", "STATE", "LEASES/SLOTS", "POOL", "HOST", "LAST HEARTBEAT"], &rows)
+    table(style, &["NAME", "STATE", "LEASES/SLOTS", "POOL", "HOST", "PROCESS JOBS", "LAST HEARTBEAT"], &rows)
+}
+
+/// How a worker contains its process jobs, in a word or two (`--json` has the whole).
+fn containment(style: Style, c: &berth_shared::wire::Containment) -> String {
+    if c.identity.is_empty() {
+        return "-".into();
+    }
+    let mut gaps = Vec::new();
+    if !c.separate_users {
+        gaps.push("as the worker's user");
+    }
+    if !c.enforced {
+        gaps.push("no cgroups");
+    }
+    if gaps.is_empty() {
+        "contained".into()
+    } else {
+        style.paint("33", &format!("not contained: {}", gaps.join(", ")))
+    }
 }
 
 pub fn workers_json(ws: &[WorkerInfo]) -> Value {

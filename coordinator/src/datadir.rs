@@ -54,11 +54,14 @@ pub struct Tightened {
     pub to: u32,
 }
 
-/// Takes group and other permissions off `path` (not following a symlink).
-fn tighten_one(path: &Path, out: &mut Vec<Tightened>) -> Result<std::fs::Metadata, DataDirError> {
+/// Takes group and other permissions off `path` (not following a symlink). With
+/// `traverse_only_ok`, a directory that is exactly traverse-only for others (0711: nothing
+/// in it can be listed, and every file is 0600) is left so: `berth dev` opens its data dir
+/// that far for its worker's job users to reach their workspaces.
+fn tighten_one(path: &Path, traverse_only_ok: bool, out: &mut Vec<Tightened>) -> Result<std::fs::Metadata, DataDirError> {
     let meta = std::fs::symlink_metadata(path).map_err(|source| DataDirError::Read { path: path.to_path_buf(), source })?;
     let from = meta.permissions().mode() & 0o7777;
-    if meta.file_type().is_symlink() || from & 0o077 == 0 {
+    if meta.file_type().is_symlink() || from & 0o077 == 0 || (traverse_only_ok && meta.is_dir() && from & 0o077 == 0o011) {
         return Ok(meta);
     }
     let to = from & 0o700;
@@ -96,7 +99,7 @@ impl DataDir {
     /// keeps its worker's work dir there) are the business of whoever made them.
     pub fn tighten(&self) -> Result<Vec<Tightened>, DataDirError> {
         let mut out = Vec::new();
-        tighten_one(&self.root, &mut out)?;
+        tighten_one(&self.root, true, &mut out)?;
         let segments = crate::store::segments::dir_for(&self.database());
         let mut dirs = vec![self.root.clone()];
         while let Some(dir) = dirs.pop() {
@@ -110,7 +113,7 @@ impl DataDir {
                     Err(source) => return Err(DataDirError::Read { path, source }),
                 };
                 if meta.is_file() || (meta.is_dir() && path == segments) {
-                    tighten_one(&path, &mut out)?;
+                    tighten_one(&path, false, &mut out)?;
                 }
                 if meta.is_dir() && path == segments {
                     dirs.push(path);

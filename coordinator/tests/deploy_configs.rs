@@ -102,6 +102,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "TasksMax",
             "LimitNOFILE",
             "UMask",
+            "Delegate",
             "NoNewPrivileges",
             "ProtectSystem",
             "ReadWritePaths",
@@ -483,7 +484,10 @@ fn coordinator_unit_runs_the_coordinator_with_flags_it_accepts() {
 #[test]
 fn worker_unit_runs_the_worker_with_flags_it_accepts() {
     let u = unit(WORKER_UNIT);
-    assert_common_unit(WORKER_UNIT, &u, "berth", "berth-worker");
+    // Root, to run each slot's jobs as a user of its own; cgroups delegated to it.
+    assert_common_unit(WORKER_UNIT, &u, "root", "berth-worker");
+    assert_eq!(u.one("Service", "Delegate"), "yes", "deploy/{WORKER_UNIT}: the worker makes its jobs' cgroups");
+    assert!(u.entries.iter().all(|(_, k, v)| k != "ProtectControlGroups" || v == "no"), "deploy/{WORKER_UNIT}: cgroups must be writable");
     assert_eq!(u.one("Service", "Restart"), "always");
     assert_eq!(u.one("Service", "KillMode"), "mixed");
     assert_eq!(u.one("Service", "OOMPolicy"), "continue");

@@ -375,6 +375,39 @@ pub struct HostInfo {
     pub docker: bool,
     pub kvm: bool,
     pub executors: Vec<String>,
+    /// How process jobs are contained there.
+    pub containment: Containment,
+    /// The secrets it holds and who may use them (never their values).
+    pub secrets: Vec<SecretGrant>,
+}
+
+/// How a worker contains its process jobs: who they run as, and whether cgroups
+/// enforce their CPUs, memory and pids (said at its start and in `berth workers`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Containment {
+    /// Who jobs run as, in words.
+    pub identity: String,
+    /// Jobs run as users other than the worker's (they cannot read its files).
+    pub separate_users: bool,
+    /// The cgroups in use, or why there are none.
+    pub cgroups: String,
+    /// cgroups enforce `--cpus`, `--mem` and a pids limit and end an attempt's every process.
+    pub enforced: bool,
+}
+
+/// A secret declared on a worker: its name, and the accounts that may use it (empty:
+/// every account).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretGrant {
+    pub name: String,
+    pub accounts: Vec<String>,
+}
+
+impl SecretGrant {
+    /// Whether a job of `account` may use it.
+    pub fn allows(&self, account: &str) -> bool {
+        self.accounts.is_empty() || self.accounts.iter().any(|a| a == account || a == "*")
+    }
 }
 
 /// Worker → coordinator on the control stream.
@@ -385,9 +418,14 @@ pub enum WorkerMsg {
         slots: u32,
         pool: String,
         labels: Vec<(String, String)>,
-        host: HostInfo,
+        /// Boxed: the rest of the messages are small (the same bytes on the wire).
+        host: Box<HostInfo>,
         /// Leases of attempts still alive on this worker (after a reconnect).
         held: Vec<LeaseId>,
+        /// This worker process, made at its start: a reconnect of the same process
+        /// replaces its old connection; another process presenting the same certificate
+        /// (a copied work dir, a cloned machine) is answered `InUse` while this one lives.
+        instance: uuid::Uuid,
     },
     /// The worker can take `n` more tasks than it has asked for so far.
     Want { n: u32 },

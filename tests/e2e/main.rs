@@ -4,6 +4,7 @@
 mod bad_input;
 mod budget;
 mod cli;
+mod contain;
 mod docker;
 mod drain;
 mod gpus;

@@ -171,7 +171,7 @@ pub fn executor_rate(rt: &tokio::runtime::Runtime, dir: &Path, par: usize, total
                         record: None,
                     };
                     let (_kill_tx, kill_rx) = tokio::sync::watch::channel(None);
-                    let o = process::run(launch, spool.clone(), kill_rx, |_| {}).await;
+                    let o = process::run(launch, Default::default(), spool.clone(), kill_rx, |_| {}).await;
                     spool.remove();
                     if o.exit_code == Some(0) && o.error.is_none() {
                         done.fetch_add(1, Ordering::Relaxed);

@@ -151,8 +151,20 @@ impl Cluster {
 
     /// A cluster whose coordinator gets more `run` flags (kept across restarts).
     pub fn start_with(lease_ttl: &str, coord_args: &[&str]) -> Result<Cluster> {
+        Self::start_on(None, lease_ttl, coord_args)
+    }
+
+    /// `start_with`, the coordinator's data dir at `data` (on a filesystem the test
+    /// made, say) instead of inside the cluster's temporary directory.
+    pub fn start_on(data: Option<PathBuf>, lease_ttl: &str, coord_args: &[&str]) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("berth-e2e-").tempdir()?;
-        let data = dir.path().join("coord");
+        // Jobs run as slot users of their own: they write the files a test waits on
+        // (pids, gates) here, as in /tmp.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))?;
+        }
+        let data = data.unwrap_or_else(|| dir.path().join("coord"));
         run_ok(Command::new(bin("berth-coordinator")).args(["init", "--data-dir"]).arg(&data))?;
         let mut c = Cluster {
             data,
@@ -172,6 +184,14 @@ impl Cluster {
 
     pub fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
+    }
+
+    /// Makes a directory jobs may write to (they run as slot users of their own), as /tmp.
+    pub fn job_dir(&self, p: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(p)?;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o1777))?;
+        Ok(())
     }
 
     /// (Re)starts the coordinator on `listen`.

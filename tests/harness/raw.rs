@@ -98,7 +98,8 @@ impl RawWorker {
             labels: Vec::new(),
             executors: vec!["process".into()],
             server_name: None,
-            docker_pids_limit: 4096,
+            contain: Default::default(),
+            secrets: Default::default(),
             limits: Default::default(),
         };
         let id = berth_worker::identity::load_or_enrol(&cfg).await?;
@@ -106,7 +107,19 @@ impl RawWorker {
         let d = dial(&endpoint, &cfg.coordinators, None, PeerKind::Worker, Duration::from_secs(10)).await?;
         let Dialed { conn, mut send, mut recv, .. } = d;
         let host = HostInfo { hostname: "raw".into(), cpus: 1, mem_mib: 1024, executors: vec!["process".into()], ..HostInfo::default() };
-        write_frame(&mut send, &WorkerMsg::Register { name: name.to_string(), slots: 1, pool: "default".into(), labels: Vec::new(), host, held }).await?;
+        write_frame(
+            &mut send,
+            &WorkerMsg::Register {
+                name: name.to_string(),
+                slots: 1,
+                pool: "default".into(),
+                labels: Vec::new(),
+                host: Box::new(host),
+                held,
+                instance: uuid::Uuid::new_v4(),
+            },
+        )
+        .await?;
         let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
         // Reads are not cancellation-safe: one task reads, the test waits on the channel.
         tokio::spawn(async move {

@@ -24,6 +24,7 @@ pub fn caps() -> Arc<WorkerCaps> {
         pool_free: true,
         labels: Vec::new(),
         gpu_list: Vec::new(),
+        secrets: Vec::new(),
     })
 }
 

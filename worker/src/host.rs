@@ -53,6 +53,8 @@ fn detect_with(executors: &[String], limits: &HostLimits) -> (HostInfo, GpuSourc
         docker: std::path::Path::new("/var/run/docker.sock").exists(),
         kvm: std::path::Path::new("/dev/kvm").exists(),
         executors: executors.to_vec(),
+        containment: Default::default(),
+        secrets: Vec::new(),
     };
     (host, source)
 }

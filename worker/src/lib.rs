@@ -3,9 +3,11 @@
 //! on-disk spool, heartbeats its leases, and reconnects with backoff keeping its
 //! attempts alive.
 
+pub mod contain;
 pub mod executor;
 pub mod host;
 pub mod identity;
+pub mod secrets;
 pub mod session;
 pub mod slot;
 pub mod spool;
@@ -26,10 +28,12 @@ pub struct WorkerConfig {
     pub labels: Vec<(String, String)>,
     pub executors: Vec<String>,
     pub server_name: Option<String>,
-    /// The most processes a job's container may hold.
-    pub docker_pids_limit: i64,
     /// What the operator allows this worker to use.
     pub limits: host::HostLimits,
+    /// How process jobs are contained (identities, cgroups, the pids limit).
+    pub contain: contain::ContainConfig,
+    /// The secrets this worker holds for jobs (`--secrets`).
+    pub secrets: secrets::Secrets,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -46,9 +46,22 @@ struct Cli {
     /// Docker engine answers).
     #[arg(long = "executor", value_delimiter = ',', default_value = "process")]
     executors: Vec<String>,
-    /// The most processes a job's container may hold.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(i64).range(16..=4_194_304))]
-    docker_pids_limit: i64,
+    /// The most processes (and threads) one job may hold at once, in its cgroup or container.
+    #[arg(long, alias = "docker-pids-limit", default_value_t = 4096, value_parser = clap::value_parser!(i64).range(16..=4_194_304))]
+    pids_limit: i64,
+    /// Run every process job as this user (name or uid) instead of a user per slot.
+    #[arg(long)]
+    job_user: Option<String>,
+    /// When the worker runs as root: slot N's process jobs run as uid and gid BASE+N.
+    #[arg(long, default_value_t = berth_worker::contain::identity::DEFAULT_SLOT_UID_BASE, value_parser = clap::value_parser!(u32).range(1..=2_000_000_000))]
+    slot_uid_base: u32,
+    /// Do not put process jobs in cgroups (their --cpus, --mem and pids are then not enforced).
+    #[arg(long)]
+    no_cgroups: bool,
+    /// The secrets this worker holds for jobs: a TOML file naming each, its source and
+    /// the accounts that may use it (see deploy/secrets.example.toml).
+    #[arg(long)]
+    secrets: Option<PathBuf>,
     /// The name the coordinator's certificate is checked against (default: the address's host).
     #[arg(long)]
     server_name: Option<String>,
@@ -132,6 +145,10 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
     if slots == 0 || slots > 4096 {
         return Err((2, format!("--slots {slots} is out of range: use 1 to 4096")));
     }
+    let secrets = match &cli.secrets {
+        Some(p) => berth_worker::secrets::Secrets::from_file(p).map_err(|e| (2, e))?,
+        None => Default::default(),
+    };
     let name = cli.name.unwrap_or_else(berth_worker::host::hostname);
     berth_shared::tls::validate_name(&name).map_err(|e| (2, format!("--name: {e}")))?;
     let cfg = WorkerConfig {
@@ -146,8 +163,14 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
         labels: cli.labels,
         executors: cli.executors,
         server_name: cli.server_name,
-        docker_pids_limit: cli.docker_pids_limit,
         limits,
+        contain: berth_worker::contain::ContainConfig {
+            job_user: cli.job_user,
+            slot_uid_base: cli.slot_uid_base,
+            pids_limit: cli.pids_limit,
+            cgroups: !cli.no_cgroups,
+        },
+        secrets,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| (1, format!("cannot start the runtime: {e}")))?;
     rt.block_on(berth_worker::session::run_on_host(cfg, host, shutdown_signal())).map_err(|e| (1, chain(&e)))

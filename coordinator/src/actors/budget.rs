@@ -59,6 +59,8 @@ impl Handler<Admit> for Budget {
 /// The admission of `spec` under `pools`: plain code, so it is tested without actors.
 pub fn admission(pools: &Pools, mut spec: JobSpec, owner: &str) -> Result<(JobSpec, Admission), ApiError> {
     let account = spec.account.clone().filter(|a| !a.trim().is_empty()).unwrap_or_else(|| owner.to_string());
+    // The account is named from here on: workers check a secret's accounts against it.
+    spec.account = Some(account.clone());
     let eligible = pools.eligible(&spec.pools).map_err(|e| ApiError::new(ErrorKind::Invalid, e))?;
     let r = spec.resources.clone();
     let max_runtime = match spec.max_runtime_ms {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use berth_shared::job::JobSpec;
 use berth_shared::resources::{gpu_matches, FreeResources};
-use berth_shared::wire::{GpuInfo, HostInfo};
+use berth_shared::wire::{GpuInfo, HostInfo, SecretGrant};
 
 use crate::pools::{Pool, Pools};
 
@@ -44,6 +44,8 @@ pub struct WorkerCaps {
     /// The worker's labels (jobs may require some) and its GPUs (model and memory).
     pub labels: Vec<(String, String)>,
     pub gpu_list: Vec<GpuInfo>,
+    /// The secrets it holds and the accounts that may use each.
+    pub secrets: Vec<SecretGrant>,
 }
 
 /// The checks that decide whether a worker could ever run a job, each on its own so
@@ -58,9 +60,16 @@ enum Check {
     Pool,
     /// A job with no max runtime runs only in a free pool.
     Bounded,
+    /// Every secret it names is declared there for its account.
+    Secrets,
 }
 
-const CHECKS: [Check; 7] = [Check::Executor, Check::Gpus, Check::Cpus, Check::Mem, Check::Labels, Check::Pool, Check::Bounded];
+const CHECKS: [Check; 8] = [Check::Executor, Check::Gpus, Check::Cpus, Check::Mem, Check::Labels, Check::Pool, Check::Bounded, Check::Secrets];
+
+/// The account a spec runs under (admission names it: the owner's when none was given).
+fn account_of(spec: &JobSpec) -> &str {
+    spec.account.as_deref().unwrap_or("")
+}
 
 impl WorkerCaps {
     /// A connected worker's capabilities, from what it registered with.
@@ -74,12 +83,17 @@ impl WorkerCaps {
             pool_free,
             labels,
             gpu_list: host.gpus.clone(),
+            secrets: host.secrets.clone(),
         }
     }
 
     /// Whether a worker with these capabilities could ever run `spec`.
     pub fn can_run(&self, spec: &JobSpec) -> bool {
         CHECKS.iter().all(|c| self.passes(*c, spec))
+    }
+
+    fn holds_secret(&self, name: &str, account: &str) -> bool {
+        self.secrets.iter().any(|g| g.name == name && g.allows(account))
     }
 
     fn matching_gpus(&self, spec: &JobSpec) -> usize {
@@ -96,6 +110,7 @@ impl WorkerCaps {
             Check::Labels => spec.constraints.iter().all(|c| self.labels.contains(c)),
             Check::Pool => spec.pools.is_empty() || spec.pools.contains(&self.pool),
             Check::Bounded => self.pool_free || spec.max_runtime_ms.is_some(),
+            Check::Secrets => spec.secrets.iter().all(|(_, name)| self.holds_secret(name, account_of(spec))),
         }
     }
 }
@@ -149,6 +164,16 @@ pub fn explain_unrunnable(spec: &JobSpec, workers: &[WorkerCaps]) -> Option<Stri
             }
             Check::Pool => why.push(format!("no connected worker is in pool {}", spec.pools.join(" or "))),
             Check::Bounded => why.push("it has no max runtime, and every connected worker is in a paid pool (give --max-runtime)".into()),
+            Check::Secrets => {
+                for (_, name) in &spec.secrets {
+                    if !workers.iter().any(|w| w.holds_secret(name, account_of(spec))) {
+                        why.push(format!(
+                            "no connected worker holds secret `{name}` for account {} (secrets are declared on workers, with the accounts that may use them)",
+                            account_of(spec)
+                        ));
+                    }
+                }
+            }
         }
     }
     if why.is_empty() {

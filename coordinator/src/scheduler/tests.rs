@@ -26,7 +26,22 @@ fn caps(pool: &str) -> WorkerCaps {
         pool_free: true,
         labels: vec![],
         gpu_list: (0..8).map(|i| gpu(i, "NVIDIA H100 80GB HBM3", 81_559)).collect(),
+        secrets: vec![],
     }
+}
+
+#[test]
+fn secrets_run_only_where_declared_for_the_account() {
+    use berth_shared::wire::SecretGrant;
+    let mut spec = JobSpec::new(berth_shared::job::Command::Argv(vec!["true".into()]));
+    spec.secrets = vec![("T".into(), "HF".into())];
+    spec.account = Some("research".into());
+    let none = caps("default");
+    let any = WorkerCaps { secrets: vec![SecretGrant { name: "HF".into(), accounts: vec![] }], ..caps("default") };
+    let theirs = WorkerCaps { secrets: vec![SecretGrant { name: "HF".into(), accounts: vec!["evals".into()] }], ..caps("default") };
+    assert!(!none.can_run(&spec) && !theirs.can_run(&spec) && any.can_run(&spec));
+    let why = explain_unrunnable(&spec, &[none, theirs]).expect("unrunnable");
+    assert!(why.contains("no connected worker holds secret `HF` for account research"), "{why}");
 }
 
 fn cursor(job_seq: i64, account: &str, spec: Arc<JobSpec>, next: i64, end: i64) -> Candidate {

@@ -174,7 +174,19 @@ async fn sim_worker(
     };
     let (conn, mut send, mut recv) = (d.conn, d.send, d.recv);
     let host = HostInfo { hostname: "sim".into(), cpus: 1, mem_mib: 1024, executors: vec!["process".into()], ..HostInfo::default() };
-    write_frame(&mut send, &WorkerMsg::Register { name: name.clone(), slots: 1, pool: "default".into(), labels: Vec::new(), host, held: Vec::new() }).await?;
+    write_frame(
+        &mut send,
+        &WorkerMsg::Register {
+            name: name.clone(),
+            slots: 1,
+            pool: "default".into(),
+            labels: Vec::new(),
+            host: Box::new(host),
+            held: Vec::new(),
+            instance: uuid::Uuid::new_v4(),
+        },
+    )
+    .await?;
     match read_frame::<_, CoordMsg>(&mut recv).await? {
         Some(CoordMsg::Registered { .. }) => {}
         other => bail!("{name}: expected Registered, got {other:?}"),

@@ -62,6 +62,10 @@ pub trait Executor: Send + Sync {
     /// Starts one attempt on the runtime; what happens to it comes back on `reports`
     /// (`Report::Started` once it runs, `Report::Ended` always, once).
     fn spawn(&self, job: Job<'_>, reports: Reports);
+    /// How it contains its jobs, when it does (the process executor).
+    fn containment(&self) -> Option<berth_shared::wire::Containment> {
+        None
+    }
     /// Whether its attempts can be frozen (`Controls::freeze`).
     fn freezes(&self) -> bool {
         false

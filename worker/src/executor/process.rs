@@ -1,11 +1,14 @@
 //! The process executor: the command runs as a child in the slot workspace, in its
-//! own process group, and the whole group is killed when the attempt is cancelled,
-//! times out, or its main process exits (so nothing it started outlives it).
+//! own process group and, where cgroups can be used, in its slot's cgroup, as the
+//! slot's own unprivileged user with a clean environment (`crate::contain`). The
+//! attempt ends as a whole: when its main process exits, or it is cancelled or times
+//! out, every process it started is killed (by its cgroup, so one that left the group
+//! dies too), and its output is read until the last of them is gone.
 //!
 //! A worker that is killed outright (SIGKILL, OOM killer, power cut on a VM that comes
-//! back) cannot kill its groups: they run on, orphaned. So each attempt's group is
+//! back) cannot kill its attempts: they run on, orphaned. So each attempt's group is
 //! written down (`Launch::record`) until it is gone, and a starting worker kills the
-//! groups its previous run left (`kill_left_over`).
+//! groups its previous run left (`kill_left_over`) and empties the slots' cgroups.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,10 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_shared::job::Outcome;
-use berth_shared::wire::{KillReason, OutStream};
+use berth_shared::wire::{Containment as Summary, KillReason, OutStream};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -25,21 +28,24 @@ use tokio::sync::watch;
 use futures::future::BoxFuture;
 
 use super::{Ended, Executor, Job, Launch, Opened, Report, Reports, Setup};
+use crate::contain::{Containment, JobIdentity, Limits, SlotContainment};
 use crate::spool::Spool;
 use crate::WorkerError;
 
 /// The executor's name (`--executor process`).
 pub const NAME: &str = "process";
 
-/// The process executor as a worker offers it: where it records the process group
-/// of each slot's attempt (`groups/slot-<n>`, rewritten in place per attempt:
-/// creating and deleting a file per attempt costs more than a trivial job).
+/// The process executor as a worker offers it: how its slots are contained, and where
+/// it records the process group of each slot's attempt (`groups/slot-<n>`, rewritten in
+/// place per attempt: creating and deleting a file per attempt costs more than a
+/// trivial job).
 pub struct ProcessExecutor {
     groups: PathBuf,
+    contain: Arc<Containment>,
 }
 
 /// Kills the process groups an earlier run of this worker left running (whether or
-/// not the executor is offered now), then offers it if asked.
+/// not the executor is offered now), then offers it if asked, with its slots contained.
 pub fn open<'a>(s: &'a Setup<'a>) -> BoxFuture<'a, Result<Opened, WorkerError>> {
     Box::pin(async move {
         let groups = s.cfg.work_dir.join("groups");
@@ -49,7 +55,11 @@ pub fn open<'a>(s: &'a Setup<'a>) -> BoxFuture<'a, Result<Opened, WorkerError>> 
         if left_over > 0 {
             tracing::warn!(groups = left_over, "killed attempts left over from before this worker restarted");
         }
-        Ok(if s.asked { Opened::Offered(Box::new(ProcessExecutor { groups })) } else { Opened::NotAsked })
+        if !s.asked {
+            return Ok(Opened::NotAsked);
+        }
+        let contain = Containment::open(&s.cfg.contain, &s.cfg.name, &s.cfg.work_dir, s.cfg.slots).map_err(WorkerError::Setup)?;
+        Ok(Opened::Offered(Box::new(ProcessExecutor { groups, contain: Arc::new(contain) })))
     })
 }
 
@@ -58,19 +68,34 @@ impl Executor for ProcessExecutor {
         NAME
     }
 
+    fn containment(&self) -> Option<Summary> {
+        Some(self.contain.summary())
+    }
+
     fn spawn(&self, job: Job<'_>, reports: Reports) {
         let lease = job.assignment.lease;
         let mut launch = job.launch;
         launch.record = Some(self.groups.join(format!("slot-{}", job.slot)));
+        let slot = self.contain.slot(job.slot);
+        let r = &job.assignment.spec.resources;
+        let limits = Limits { millicpus: r.millicpus, mem_mib: r.mem_mib, pids: slot.pids_limit };
+        let confine = Confine { slot, limits };
         let (spool, kill, started) = (job.spool, job.controls.kill, reports.clone());
         super::spawn_attempt(lease, job.span, reports, async move {
-            let outcome = run(launch, spool, kill, move |_| {
+            let outcome = run(launch, confine, spool, kill, move |_| {
                 let _ = started.send(Report::Started(lease));
             })
             .await;
             Ended { outcome, frozen: None }
         });
     }
+}
+
+/// How one attempt is contained: its slot's identity and cgroup, and its limits.
+#[derive(Clone, Debug, Default)]
+pub struct Confine {
+    pub slot: SlotContainment,
+    pub limits: Limits,
 }
 
 /// What one read may take from a job's pipe: a whole chunk, so a job that prints fast
@@ -128,23 +153,97 @@ enum End {
     Killed(KillReason),
 }
 
+/// The variables every job gets before its own: a `PATH`, and `HOME`, `USER` and
+/// `LOGNAME` for its identity. Nothing else of the worker's environment reaches it.
+fn base_env(workspace: &Path, id: Option<&JobIdentity>) -> Vec<(String, String)> {
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let mut env = vec![("PATH".to_string(), path), ("HOME".to_string(), workspace.to_string_lossy().into_owned())];
+    if let Some(id) = id {
+        env.push(("USER".into(), id.name.clone()));
+        env.push(("LOGNAME".into(), id.name.clone()));
+    }
+    env
+}
+
+/// Runs in the child between fork and exec (so only async-signal-safe calls, nothing
+/// allocated): joins the slot's cgroups (each descriptor is a `cgroup.procs`, and `0`
+/// is the writer itself), so nothing it starts can be outside them, then becomes the
+/// attempt's user, with no supplementary groups and no way to gain privileges (setuid
+/// programs do not raise it).
+///
+/// The one place of unsafe code in berth: a child must join its cgroup before it can
+/// fork, so this runs in `pre_exec`, and the system calls are libc's.
+#[allow(unsafe_code)]
+fn enter(procs: &[RawFd], id: Option<&JobIdentity>) -> std::io::Result<()> {
+    let check = |r: libc::c_int| if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+    for fd in procs {
+        // SAFETY: writes one byte from a static buffer to a descriptor the parent opened.
+        if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } != 1 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    if let Some(id) = id {
+        // SAFETY: plain system calls on values, valid in a forked child.
+        unsafe {
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setgid(id.gid))?;
+            check(libc::setuid(id.uid))?;
+        }
+    }
+    Ok(())
+}
+
+/// Has the child `enter` its cgroups and identity before it execs.
+#[allow(unsafe_code)]
+fn contained(cmd: &mut tokio::process::Command, procs: Vec<RawFd>, id: Option<JobIdentity>) {
+    // SAFETY: `enter` makes only async-signal-safe system calls and allocates nothing;
+    // `procs` stay open in the parent (the slot's cgroup holds them) until the spawn returns.
+    unsafe {
+        cmd.pre_exec(move || enter(&procs, id.as_ref()));
+    }
+}
+
 /// Runs one attempt to its end. `started` is called with the process group id once
-/// the child runs; `kill` asks for the group to be killed.
-pub async fn run(launch: Launch, spool: Arc<Spool>, mut kill: watch::Receiver<Option<KillReason>>, started: impl FnOnce(i32)) -> Outcome {
+/// the child runs; `kill` asks for the attempt to be killed.
+pub async fn run(launch: Launch, confine: Confine, spool: Arc<Spool>, mut kill: watch::Receiver<Option<KillReason>>, started: impl FnOnce(i32)) -> Outcome {
     let begin = Instant::now();
     let fail = |code: i32, error: String| Outcome { exit_code: Some(code), signal: None, timed_out: false, killed: false, runtime_ms: 0, error: Some(error) };
     let Some(program) = launch.argv.first() else {
+        spool.close();
         return fail(127, "the command is empty".into());
+    };
+    let identity = confine.slot.identity.clone();
+    let cgroup = confine.slot.cgroup.clone();
+    if let Err(e) = crate::contain::own_workspace(&launch.workspace, identity.as_ref()) {
+        spool.close();
+        return fail(1, format!("cannot give the workspace {} to the job's user: {e}", launch.workspace.display()));
+    }
+    let oom_before = match &cgroup {
+        Some(cg) => {
+            if let Err(e) = cg.limit(confine.limits) {
+                spool.close();
+                return fail(1, format!("cannot set the attempt's limits: {e}"));
+            }
+            cg.oom_kills()
+        }
+        None => 0,
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(&launch.argv[1..])
         .current_dir(&launch.workspace)
+        .env_clear()
+        .envs(base_env(&launch.workspace, identity.as_ref()))
         .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
+    let procs = cgroup.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
+    if !procs.is_empty() || identity.is_some() {
+        contained(&mut cmd, procs, identity.clone());
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -167,13 +266,24 @@ pub async fn run(launch: Launch, spool: Arc<Spool>, mut kill: watch::Receiver<Op
     let out = child.stdout.take().map(|o| tokio::spawn(pump(o, OutStream::Stdout, spool.clone())));
     let err = child.stderr.take().map(|e| tokio::spawn(pump(e, OutStream::Stderr, spool.clone())));
 
+    // Every process of the attempt: its group and, with a cgroup, whatever left it.
+    let signal_all = |sig: Signal| {
+        signal_group(pgid, sig);
+        if let Some(cg) = &cgroup {
+            if sig == Signal::SIGKILL {
+                cg.kill();
+            } else {
+                cg.signal(sig);
+            }
+        }
+    };
     let timer = super::deadline_passed(launch.max_runtime.map(|d| tokio::time::Instant::now() + d));
     let killed = super::kill_asked(&mut kill);
     let end = tokio::select! {
         s = child.wait() => match s {
             Ok(s) => End::Exited(s),
             Err(e) => {
-                signal_group(pgid, Signal::SIGKILL);
+                signal_all(Signal::SIGKILL);
                 forget_group(&launch.record);
                 spool.close();
                 return fail(1, format!("lost track of the process: {e}"));
@@ -184,17 +294,23 @@ pub async fn run(launch: Launch, spool: Arc<Spool>, mut kill: watch::Receiver<Op
     };
     let status = match end {
         End::Exited(s) => {
-            // The main process is done: end whatever it left behind in its group.
-            signal_group(pgid, Signal::SIGKILL);
+            // The main process is done: end whatever it left behind.
+            signal_all(Signal::SIGKILL);
             Ok(s)
         }
         other => {
-            signal_group(pgid, Signal::SIGTERM);
-            let s = match tokio::time::timeout(launch.grace, child.wait()).await {
+            // SIGTERM to all of it; within the grace, the main process and (with a
+            // cgroup) everything it started may finish, and what they print is read.
+            signal_all(Signal::SIGTERM);
+            let deadline = tokio::time::Instant::now() + launch.grace;
+            let s = match tokio::time::timeout_at(deadline, child.wait()).await {
                 Ok(Ok(s)) => Some(s),
                 _ => None,
             };
-            signal_group(pgid, Signal::SIGKILL);
+            if let Some(cg) = &cgroup {
+                cg.emptied(deadline.saturating_duration_since(tokio::time::Instant::now())).await;
+            }
+            signal_all(Signal::SIGKILL);
             let s = match s {
                 Some(s) => Some(s),
                 None => child.wait().await.ok(),
@@ -203,11 +319,19 @@ pub async fn run(launch: Launch, spool: Arc<Spool>, mut kill: watch::Receiver<Op
         }
     };
     forget_group(&launch.record);
-    // The pipes close once the group is gone; a process that left the group and kept
-    // them open does not hold the attempt up for long.
+    // Output is read until the last process of the attempt is gone: with a cgroup, the
+    // kernel says when; without, the pipes close once the group is gone, and a process
+    // that left the group and kept them open holds the attempt up for 2 s at most.
+    let mut bound = Duration::from_secs(2);
+    if let Some(cg) = &cgroup {
+        if !cg.emptied(Duration::from_secs(10)).await {
+            tracing::warn!(left = cg.members().len(), "processes of the attempt outlived a kill of its cgroup for 10 s");
+        }
+        bound = Duration::from_secs(10);
+    }
     for h in [out, err].into_iter().flatten() {
         let abort = h.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(2), h).await.is_err() {
+        if tokio::time::timeout(bound, h).await.is_err() {
             abort.abort();
         }
     }
@@ -215,7 +339,7 @@ pub async fn run(launch: Launch, spool: Arc<Spool>, mut kill: watch::Receiver<Op
     let runtime_ms = begin.elapsed().as_millis() as u64;
     use std::os::unix::process::ExitStatusExt;
     let code_of = |s: &std::process::ExitStatus| s.code().or_else(|| s.signal().map(|sig| 128 + sig));
-    match status {
+    let mut outcome = match status {
         Ok(s) => Outcome { exit_code: code_of(&s), signal: s.signal(), timed_out: false, killed: false, runtime_ms, error: None },
         Err((End::TimedOut | End::Exited(_), s)) => Outcome {
             exit_code: s.as_ref().and_then(code_of).or(Some(137)),
@@ -233,7 +357,15 @@ pub async fn run(launch: Launch, spool: Arc<Spool>, mut kill: watch::Receiver<Op
             runtime_ms,
             error: None,
         },
+    };
+    // The kernel killed for memory in this attempt, and that is how it ended.
+    if let Some(cg) = &cgroup {
+        if cg.oom_kills() > oom_before && outcome.exit_code == Some(137) && !outcome.killed && !outcome.timed_out {
+            outcome.error =
+                Some(format!("oom_killed: the attempt ran out of its memory limit of {} MiB and was killed (exit code 137)", confine.limits.mem_mib));
+        }
     }
+    outcome
 }
 
 /// When a process started, in clock ticks since boot (field 22 of `/proc/PID/stat`):
@@ -345,7 +477,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let spool = Arc::new(Spool::create(&dir.path().join("s")).expect("spool"));
         let (_tx, rx) = watch::channel(None);
-        let o = run(launch(dir.path(), "echo $GREETING; pwd; exit 7", None), spool.clone(), rx, |_| {}).await;
+        let o = run(launch(dir.path(), "echo $GREETING; pwd; exit 7", None), Confine::default(), spool.clone(), rx, |_| {}).await;
         assert_eq!(o.exit_code, Some(7));
         assert_eq!(o.final_state(), berth_shared::JobState::Failed);
         let text = output(&spool);
@@ -360,7 +492,7 @@ mod tests {
         let spool = Arc::new(Spool::create(&dir.path().join("s")).expect("spool"));
         let (_tx, rx) = watch::channel(None);
         let t = Instant::now();
-        let o = run(launch(dir.path(), "sleep 30 & sleep 30", Some(Duration::from_millis(300))), spool, rx, |_| {}).await;
+        let o = run(launch(dir.path(), "sleep 30 & sleep 30", Some(Duration::from_millis(300))), Confine::default(), spool, rx, |_| {}).await;
         assert!(o.timed_out);
         assert!(t.elapsed() < Duration::from_secs(5));
     }
@@ -389,7 +521,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let spool = Arc::new(Spool::create(&dir.path().join("s")).expect("spool"));
         let (tx, rx) = watch::channel(None);
-        let h = tokio::spawn(run(launch(dir.path(), "sleep 30", None), spool, rx, |_| {}));
+        let h = tokio::spawn(run(launch(dir.path(), "sleep 30", None), Confine::default(), spool, rx, |_| {}));
         tokio::time::sleep(Duration::from_millis(100)).await;
         tx.send(Some(KillReason::Cancelled)).expect("send");
         let o = tokio::time::timeout(Duration::from_secs(5), h).await.expect("in time").expect("joined");
@@ -400,7 +532,7 @@ mod tests {
         let (_tx, rx) = watch::channel(None);
         let mut l = launch(dir.path(), "", None);
         l.argv = vec!["/no/such/program".into()];
-        let o = run(l, spool, rx, |_| {}).await;
+        let o = run(l, Confine::default(), spool, rx, |_| {}).await;
         assert_eq!(o.exit_code, Some(127));
         assert!(o.error.as_deref().unwrap_or("").contains("/no/such/program"));
     }

@@ -131,7 +131,11 @@ async fn run_on(mut cfg: WorkerConfig, host: Option<HostInfo>, shutdown: impl Fu
         Some(h) => h,
         None => crate::host::detect_limited(&cfg.executors, &cfg.limits).map(|(h, _)| h).map_err(WorkerError::Setup)?,
     };
-    let host = offered(host, &asked, &cfg.executors);
+    let mut host = offered(host, &asked, &cfg.executors);
+    host.containment = executors.iter().find_map(|e| e.containment()).unwrap_or_default();
+    host.secrets = cfg.secrets.grants();
+    crate::contain::work_dir_modes(&cfg.work_dir, host.containment.separate_users)
+        .map_err(|source| WorkerError::WorkDir { path: cfg.work_dir.clone(), source })?;
     let (reports, mut reports_rx) = mpsc::unbounded_channel();
     let free = FreeResources { millicpus: host.cpus.saturating_mul(1000), mem_mib: host.mem_mib, gpus: host.gpus.clone() };
     let mut state = State::new(cfg.slots, cfg.prefetch, free);
@@ -328,7 +332,7 @@ impl Driver {
             Some(p) => std::borrow::Cow::Borrowed(p),
             None => workspace.to_string_lossy(),
         };
-        let env = job_env(&at.a, &at.gpus, !self.host.gpus.is_empty(), slot, &seen, &self.cfg.name);
+        let env = job_env(&at.a, &at.gpus, !self.host.gpus.is_empty(), slot, &seen, &self.cfg.name, &self.cfg.secrets);
         let refused = match (prepared, env, exec) {
             (Err(e), _, _) => Err((None, format!("cannot prepare the slot workspace: {e}"))),
             (_, Err(e), _) => Err((None, e)),
@@ -397,8 +401,9 @@ impl Driver {
             slots: self.cfg.slots as u32,
             pool: self.cfg.pool.clone(),
             labels: self.cfg.labels.clone(),
-            host: self.host.clone(),
+            host: Box::new(self.host.clone()),
             held: state.held(),
+            instance: self.instance,
         };
         if write_frame(&mut send, &register).await.is_err() {
             return Ok(Closed::Lost("cannot register".into()));
@@ -509,7 +514,15 @@ fn prepare_workspace(dir: &std::path::Path) -> std::io::Result<()> {
 /// The job's environment on top of the worker's: its own variables, secrets
 /// resolved here (never sent or stored), and BERTH_* facts. `workspace` is where the
 /// job sees its workspace.
-fn job_env(a: &Assignment, gpus: &[GpuInfo], has_gpus: bool, slot: usize, workspace: &str, worker: &str) -> Result<Vec<(String, String)>, String> {
+fn job_env(
+    a: &Assignment,
+    gpus: &[GpuInfo],
+    has_gpus: bool,
+    slot: usize,
+    workspace: &str,
+    worker: &str,
+    secrets: &crate::secrets::Secrets,
+) -> Result<Vec<(String, String)>, String> {
     let mut env: Vec<(String, String)> = a.spec.env.clone();
     if has_gpus || !gpus.is_empty() {
         // Only the GPUs it was given: a job that asked for none sees none, so two jobs
@@ -518,11 +531,10 @@ fn job_env(a: &Assignment, gpus: &[GpuInfo], has_gpus: bool, slot: usize, worksp
         env.push(("CUDA_VISIBLE_DEVICES".into(), list.clone()));
         env.push(("NVIDIA_VISIBLE_DEVICES".into(), if list.is_empty() { "none".into() } else { list }));
     }
+    // The coordinator names the account (the owner's when the job gave none).
+    let account = a.spec.account.as_deref().unwrap_or("");
     for (var, name) in &a.spec.secrets {
-        match std::env::var(name) {
-            Ok(v) => env.push((var.clone(), v)),
-            Err(_) => return Err(format!("secret `{name}` is not set on worker {worker} (export it in the worker's environment)")),
-        }
+        env.push((var.clone(), secrets.resolve(name, account, worker)?));
     }
     env.push(("BERTH_JOB_ID".into(), a.job.to_string()));
     env.push(("BERTH_ATTEMPT".into(), a.attempt.to_string()));

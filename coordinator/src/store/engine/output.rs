@@ -21,11 +21,15 @@ impl<D: Db> Store<D> {
                 Some(o) => *o,
                 None => {
                     let o = match self.db.query_opt(
-                        "SELECT job_seq, idx, attempt FROM tasks WHERE lease = ?1 AND worker = ?2 AND state = 'running'",
+                        // A cancelled attempt's output is still taken until its result
+                        // comes: what it prints after SIGTERM is its last word.
+                        "SELECT job_seq, idx, attempt FROM tasks WHERE lease = ?1 AND worker = ?2
+                           AND (state = 'running' OR (state = 'cancelled' AND exit_code IS NULL AND runtime_ms IS NULL))",
                         p![c.lease.to_string(), worker],
                     )? {
-                        Some(r) => Some((r.i64(0)?, r.i64(1)?, r.u32(2)?)),
-                        None => None,
+                        Some(r) => Owner::Running(r.i64(0)?, r.i64(1)?, r.u32(2)?),
+                        None if self.ended_here(worker, c.lease)? => Owner::Ended,
+                        None => Owner::Stale,
                     };
                     owners.insert(c.lease, o);
                     o

@@ -136,7 +136,7 @@ async fn open_engine(s: &Setup<'_>) -> Result<Opened, WorkerError> {
     Ok(Opened::Offered(Box::new(DockerExecutor {
         engine,
         worker: cfg.name.clone(),
-        pids_limit: cfg.docker_pids_limit,
+        pids_limit: cfg.contain.pids_limit,
         containers: cfg.work_dir.join("containers"),
     })))
 }
