@@ -327,6 +327,7 @@ fn cpu_worker() -> WorkerCaps {
         pool_free: true,
         labels: Vec::new(),
         gpu_list: Vec::new(),
+        secrets: Vec::new(),
     }
 }
 
