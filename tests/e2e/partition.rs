@@ -28,6 +28,8 @@ use serde_json::Value;
 const TTL: Duration = Duration::from_secs(3);
 /// What every project this test makes is called, before `PID-N`.
 const PROJECT_PREFIX: &str = "berth-e2e-part-";
+/// The image this test builds, tagged `PID-N`.
+const IMAGE: &str = "berth-e2e-compose";
 const WORKERS: [&str; 3] = ["worker-1", "worker-2", "worker-3"];
 
 fn deploy_dir() -> PathBuf {
@@ -75,7 +77,7 @@ impl Compose {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
         let project = format!("{PROJECT_PREFIX}{pid}-{n}");
-        let image = format!("berth-e2e-compose:{pid}-{n}");
+        let image = format!("{IMAGE}:{pid}-{n}");
         let dir = tempfile::Builder::new().prefix("berth-e2e-compose-").tempdir()?;
         let env = vec![
             ("BERTH_IMAGE", image.clone()),
@@ -190,11 +192,16 @@ fn remove_leftovers() {
     }
     seen.sort();
     seen.dedup();
+    let gone = |pid: &str| pid.parse::<u32>().is_ok_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists());
     for project in seen {
-        let pid = project[PROJECT_PREFIX.len()..].split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
+        if project[PROJECT_PREFIX.len()..].split('-').next().is_some_and(gone) {
             take_down(&project);
         }
+    }
+    // Their images, tagged PID-N (after their containers, which held them).
+    let tags = docker_ok(&["images", "--filter", &format!("reference={IMAGE}"), "--format", "{{.Tag}}"]).unwrap_or_default();
+    for tag in tags.lines().filter(|t| t.split('-').next().is_some_and(gone)) {
+        let _ = docker(&["rmi", &format!("{IMAGE}:{tag}")]);
     }
 }
 
