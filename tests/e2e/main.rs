@@ -10,5 +10,6 @@ mod drain;
 mod gpus;
 mod jobs;
 mod leases;
+mod partition;
 mod postgres;
 mod security;
