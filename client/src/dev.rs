@@ -59,7 +59,15 @@ pub fn run(args: DevArgs) -> Result<u8, Fail> {
     // The coordinator runs its actors on its own actix system thread.
     let (addr_tx, addr_rx) = std::sync::mpsc::channel::<Result<std::net::SocketAddr, String>>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let cfg = RunConfig { data_dir: dir.clone(), listen: args.listen, lease_ttl: Duration::from_secs(30), store: None, pools: None, name: "dev".into() };
+    let cfg = RunConfig {
+        data_dir: dir.clone(),
+        listen: args.listen,
+        lease_ttl: Duration::from_secs(30),
+        store: None,
+        pools: None,
+        name: "dev".into(),
+        max_output: None,
+    };
     let coordinator = std::thread::Builder::new()
         .name("coordinator".into())
         .spawn(move || {

@@ -44,11 +44,13 @@ fn job_selector(s: &str) -> Result<JobSelector, String> {
 enum Cmd {
     /// Submit a job or an array: `berth submit [OPTIONS] -- CMD ARGS...` or `berth submit job.toml`.
     Submit(submit::SubmitArgs),
-    /// Show a job (or JOB:INDEX, one task of an array) and its history.
+    /// Show a job (or JOB:INDEX, one task of an array) and its history; without JOB, the
+    /// coordinator's own state (whether it can take new jobs, its default output cap).
     Status {
-        /// The job: its id or a unique prefix, optionally :INDEX for one task of an array.
+        /// The job: its id or a unique prefix, optionally :INDEX for one task of an array
+        /// (without it: the coordinator's own state).
         #[arg(value_parser = job_selector)]
-        job: JobSelector,
+        job: Option<JobSelector>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -289,8 +291,13 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
     let style = Style::detect();
     match command {
         Cmd::Submit(a) => submit::submit(client, &a, style).await,
-        Cmd::Status { job, json } => {
+        Cmd::Status { job: None, json } => {
+            let h = client.ask(&Request::Health, answer!(Response::Health(h) => h)).await?;
+            show::print(json, style, &h, show::health_json, show::health_text)
+        }
+        Cmd::Status { job: Some(job), json } => {
             let st = client.ask(&Request::Status { job }, answer!(Response::Status(st) => *st)).await?;
+            warn_if_unwritable(client).await;
             show::print(json, style, &st, show::status_json, show::status_text)
         }
         Cmd::List { state, limit, json } => {
@@ -308,6 +315,7 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
         Cmd::Workers { command, json } => match command {
             None => {
                 let ws = client.ask(&Request::Workers, answer!(Response::Workers(ws) => ws)).await?;
+                warn_if_unwritable(client).await;
                 show::print(json, style, ws.as_slice(), show::workers_json, show::workers_text)
             }
             Some(WorkersCmd::Drain { name }) | Some(WorkersCmd::Undrain { name }) if name.is_empty() => Err(Fail::usage("a worker name is required")),
@@ -377,6 +385,17 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
             done(format!("removed {image}"))
         }
         Cmd::Completions { .. } | Cmd::Dev(_) => Ok(0),
+    }
+}
+
+/// Says on stderr when the coordinator's store cannot write (its disk is full): asked
+/// after the command's own answer, so a coordinator that does not know the question
+/// costs nothing.
+async fn warn_if_unwritable(client: &Client) {
+    if let Ok(Response::Health(h)) = client.call(&Request::Health).await {
+        if let Some(w) = show::store_warning(&h) {
+            note!("warning: {}", show::clean(&w));
+        }
     }
 }
 

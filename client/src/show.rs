@@ -5,9 +5,9 @@
 
 use std::io::IsTerminal;
 
-use berth_shared::duration::format_duration;
+use berth_shared::duration::{format_duration, format_size};
 use berth_shared::job::{Command, Counts, Event, Executor, JobState, LABEL_FROZEN_IMAGE, LABEL_RESUMED_FROM};
-use berth_shared::wire::{FrozenImage, JobStatus, JobSummary, WorkerInfo};
+use berth_shared::wire::{CoordinatorHealth, FrozenImage, JobStatus, JobSummary, WorkerInfo};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
@@ -211,6 +211,7 @@ pub fn status_json(st: &JobStatus) -> Value {
         m.insert("runtime_ms".into(), json!(t.and_then(|t| t.runtime_ms)));
         m.insert("reason".into(), json!(t.and_then(|t| t.reason.clone())));
         m.insert("command".into(), json!(command_text(&st.spec.command)));
+        m.insert("max_output".into(), json!(st.spec.max_output));
         if let Executor::Docker { image, network } = &st.spec.executor {
             m.insert("image".into(), json!(image));
             m.insert("network".into(), json!(network.clone().unwrap_or_else(|| "none".into())));
@@ -260,6 +261,9 @@ pub fn status_text(style: Style, st: &JobStatus) -> String {
         rows.push(("tasks", format!("{} ({})", s.tasks, counts_text(&s.counts))));
     }
     rows.push(("command", clean(&command_text(&st.spec.command)).into_owned()));
+    if let Some(m) = st.spec.max_output {
+        rows.push(("max output", format_size(m)));
+    }
     if let Executor::Docker { image, network } = &st.spec.executor {
         rows.push(("image", clean(image).into_owned()));
         rows.push(("network", clean(network.as_deref().unwrap_or("none")).into_owned()));
@@ -466,6 +470,47 @@ pub fn budgets_json(rows: &[berth_shared::wire::BudgetInfo]) -> Value {
             })
             .collect(),
     )
+}
+
+/// What a store that cannot write means for the user, in one line (`None`: it writes).
+pub fn store_warning(h: &CoordinatorHealth) -> Option<String> {
+    let s = &h.store;
+    if s.writable {
+        return None;
+    }
+    let since = s.since.map(|t| format!(" since {}", time(t))).unwrap_or_default();
+    let what = if s.disk_full { format!("the coordinator's disk is full{since}") } else { format!("the coordinator cannot write its store{since}") };
+    Some(format!(
+        "{what}: new jobs are refused, and running jobs' output and results wait on their workers until it can write again ({})",
+        s.reason.as_deref().unwrap_or("no reason given")
+    ))
+}
+
+/// `berth status` without a job: the coordinator's own state.
+pub fn health_text(style: Style, h: &CoordinatorHealth) -> String {
+    let store = match store_warning(h) {
+        None => style.paint("32", "writable"),
+        Some(w) => style.paint("31", &w),
+    };
+    let rows = [
+        ("coordinator", h.coordinator.clone()),
+        ("store", store),
+        ("output cap", format!("{} per attempt, unless a job sets --max-output", format_size(h.default_max_output))),
+    ];
+    rows.iter().map(|(k, v)| format!("{}  {}\n", style.bold(&format!("{k:<11}")), v)).collect()
+}
+
+pub fn health_json(h: &CoordinatorHealth) -> Value {
+    json!({
+        "coordinator": h.coordinator,
+        "store": {
+            "writable": h.store.writable,
+            "disk_full": h.store.disk_full,
+            "since": h.store.since.map(|t| t.to_rfc3339()),
+            "reason": h.store.reason,
+        },
+        "default_max_output": h.default_max_output,
+    })
 }
 
 #[cfg(test)]

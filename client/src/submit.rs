@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use berth_shared::duration::{parse_duration, parse_size_mib};
+use berth_shared::duration::{parse_duration, parse_size_bytes, parse_size_mib};
 use berth_shared::ids::{JobId, JobSelector};
 use berth_shared::job::{ArrayRange, Command, Executor, JobSpec, JobState};
 use berth_shared::wire::{OutStream, Request, Response};
@@ -56,6 +56,10 @@ pub struct SubmitArgs {
     /// Memory, e.g. 512M or 2G.
     #[arg(long, value_parser = parse_size_mib)]
     pub mem: Option<u64>,
+    /// The most output an attempt may store, e.g. 100M or 2G: past it the job fails and
+    /// is killed, its output kept up to the cap (default: the coordinator's).
+    #[arg(long, value_parser = parse_size_bytes, value_name = "SIZE")]
+    pub max_output: Option<u64>,
     /// GPUs (whole devices); the job sees only the ones it was given.
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub gpus: Option<u32>,
@@ -140,6 +144,9 @@ pub fn build_spec(a: &SubmitArgs) -> Result<JobSpec, Fail> {
     }
     if let Some(m) = a.mem {
         spec.resources.mem_mib = m;
+    }
+    if a.max_output.is_some() {
+        spec.max_output = a.max_output;
     }
     if let Some(g) = a.gpus {
         spec.resources.gpus = g;

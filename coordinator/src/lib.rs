@@ -75,7 +75,7 @@ impl Coordinator {
             None => crate::pools::Pools::default(),
         };
         let pools = Arc::new(pools);
-        let store = location.writer(pools.clone())?;
+        let store = location.writer(pools.clone(), cfg.lease_ttl)?;
         let readers: Vec<_> = (0..2).map(|_| location.reader()).collect::<Result<_, _>>()?;
         // The store's files exist now: none may be readable by anyone else.
         dir.tighten()?;
@@ -86,7 +86,8 @@ impl Coordinator {
             let conn = readers.lock().ok().and_then(|mut v| v.pop());
             StoreReader::new(conn.unwrap_or_else(|| for_readers.reader().unwrap_or_else(|e| panic!("cannot open a read connection: {e}"))))
         });
-        let job_store = JobStore::new(store.clone(), cfg.lease_ttl).start();
+        let max_output = cfg.max_output.unwrap_or(config::DEFAULT_MAX_OUTPUT);
+        let job_store = JobStore::new(store.clone(), cfg.lease_ttl, max_output).start();
         // No lease expires before its worker had a full TTL to reconnect to us.
         let renewed = job_store.send(actors::job_store::RestartLeases {}).await.map_err(|_| StoreError::Stopped)??;
         if renewed > 0 {

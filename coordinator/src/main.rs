@@ -153,6 +153,7 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
                 Some(p) => ConfigFile::from_file(p).map_err(|e| (2, chain(&e)))?,
                 None => ConfigFile::default(),
             };
+            let max_output = file.max_output_bytes().map_err(|e| (2, e))?;
             let data_dir = data_dir.or(file.data_dir).ok_or((2, "--data-dir is required (or data_dir in --config)".to_string()))?;
             let listen = match (listen, file.listen) {
                 (Some(l), _) => l,
@@ -168,7 +169,7 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
                 return Err((2, "--lease-ttl must be at least 500ms".into()));
             }
             let name = hostname();
-            let cfg = RunConfig { data_dir, listen, lease_ttl, store: store.or(file.store), pools: pools.or(file.pools), name };
+            let cfg = RunConfig { data_dir, listen, lease_ttl, store: store.or(file.store), pools: pools.or(file.pools), name, max_output };
             let system = actix_rt::System::new();
             system.block_on(async move {
                 let coord = berth_coordinator::Coordinator::start(&cfg).await.map_err(fail)?;

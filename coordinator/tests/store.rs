@@ -286,6 +286,7 @@ on_both_backends!(
     cancel_one_index,
     cancel_of_an_ended_job_is_refused,
     join_tokens_are_single_use_and_expire,
+    a_worker_name_is_enrolled_again_only_once_its_holder_is_gone,
     group_commit_answers_every_operation,
     budget_months_roll_at_midnight_utc_and_settle_exactly,
     freeze_reserves_an_image_and_records_the_task_frozen,
@@ -1186,4 +1187,198 @@ fn freeze_reserves_an_image_and_records_the_task_frozen(h: &mut Harness) {
     let third = h.submit(&docker);
     assert_eq!(h.claim_with("w1", 1, &caps, at(6), TTL).len(), 1);
     freeze_as(h, third, Some("t1"), "alice", false).expect("a reservation of an ended task does not hold the name");
+}
+
+// ------------------------------------------------------------------ output caps and a full disk
+
+on_both_backends!(an_output_cap_keeps_what_fits_and_fails_the_task);
+
+fn an_output_cap_keeps_what_fits_and_fails_the_task(h: &mut Harness) {
+    let b = h.backend;
+    let j = h.submit(&JobSpec { max_output: Some(10), ..job() });
+    let l = h.claim("w1", 1, at(0))[0].lease;
+    use ChunkVerdict::*;
+    use OutStream::{Stderr, Stdout};
+    // Both streams count: 6 bytes stored, then 4 of the next 8, and the task ends.
+    assert_eq!(h.append("w1", vec![chunk(l, Stdout, 1, "1234"), chunk(l, Stderr, 1, "56")]), vec![Stored, Stored], "[{b}]");
+    assert_eq!(h.append("w1", vec![chunk(l, Stdout, 2, "abcdefgh"), chunk(l, Stdout, 3, "more")]), vec![OverCap, Dropped], "[{b}]");
+    let st = h.status(j, None);
+    let t = st.task.expect("the task");
+    assert_eq!((t.state, t.attempt), (JobState::Failed, 1), "[{b}]");
+    let reason = t.reason.unwrap_or_default();
+    assert!(reason.contains("14 B written") && reason.contains("output cap of 10 B"), "[{b}] {reason}");
+    let states: Vec<JobState> = st.events.iter().map(|e| e.state).collect();
+    assert_eq!(states, [JobState::Queued, JobState::Running, JobState::Failed], "[{b}]");
+    assert_eq!(h.summary(j).counts.failed, 1, "[{b}]");
+    let seq = h.seq(j);
+    let r = h.reader.logs(seq, None, None, (0, 0)).expect("logs");
+    assert!(r.ended, "[{b}] the attempt has ended");
+    assert_eq!(r.chunks, vec![(Stdout, 1, b"1234".to_vec()), (Stderr, 1, b"56".to_vec()), (Stdout, 2, b"abcd".to_vec())], "[{b}] what fits");
+    // What the killed attempt still sends is acknowledged and dropped; its result and
+    // heartbeats change nothing and are not answered "kill".
+    assert_eq!(h.append("w1", vec![chunk(l, Stdout, 4, "late")]), vec![Dropped], "[{b}]");
+    assert!(h.heartbeat("w1", &[l], at(2)).is_empty(), "[{b}]");
+    assert_eq!(h.finish("w1", l, exited(143), at(3)), FinishVerdict::AlreadyRecorded, "[{b}]");
+    assert_eq!(h.reader.logs(seq, None, None, (0, 0)).expect("logs").chunks.len(), 3, "[{b}]");
+    // Output that reaches the cap exactly is kept whole; the next chunk ends the task.
+    let j = h.submit(&JobSpec { max_output: Some(8), ..job() });
+    let l = h.claim("w1", 1, at(4))[0].lease;
+    assert_eq!(h.append("w1", vec![chunk(l, Stdout, 1, "12345678"), chunk(l, Stdout, 2, "9")]), vec![Stored, OverCap], "[{b}]");
+    let t = h.status(j, None).task.expect("task");
+    assert_eq!(t.state, JobState::Failed, "[{b}]");
+    assert!(t.reason.unwrap_or_default().contains("9 B written"), "[{b}]");
+    let seq = h.seq(j);
+    assert_eq!(h.reader.logs(seq, None, None, (0, 0)).expect("logs").chunks, vec![(Stdout, 1, b"12345678".to_vec())], "[{b}]");
+    // Without a cap nothing is cut.
+    let j = h.submit(&job());
+    let l = h.claim("w1", 1, at(4))[0].lease;
+    assert_eq!(h.append("w1", vec![chunk(l, Stdout, 1, &"x".repeat(100_000))]), vec![Stored], "[{b}]");
+    assert_eq!(h.finish("w1", l, exited(0), at(5)), FinishVerdict::Recorded, "[{b}]");
+    assert_eq!(h.status(j, None).task.expect("task").state, JobState::Succeeded, "[{b}]");
+}
+
+/// A SQLite database whose disk can be made full: while it is, every write statement
+/// fails with SQLITE_FULL, and so does the COMMIT of a transaction that wrote (as a full
+/// WAL would); reads go on.
+struct FillableDb {
+    inner: SqliteDb,
+    full: Arc<std::sync::atomic::AtomicBool>,
+    /// Fail only COMMIT (what was written in the transaction seemed to go fine).
+    only_commit: Arc<std::sync::atomic::AtomicBool>,
+    /// The open transaction has written.
+    wrote: bool,
+}
+
+impl FillableDb {
+    fn refuses(&mut self, sql: &str) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let s = sql.trim_start().to_ascii_uppercase();
+        let write = s.starts_with("INSERT") || s.starts_with("UPDATE") || s.starts_with("DELETE");
+        if s.starts_with("BEGIN") {
+            self.wrote = false;
+        }
+        if !self.full.load(SeqCst) {
+            self.wrote |= write;
+            return false;
+        }
+        if s.starts_with("COMMIT") {
+            return self.wrote;
+        }
+        if write && self.only_commit.load(SeqCst) {
+            self.wrote = true;
+            return false;
+        }
+        write
+    }
+
+    fn full() -> StoreError {
+        StoreError::Db(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), Some("database or disk is full".into())))
+    }
+}
+
+impl Db for FillableDb {
+    fn backend(&self) -> berth_coordinator::store::sql::Backend {
+        self.inner.backend()
+    }
+    fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64, StoreError> {
+        if self.refuses(sql) {
+            return Err(Self::full());
+        }
+        self.inner.exec(sql, params)
+    }
+    fn query(&mut self, sql: &str, params: &[Val]) -> Result<Vec<berth_coordinator::store::sql::Row>, StoreError> {
+        if self.refuses(sql) {
+            return Err(Self::full());
+        }
+        self.inner.query(sql, params)
+    }
+    fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        if self.refuses(sql) {
+            return Err(Self::full());
+        }
+        self.inner.batch(sql)
+    }
+}
+
+#[test]
+fn a_store_that_cannot_write_refuses_new_jobs_stops_lease_clocks_and_recovers_without_stale_state() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("berth.db");
+    let (full, only_commit) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let db = FillableDb { inner: SqliteDb::open(&path).expect("open"), full: full.clone(), only_commit: only_commit.clone(), wrote: false };
+    let mut store = Store::new(db).expect("schema").with_lease_ttl(TTL);
+    let reader = || Location::Sqlite(path.clone()).reader().expect("reader");
+    let s: &mut dyn Apply = &mut store;
+    let submit = |s: &mut dyn Apply, spec: JobSpec| {
+        let admission = Admission { account: "alice".into(), ..Admission::default() };
+        call_on(s, |reply| Op::Submit { spec: Box::new(spec), owner: "alice".into(), idempotency_key: Uuid::new_v4(), admission, now: at(0), reply })
+    };
+    let claim = |s: &mut dyn Apply, now| {
+        call_on(s, |reply| Op::Claim { worker: "w1".into(), n: 1, caps: Arc::new(cpu_worker()), free: None, now, ttl: TTL, reply }).expect("claim").tasks
+    };
+    let append = |s: &mut dyn Apply, l, seq, text: &str| {
+        let chunks = vec![chunk(l, OutStream::Stdout, seq, text)];
+        call_on(s, |reply| Op::AppendLogs { worker: "w1".into(), chunks, reply })
+    };
+    let expire = |s: &mut dyn Apply, now| call_on(s, |reply| Op::ExpireLeases { now, reply }).expect("expire");
+    fn unwritable<T: std::fmt::Debug>(r: Result<T, StoreError>) -> String {
+        match r {
+            Err(e @ StoreError::Unwritable { full: true, .. }) => e.to_string(),
+            other => panic!("expected the store to be unwritable, got {other:?}"),
+        }
+    }
+
+    submit(s, job()).expect("submit");
+    let l = claim(s, at(0))[0].lease;
+    assert_eq!(append(s, l, 1, "one\n").expect("append"), vec![ChunkVerdict::Stored]);
+
+    // The disk fills: output is refused (the caller is told, to have it sent again),
+    // and so is every new job, in words.
+    full.store(true, SeqCst);
+    unwritable(append(s, l, 2, "two\n"));
+    assert!(store.health().as_ref().is_some_and(|h| h.full), "{:?}", store.health());
+    let s: &mut dyn Apply = &mut store;
+    let said = unwritable(submit(s, job()));
+    assert!(said.starts_with("the coordinator's disk is full: it takes no new jobs"), "{said}");
+    // Renewals cannot be stored, so no lease expires for the lack of them.
+    assert!(expire(s, at_ms(ttl_ms() * 3)).is_empty());
+    assert!(!store.probe(at(200)), "still full");
+
+    // Space returns: the probe finds it, and running leases get a full TTL from then.
+    full.store(false, SeqCst);
+    assert!(store.probe(at(200)));
+    assert!(store.health().is_none());
+    let s: &mut dyn Apply = &mut store;
+    assert!(expire(s, at(201)).is_empty(), "the lease counts from the recovery");
+    assert_eq!(append(s, l, 2, "two\n").expect("append"), vec![ChunkVerdict::Stored], "the refused chunk is taken when sent again");
+
+    // A batch whose COMMIT fails leaves nothing behind in the writer's memory: not the
+    // next output sequence, nor a job whose row id the next submission gets again.
+    let parent = submit(s, job()).expect("submit").job;
+    let lp = claim(s, at(202))[0].lease;
+    assert_eq!(
+        call_on(s, |reply| Op::Finish { worker: "w1".into(), lease: lp, outcome: exited(1), now: at(203), reply }).expect("finish"),
+        FinishVerdict::Recorded
+    );
+    only_commit.store(true, SeqCst);
+    full.store(true, SeqCst);
+    // Cancelled at once (its parent failed): the writer looks the new job up meanwhile.
+    let doomed = JobSpec { after: vec![format!("{parent}:ok").parse().expect("dependency")], max_attempts: 3, ..job() };
+    unwritable(submit(s, doomed));
+    unwritable(append(s, l, 3, "three\n"));
+    full.store(false, SeqCst);
+    assert!(store.probe(at(300)));
+    let s: &mut dyn Apply = &mut store;
+    assert_eq!(append(s, l, 3, "three\n").expect("append"), vec![ChunkVerdict::Stored], "not taken for a duplicate");
+    let next = JobSpec { max_attempts: 1, ..JobSpec::new(Command::Argv(vec!["echo".into(), "next".into()])) };
+    let id = submit(s, next.clone()).expect("submit").job;
+    let got = claim(s, at(301));
+    assert_eq!((got.len(), got[0].job), (1, id));
+    assert_eq!(got[0].spec, next, "the claim carries this job's spec, not the rolled-back one's");
+    let gone = expire(s, at(301) + TimeDelta::milliseconds(ttl_ms() * 3));
+    assert!(gone.iter().any(|e| e.job == id && !e.requeued), "one attempt: failed, not re-queued: {gone:?}");
+    let mut r = reader();
+    let seq = r.resolve(&sel(id, None), &Scope::All).expect("resolve").0;
+    assert_eq!(r.summary(seq).expect("summary").counts.failed, 1);
 }

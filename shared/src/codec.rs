@@ -117,11 +117,12 @@ mod tests {
     }
 
     #[test]
-    /// Protocol 1 as of the job constraints and dependencies (two empty lists before the key).
+    /// Protocol 1 as of the job constraints and dependencies (two empty lists) and the
+    /// output cap (none: `00`), before the key.
     fn golden_submit() {
         let spec = JobSpec::new(Command::Argv(vec!["true".into()]));
         let req = Request::Submit { spec, idempotency_key: Uuid::from_u128(1) };
-        assert_eq!(hex(&encode(&req).expect("encodes")), "0000002b00000001047472756500000000000000000003000000000000001000000000000000000000000000000001");
+        assert_eq!(hex(&encode(&req).expect("encodes")), "0000002c0000000104747275650000000000000000000300000000000000001000000000000000000000000000000001");
     }
 
     /// The freeze messages, appended to their enums so every earlier message keeps its
@@ -136,6 +137,21 @@ mod tests {
         assert_eq!(hex(&encode(&frozen).expect("encodes")), "0000002b05100102030405060708090a0b0c0d0e0f100f62657274682d66726f7a656e3a743101fb1e010000000500");
         let req = Request::Freeze { job: "0192f3ab".parse().expect("selector"), tag: None };
         assert_eq!(hex(&encode(&req).expect("encodes")), "0000000c0c0830313932663361620000");
+    }
+
+    /// A full store's messages, appended to their enums so every earlier message keeps
+    /// its bytes.
+    #[test]
+    fn golden_store_health() {
+        let lease = LeaseId(Uuid::from_u128(0x0102030405060708090a0b0c0d0e0f10));
+        assert_eq!(hex(&encode(&CoordMsg::Resend { lease }).expect("encodes")), "0000001209100102030405060708090a0b0c0d0e0f10");
+        assert_eq!(hex(&encode(&Request::Health).expect("encodes")), "0000000110");
+        let health = Response::Health(CoordinatorHealth {
+            coordinator: "c".into(),
+            store: StoreHealth { writable: false, disk_full: true, since: None, reason: Some("full".into()) },
+            default_max_output: 1 << 20,
+        });
+        assert_eq!(hex(&encode(&health).expect("encodes")), "00000011130163000100010466756c6cfc00001000");
     }
 
     #[test]

@@ -58,6 +58,41 @@ pub fn parse_size_mib(s: &str) -> Result<u64, String> {
     Ok((n * factor).ceil() as u64)
 }
 
+/// Parses a size into bytes, with the units of `parse_size_mib`: `512K`, `100M`, `2G`,
+/// `1.5G`, `4096B`, or a bare number of MiB.
+pub fn parse_size_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid size `{s}`: use e.g. 512K, 100M or 2G"))?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(format!("invalid size `{s}`: must be a positive amount"));
+    }
+    let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "" | "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("invalid size `{s}`: unknown unit `{other}` (use B, K, M, G or T)")),
+    };
+    let bytes = (n * factor).ceil();
+    if bytes >= u64::MAX as f64 {
+        return Err(format!("invalid size `{s}`: too large"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Formats a size in bytes for people: `512 B`, `64 KiB`, `1 MiB`, `1.3 MiB`, `2 GiB`.
+pub fn format_size(bytes: u64) -> String {
+    for (unit, n) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= n {
+            return if bytes.checked_rem(n) == Some(0) { format!("{} {unit}", bytes / n) } else { format!("{:.1} {unit}", bytes as f64 / n as f64) };
+        }
+    }
+    format!("{bytes} B")
+}
+
 /// Formats a duration compactly for tables: `850ms`, `12.3s`, `4m05s`, `2h07m`.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -97,5 +132,17 @@ mod tests {
         assert_eq!(parse_size_mib("64"), Ok(64));
         assert!(parse_size_mib("lots").is_err());
         assert!(parse_size_mib("3Q").is_err());
+        assert_eq!(parse_size_bytes("1M"), Ok(1 << 20));
+        assert_eq!(parse_size_bytes("512K"), Ok(512 << 10));
+        assert_eq!(parse_size_bytes("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size_bytes("4096b"), Ok(4096));
+        assert_eq!(parse_size_bytes("2"), Ok(2 << 20));
+        assert!(parse_size_bytes("much").is_err());
+        assert!(parse_size_bytes("1Q").is_err());
+        assert!(parse_size_bytes("99999999999T").is_err());
+        assert_eq!(format_size(1 << 20), "1 MiB");
+        assert_eq!(format_size((1 << 20) + (300 << 10)), "1.3 MiB");
+        assert_eq!(format_size(10 << 30), "10 GiB");
+        assert_eq!(format_size(100), "100 B");
     }
 }

@@ -272,6 +272,11 @@ pub struct JobSpec {
     pub constraints: Vec<(String, String)>,
     /// Jobs that must end first (`--after JOB[:ok|:any]`); an array is one parent.
     pub after: Vec<Dependency>,
+    /// The most output (stdout and stderr together, in bytes) one attempt may store
+    /// (`--max-output`); past it the task fails and is killed, its output kept up to
+    /// the cap. `None` in a submission: the coordinator's default, filled in when the
+    /// job is admitted.
+    pub max_output: Option<u64>,
 }
 
 /// A parent job and what its end must be for the child to run.
@@ -326,6 +331,7 @@ impl JobSpec {
             array: None,
             constraints: Vec::new(),
             after: Vec::new(),
+            max_output: None,
         }
     }
 
@@ -363,6 +369,9 @@ impl JobSpec {
         }
         if self.max_runtime_ms == Some(0) {
             return Err("max runtime must be more than zero".into());
+        }
+        if self.max_output == Some(0) {
+            return Err("max output must be more than zero".into());
         }
         if self.after.len() > 64 {
             return Err(format!("{} dependencies is more than the limit of 64", self.after.len()));

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use toml::Spanned;
 
-use crate::duration::{parse_duration, parse_size_mib};
+use crate::duration::{parse_duration, parse_size_bytes, parse_size_mib};
 use crate::job::{ArrayRange, Command, Executor, JobSpec};
 use crate::profile::one_line;
 use crate::wire::MAX_FRAME_BYTES;
@@ -45,6 +45,8 @@ struct JobFile {
     /// Parents: `["JOB", "JOB:any"]`.
     #[serde(default)]
     after: Vec<Spanned<String>>,
+    /// The most output one attempt may store: `"100M"`.
+    max_output: Option<Spanned<String>>,
 }
 
 /// Reads and checks a job file.
@@ -159,6 +161,14 @@ pub fn parse(text: &str) -> Result<JobSpec, String> {
         let span = v.span();
         spec.resources.min_vram_mib = Some(parse_size_mib(v.get_ref()).map_err(|e| at(span, "min_vram", e))?);
     }
+    if let Some(m) = f.max_output {
+        let span = m.span();
+        let bytes = parse_size_bytes(m.get_ref()).map_err(|e| at(span.clone(), "max_output", e))?;
+        if bytes == 0 {
+            return Err(at(span, "max_output", "must be more than zero".into()));
+        }
+        spec.max_output = Some(bytes);
+    }
     match (f.image, f.network) {
         (Some(image), network) => spec.executor = Executor::Docker { image, network },
         (None, Some(_)) => return Err(": field `network`: only applies with `image`".into()),
@@ -193,6 +203,9 @@ mem = "2G"
         assert_eq!(spec.resources.millicpus, 1500);
         assert_eq!(spec.resources.mem_mib, 2048);
         assert_eq!(spec.max_attempts, 2);
+        assert_eq!(spec.max_output, None);
+        let spec = parse("command = [\"true\"]\nmax_output = \"1.5M\"\n").expect("valid");
+        assert_eq!(spec.max_output, Some(3 << 19));
     }
 
     #[test]
@@ -205,6 +218,8 @@ mem = "2G"
         assert!(e.contains("`command`"), "{e}");
         let e = parse("command = [\"true\"]\nattempts = 0\n").expect_err("attempts");
         assert!(e.starts_with(":2: field `attempts`"), "{e}");
+        let e = parse("command = [\"true\"]\nmax_output = \"0\"\n").expect_err("no output");
+        assert!(e.starts_with(":2: field `max_output`"), "{e}");
         let e = parse("command = [\n").expect_err("syntax");
         assert!(!e.contains('\n'), "one line: {e}");
         let e = parse("command = [\"true\"]\nname = \"a\\u001bb\"\n").expect_err("control character");

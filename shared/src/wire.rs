@@ -170,6 +170,32 @@ pub enum Request {
     RemoveImage {
         image: String,
     },
+    /// The coordinator's own state: whether its store can write (`berth status`).
+    Health,
+}
+
+/// The coordinator's own state, for `berth status` without a job (and a warning above
+/// `berth status JOB` and `berth workers` while its store cannot write).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorHealth {
+    pub coordinator: String,
+    pub store: StoreHealth,
+    /// The output cap of a job that sets none (`max_output` in its config), in bytes.
+    pub default_max_output: u64,
+}
+
+/// Whether the job store takes writes. While it does not (its disk is full, say), new
+/// submissions are refused; output and results wait on the workers, which send them
+/// again once it does.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreHealth {
+    pub writable: bool,
+    /// It cannot write because its disk is full (otherwise another write failure).
+    pub disk_full: bool,
+    /// Since when it cannot write.
+    pub since: Option<DateTime<Utc>>,
+    /// What the last failed write said.
+    pub reason: Option<String>,
 }
 
 /// An image a task was frozen into.
@@ -354,6 +380,7 @@ pub enum Response {
     ImageRemoved {
         image: String,
     },
+    Health(CoordinatorHealth),
 }
 
 // ---------------------------------------------------------------- worker protocol
@@ -502,6 +529,12 @@ pub enum CoordMsg {
     /// Remove this frozen image from the worker's engine; answered by `ImageRemoved`.
     RemoveImage {
         image: String,
+    },
+    /// Some of this attempt's output could not be stored (the coordinator's disk was
+    /// full, say) and now can be: send every chunk not acknowledged again, on a new
+    /// output stream.
+    Resend {
+        lease: LeaseId,
     },
 }
 

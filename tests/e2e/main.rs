@@ -5,6 +5,7 @@ mod bad_input;
 mod budget;
 mod cli;
 mod contain;
+mod disk;
 mod docker;
 mod drain;
 mod gpus;

@@ -29,7 +29,7 @@ pub fn caps() -> Arc<WorkerCaps> {
 }
 
 pub fn open(loc: &Location) -> Result<StoreHandle> {
-    loc.writer(Default::default()).map_err(|e| anyhow!("cannot open the store {}: {e}", loc.describe()))
+    loc.writer(Default::default(), std::time::Duration::from_secs(30)).map_err(|e| anyhow!("cannot open the store {}: {e}", loc.describe()))
 }
 
 /// `workers` simulated workers run the array of `tasks` to its end, each as a

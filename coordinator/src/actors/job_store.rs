@@ -1,5 +1,10 @@
 //! The JobStore actor: the only writer of job state. It forwards each operation to
 //! the group-commit writer (`store`) and answers once the operation is durable.
+//!
+//! While the store cannot write (`store::health`): a result waits here and is applied
+//! once it can (the worker is answered then), and a heartbeat is answered without
+//! renewing (lease expiry waits too, and every running lease gets a full TTL once the
+//! store writes again), so a full disk neither loses a result nor ends a worker's link.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +20,29 @@ use crate::store::{Admission, Decided, Expired, FinishVerdict, FreezeOrder, Kill
 pub struct JobStore {
     store: StoreHandle,
     lease_ttl: Duration,
+    /// The output cap of a job that sets none, in bytes.
+    max_output: u64,
 }
 
 impl JobStore {
-    pub fn new(store: StoreHandle, lease_ttl: Duration) -> Self {
-        JobStore { store, lease_ttl }
+    pub fn new(store: StoreHandle, lease_ttl: Duration, max_output: u64) -> Self {
+        JobStore { store, lease_ttl, max_output }
+    }
+}
+
+/// Runs an operation until the store takes it: while the store cannot write, it waits
+/// until the store can and is applied then (`build` makes it again each time).
+async fn until_written<T>(store: &StoreHandle, build: impl Fn(crate::store::Tx<T>) -> Op) -> Result<T, StoreError> {
+    loop {
+        match store.call(&build).await {
+            Err(e) if e.write_failure().is_some() => {
+                tracing::debug!(error = %e, "the store cannot write; the operation waits until it can");
+                store.writable().await;
+                // The store may fail the same way again at once; do not spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -29,6 +52,9 @@ impl Actor for JobStore {
 
 macro_rules! store_message {
     ($(#[$doc:meta])* $name:ident { $($field:ident : $ty:ty),* $(,)? } -> $out:ty, |$msg:ident, $store:ident, $ttl:ident| $body:expr) => {
+        store_message!($(#[$doc])* $name { $($field: $ty),* } -> $out, |$msg, $store, $ttl, _max_output| $body);
+    };
+    ($(#[$doc:meta])* $name:ident { $($field:ident : $ty:ty),* $(,)? } -> $out:ty, |$msg:ident, $store:ident, $ttl:ident, $max_output:ident| $body:expr) => {
         $(#[$doc])*
         pub struct $name { $(pub $field: $ty),* }
 
@@ -41,6 +67,7 @@ macro_rules! store_message {
             fn handle(&mut self, $msg: $name, _: &mut Self::Context) -> Self::Result {
                 let $store = self.store.clone();
                 let $ttl = self.lease_ttl;
+                let $max_output = self.max_output;
                 Box::pin(async move { $body })
             }
         }
@@ -48,9 +75,12 @@ macro_rules! store_message {
 }
 
 store_message!(
-    /// Admit a submission (the budget has already said yes).
-    Submit { spec: JobSpec, owner: String, idempotency_key: uuid::Uuid, admission: Admission } -> Submitted, |m, store, _ttl| {
-    store.call(|reply| Op::Submit { spec: Box::new(m.spec), owner: m.owner, idempotency_key: m.idempotency_key, admission: m.admission, now: Utc::now(), reply }).await
+    /// Admit a submission (the budget has already said yes). A job that sets no output
+    /// cap gets the coordinator's default, kept with it.
+    Submit { spec: JobSpec, owner: String, idempotency_key: uuid::Uuid, admission: Admission } -> Submitted, |m, store, _ttl, max_output| {
+    let mut spec = m.spec;
+    spec.max_output.get_or_insert(max_output);
+    store.call(|reply| Op::Submit { spec: Box::new(spec), owner: m.owner, idempotency_key: m.idempotency_key, admission: m.admission, now: Utc::now(), reply }).await
 });
 
 store_message!(
@@ -72,9 +102,10 @@ store_message!(
 });
 
 store_message!(
-    /// Record an attempt's result, if its lease is still the task's.
+    /// Record an attempt's result, if its lease is still the task's (waiting while the
+    /// store cannot write).
     Finish { worker: String, lease: LeaseId, outcome: Outcome } -> FinishVerdict, |m, store, _ttl| {
-    store.call(|reply| Op::Finish { worker: m.worker, lease: m.lease, outcome: m.outcome, now: Utc::now(), reply }).await
+    until_written(&store, |reply| Op::Finish { worker: m.worker.clone(), lease: m.lease, outcome: m.outcome.clone(), now: Utc::now(), reply }).await
 });
 
 /// Record that an attempt's process started (no answer needed).
@@ -93,9 +124,13 @@ impl Handler<Started> for JobStore {
 }
 
 store_message!(
-    /// Renew leases; answers the ones that are stale.
+    /// Renew leases; answers the ones that are stale. While the store cannot write,
+    /// answered with none stale and nothing renewed: lease expiry waits too.
     Heartbeat { worker: String, leases: Vec<LeaseId> } -> Vec<LeaseId>, |m, store, ttl| {
-    store.call(|reply| Op::Heartbeat { worker: m.worker, leases: m.leases, now: Utc::now(), ttl, reply }).await
+    match store.call(|reply| Op::Heartbeat { worker: m.worker, leases: m.leases, now: Utc::now(), ttl, reply }).await {
+        Err(e) if e.write_failure().is_some() => Ok(Vec::new()),
+        other => other,
+    }
 });
 
 store_message!(
@@ -129,9 +164,10 @@ store_message!(
 });
 
 store_message!(
-    /// Record that an attempt was frozen into `image`.
+    /// Record that an attempt was frozen into `image` (waiting while the store cannot
+    /// write).
     Frozen { worker: String, lease: LeaseId, outcome: Outcome, image: String } -> FinishVerdict, |m, store, _ttl| {
-    store.call(|reply| Op::Frozen { worker: m.worker, lease: m.lease, outcome: m.outcome, image: m.image, now: Utc::now(), reply }).await
+    until_written(&store, |reply| Op::Frozen { worker: m.worker.clone(), lease: m.lease, outcome: m.outcome.clone(), image: m.image.clone(), now: Utc::now(), reply }).await
 });
 
 store_message!(
@@ -162,6 +198,30 @@ impl Handler<WorkSignal> for JobStore {
     type Result = MessageResult<WorkSignal>;
     fn handle(&mut self, _: WorkSignal, _: &mut Self::Context) -> Self::Result {
         MessageResult(self.store.work.subscribe())
+    }
+}
+
+/// Whether the store can write, from now on (`store::health`).
+#[derive(Message)]
+#[rtype(result = "tokio::sync::watch::Receiver<crate::store::health::Health>")]
+pub struct HealthWatch;
+
+impl Handler<HealthWatch> for JobStore {
+    type Result = MessageResult<HealthWatch>;
+    fn handle(&mut self, _: HealthWatch, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.store.health.subscribe())
+    }
+}
+
+/// The coordinator's default output cap (bytes), for `berth status`.
+#[derive(Message)]
+#[rtype(result = "u64")]
+pub struct DefaultMaxOutput;
+
+impl Handler<DefaultMaxOutput> for JobStore {
+    type Result = u64;
+    fn handle(&mut self, _: DefaultMaxOutput, _: &mut Self::Context) -> u64 {
+        self.max_output
     }
 }
 

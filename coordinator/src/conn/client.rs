@@ -201,6 +201,11 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
         }
         Request::Images => super::freeze::images(shared, who, role).await?,
         Request::RemoveImage { image } => super::freeze::remove_image(shared, who, role, image).await?,
+        Request::Health => {
+            let store = crate::store::health::to_wire(&a.job_store.send(job_store::HealthWatch).await.map_err(mailbox)?.borrow());
+            let default_max_output = a.job_store.send(job_store::DefaultMaxOutput).await.map_err(mailbox)?;
+            Response::Health(berth_shared::wire::CoordinatorHealth { coordinator: shared.name.clone(), store, default_max_output })
+        }
     };
     write_frame(send, &out).await.map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
 }

@@ -59,6 +59,8 @@ pub fn close_for(conn: &quinn::Connection, e: &CodecError) {
 pub fn api(e: StoreError) -> ApiError {
     match e {
         StoreError::Api(a) => a,
+        // Said as it is: the coordinator's disk is full (logged by the store).
+        e @ StoreError::Unwritable { .. } => ApiError::new(ErrorKind::Internal, e.to_string()),
         other => {
             tracing::error!(error = %other, "store error");
             ApiError::new(ErrorKind::Internal, format!("the coordinator failed: {other}"))

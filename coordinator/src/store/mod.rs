@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod engine;
+pub mod health;
 pub mod read;
 pub mod schema;
 pub mod segments;
@@ -53,6 +54,13 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The disk refused a write (see `health`): what submitters are told.
+    #[error("{}", if *.full {
+        format!("the coordinator's disk is full: it takes no new jobs until space is freed where its store is kept ({reason})")
+    } else {
+        format!("the coordinator cannot write its store: it takes no new jobs until that is fixed ({reason})")
+    })]
+    Unwritable { full: bool, reason: String },
 }
 
 impl StoreError {
@@ -106,6 +114,11 @@ pub struct LogChunk {
 pub enum ChunkVerdict {
     Stored,
     Duplicate,
+    /// The task has ended (its output is complete): acknowledged, not stored.
+    Dropped,
+    /// Stored up to the attempt's output cap, which it passed: the task has failed, and
+    /// the attempt is to be killed.
+    OverCap,
     /// The lease is unknown or no longer the task's: kill that attempt.
     StaleLease,
     /// A gap in the sequence: the chunk is dropped and must be resent in order.
@@ -420,9 +433,18 @@ pub struct StoreHandle {
     pub notices: broadcast::Sender<Arc<Notice>>,
     /// Bumped whenever claimable work may have appeared (submit, requeue).
     pub work: Arc<watch::Sender<u64>>,
+    /// Whether the store can write; changed before the answers of the batch that
+    /// changed it are sent.
+    pub health: Arc<watch::Sender<health::Health>>,
 }
 
 impl StoreHandle {
+    /// Resolves once the store can write (at once if it can).
+    pub async fn writable(&self) {
+        let mut rx = self.health.subscribe();
+        let _ = rx.wait_for(|h| h.is_none()).await;
+    }
+
     pub fn send(&self, op: Op) -> Result<(), StoreError> {
         self.tx.send(op).map_err(|_| StoreError::Stopped)
     }
@@ -435,17 +457,53 @@ impl StoreHandle {
     }
 }
 
-/// Starts the writer thread over `store`.
+/// Starts the writer thread over `store`. While the store cannot write, it is probed
+/// every `health::PROBE_EVERY` between batches (see `health`).
 pub fn spawn_writer<D: Db + 'static>(mut store: Store<D>, committed: impl Fn() + Send + 'static) -> StoreHandle {
     let (tx, rx) = std::sync::mpsc::channel::<Op>();
     let (notices, _) = broadcast::channel(8192);
     let (work, _) = watch::channel(0u64);
-    let handle = StoreHandle { tx, notices: notices.clone(), work: Arc::new(work) };
+    let (health, _) = watch::channel(None);
+    let handle = StoreHandle { tx, notices: notices.clone(), work: Arc::new(work), health: Arc::new(health) };
     let work = handle.work.clone();
+    let health = handle.health.clone();
+    let publish = move |store: &Store<D>| {
+        health.send_if_modified(|h| {
+            if h != store.health() {
+                h.clone_from(store.health());
+                true
+            } else {
+                false
+            }
+        })
+    };
     std::thread::Builder::new()
         .name("job-store".into())
         .spawn(move || {
-            while let Ok(first) = rx.recv() {
+            let mut probe_at = std::time::Instant::now();
+            loop {
+                let first = if store.health().is_some() {
+                    match rx.recv_timeout(probe_at.saturating_duration_since(std::time::Instant::now())) {
+                        Ok(op) => Some(op),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                } else {
+                    match rx.recv() {
+                        Ok(op) => Some(op),
+                        Err(_) => break,
+                    }
+                };
+                if store.health().is_some() && std::time::Instant::now() >= probe_at {
+                    probe_at = std::time::Instant::now() + health::PROBE_EVERY;
+                    if store.probe(Utc::now()) {
+                        committed();
+                        publish(&store);
+                        // Claims that failed meanwhile are worth making again.
+                        work.send_modify(|g| *g += 1);
+                    }
+                }
+                let Some(first) = first else { continue };
                 let mut batch = vec![first];
                 while batch.len() < 4096 {
                     match rx.try_recv() {
@@ -453,8 +511,15 @@ pub fn spawn_writer<D: Db + 'static>(mut store: Store<D>, committed: impl Fn() +
                         Err(_) => break,
                     }
                 }
+                let was_writable = store.health().is_none();
                 let out = store.apply_batch(batch);
-                committed();
+                // A checkpoint cannot write either while the store cannot.
+                if store.health().is_none() {
+                    committed();
+                }
+                if publish(&store) && was_writable {
+                    probe_at = std::time::Instant::now() + health::PROBE_EVERY;
+                }
                 for n in out.notices {
                     let _ = notices.send(Arc::new(n));
                 }
@@ -529,12 +594,14 @@ impl Location {
         })
     }
 
-    /// Starts the group-commit writer.
-    pub fn writer(&self, pools: PoolsSnapshot) -> Result<StoreHandle, StoreError> {
+    /// Starts the group-commit writer; `lease_ttl` is what every running lease gets
+    /// when the store can write again after it could not.
+    pub fn writer(&self, pools: PoolsSnapshot, lease_ttl: Duration) -> Result<StoreHandle, StoreError> {
         off_runtime(|| {
             Ok(match self {
                 Location::Sqlite(p) => {
-                    let mut store = Store::new(SqliteDb::open_writer(p)?)?.with_pools(pools);
+                    let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+                    let mut store = Store::new(SqliteDb::open_writer(p)?)?.with_pools(pools).with_lease_ttl(lease_ttl).with_probe_dir(dir);
                     // A database from before segments keeps every chunk in its rows.
                     if !store.db().has_legacy_logs()? {
                         let dir = segments::dir_for(p);
@@ -548,7 +615,8 @@ impl Location {
                 }
                 Location::Postgres(u) => {
                     let me = uuid::Uuid::new_v4().to_string();
-                    let handle = spawn_writer(Store::new(PgDb::connect(u)?)?.with_pools(pools).notify_as(me.clone()), || {});
+                    let store = Store::new(PgDb::connect(u)?)?.with_pools(pools).with_lease_ttl(lease_ttl).notify_as(me.clone());
+                    let handle = spawn_writer(store, || {});
                     cluster::spawn_listener(u.clone(), me, handle.clone());
                     handle
                 }

@@ -8,7 +8,9 @@
 //! (`sync`) before the transaction that references them commits, so a committed row
 //! never points at bytes that are not on disk. Bytes written by a batch that did not
 //! commit (a crash, a rollback) are never referenced; a restarted coordinator starts a
-//! new segment, so nothing is ever appended after such a tail.
+//! new segment, so nothing is ever appended after such a tail. A failed write or sync
+//! (a full disk) ends the segment the same way: its batch is rolled back, and what a
+//! failed sync left of it is never trusted again.
 //!
 //! PostgreSQL keeps chunks in its table: coordinators sharing it may run on other hosts.
 
@@ -74,7 +76,13 @@ impl Segments {
     /// Appends a chunk; returns (segment, offset).
     pub fn append(&mut self, data: &[u8]) -> std::io::Result<(u64, u64)> {
         if self.len >= SEGMENT_BYTES {
-            let next = Self::create(&self.dir, self.id + 1)?;
+            // What a try that failed part way (a full disk) left of the next segment:
+            // nothing points into a segment not yet begun.
+            match std::fs::remove_file(self.dir.join(file_name(self.id + 1))) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(self.named(e)),
+                _ => {}
+            }
+            let next = Self::create(&self.dir, self.id + 1).map_err(|e| self.named(e))?;
             let full = std::mem::replace(&mut self.current, next);
             if self.dirty {
                 self.unsynced.push(full);
@@ -96,19 +104,47 @@ impl Segments {
 
     /// Makes every appended byte durable (before the commit that references them).
     pub fn sync(&mut self) -> std::io::Result<()> {
-        for f in std::mem::take(&mut self.unsynced) {
-            f.sync_data().map_err(|e| self.named(e))?;
-        }
-        if self.dirty {
-            self.current.sync_data().map_err(|e| self.named(e))?;
-            self.dirty = false;
-        }
-        Ok(())
+        let r = (|| {
+            for f in std::mem::take(&mut self.unsynced) {
+                f.sync_data()?;
+            }
+            if self.dirty {
+                self.current.sync_data()?;
+            }
+            Ok(())
+        })();
+        self.dirty = false;
+        r.map_err(|e| {
+            // After a failed sync the kernel may have dropped the unsynced pages: the
+            // next chunk begins a new segment rather than follow them.
+            self.len = SEGMENT_BYTES;
+            self.named(e)
+        })
     }
 
-    /// An error that says which directory it is about (a full or read-only disk).
+    /// An error that says which directory it is about (a full or read-only disk), the
+    /// system's error kept inside it (`health` tells a full disk by it).
     fn named(&self, e: std::io::Error) -> std::io::Error {
-        std::io::Error::new(e.kind(), format!("{}: {e}", self.dir.display()))
+        std::io::Error::new(e.kind(), InDir::new(self.dir.clone(), e))
+    }
+}
+
+/// An I/O error in the segment directory.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", dir.display())]
+pub struct InDir {
+    dir: PathBuf,
+    source: std::io::Error,
+}
+
+impl InDir {
+    pub fn new(dir: PathBuf, source: std::io::Error) -> InDir {
+        InDir { dir, source }
+    }
+
+    /// The system's error.
+    pub fn io(&self) -> &std::io::Error {
+        &self.source
     }
 }
 

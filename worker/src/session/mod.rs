@@ -277,6 +277,14 @@ impl Driver {
                         start_sender(l, lease, at.spool.clone());
                     }
                 }
+                Action::Restream(lease) => {
+                    if let (Some(l), Some(at)) = (link.as_mut(), state.attempt(lease)) {
+                        if let Some(h) = l.senders.remove(&lease) {
+                            h.abort();
+                        }
+                        start_sender(l, lease, at.spool.clone());
+                    }
+                }
                 Action::Kill { lease, reason } => {
                     if let Some(at) = state.attempt(lease) {
                         at.kill.send_replace(Some(reason));

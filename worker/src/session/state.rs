@@ -86,6 +86,9 @@ pub enum Action {
     /// Stream the attempt's spooled output on the connection, from the first chunk not
     /// acknowledged.
     Stream(LeaseId),
+    /// As `Stream`, on a new stream in place of the attempt's current one (the
+    /// coordinator could not store some of what it sent).
+    Restream(LeaseId),
     Kill {
         lease: LeaseId,
         reason: KillReason,
@@ -308,6 +311,13 @@ impl State {
                 _ => tracing::warn!(lease = %lease, "asked to freeze an attempt that is not a running container here; ignored"),
             },
             CoordMsg::RemoveImage { image } => self.actions.push_back(Action::RemoveImage { image, report: true }),
+            CoordMsg::Resend { lease } => match self.attempts.get(&lease) {
+                Some(at) if !matches!(at.phase, Phase::Queued) && !at.stale => {
+                    tracing::info!(lease = %lease, "the coordinator asks for this attempt's unacknowledged output again");
+                    self.actions.push_back(Action::Restream(lease));
+                }
+                _ => tracing::debug!(lease = %lease, "asked to resend output of an attempt not streaming here; ignored"),
+            },
         }
         Ok(())
     }

@@ -1,9 +1,16 @@
 //! One attempt's output stream: `Open`, then chunks, stored in batches through the
 //! LogStore (whatever arrived while the previous batch was being committed, several
 //! batches in flight, answered in order) and acknowledged once durable.
+//!
+//! A batch the store could not take (its disk full, say) ends the stream; once the
+//! store can write again the worker is told to send what is not acknowledged again
+//! (`CoordMsg::Resend`), from its spool, on a new stream. An attempt past its output
+//! cap is killed on its worker, as a cancelled one is; what it prints after that is
+//! acknowledged and dropped.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use berth_shared::codec::read_frame;
 use berth_shared::ids::LeaseId;
@@ -11,7 +18,7 @@ use berth_shared::wire::{CoordMsg, KillReason, OutStream, OutputFrame, MAX_CHUNK
 use tokio::sync::{mpsc, oneshot};
 
 use super::super::{close_for, Shared, CLOSE_PROTOCOL};
-use crate::actors::{log_store, registry};
+use crate::actors::{job_store, log_store, registry};
 use crate::store::{ChunkVerdict, LogChunk, StoreError};
 
 /// Output batches one stream may have at the store's writer at once, and chunks in a
@@ -70,13 +77,19 @@ pub async fn serve(mut recv: quinn::RecvStream, shared: Arc<Shared>, worker: Str
                 let verdicts = match verdicts.unwrap_or(Err(StoreError::Stopped)) {
                     Ok(v) => v,
                     Err(e) => {
-                        tracing::error!(error = %e, lease = %lease, "cannot store output; the worker will resend it");
+                        tracing::warn!(error = %e, lease = %lease, "cannot store output; the worker is asked to send it again once the store can write");
+                        resend_when_writable(&shared, ctrl.clone(), lease);
                         break;
                     }
                 };
                 let acked = acknowledge(lease, keys, verdicts);
                 for (stream, seq) in acked.acks {
                     let _ = ctrl.send(CoordMsg::OutputAck { lease, stream, seq });
+                }
+                if acked.capped {
+                    tracing::info!(lease = %lease, "the attempt passed its output cap; its task failed, killing it");
+                    shared.actors.registry.do_send(registry::Leases { name: worker.clone(), added: vec![], removed: vec![lease], heartbeat: false });
+                    shared.actors.registry.do_send(registry::Kill { worker: worker.clone(), lease, reason: KillReason::Cancelled });
                 }
                 if acked.stale {
                     tracing::warn!(lease = %lease, "rejected output carrying a stale lease; telling the worker to kill that attempt");
@@ -108,6 +121,21 @@ pub async fn serve(mut recv: quinn::RecvStream, shared: Arc<Shared>, worker: Str
     reader.abort();
 }
 
+/// Tells the worker to send this attempt's unacknowledged output again once the store
+/// can write (and not sooner than a second from now, so a store failing for another
+/// reason is not asked again and again).
+fn resend_when_writable(shared: &Shared, ctrl: mpsc::UnboundedSender<CoordMsg>, lease: LeaseId) {
+    let job_store = shared.actors.job_store.clone();
+    actix_rt::spawn(async move {
+        let Ok(mut health) = job_store.send(job_store::HealthWatch).await else { return };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if health.wait_for(|h| h.is_none()).await.is_ok() {
+            tracing::info!(lease = %lease, "the store can write again; asking the worker to send the output it could not store");
+            let _ = ctrl.send(CoordMsg::Resend { lease });
+        }
+    });
+}
+
 /// What one stored batch acknowledges.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Acked {
@@ -116,15 +144,19 @@ pub struct Acked {
     /// The attempt's lease is stale: kill it and drop the stream (nothing after the
     /// stale chunk is acknowledged).
     pub stale: bool,
+    /// The attempt passed its output cap: its task has failed; kill it.
+    pub capped: bool,
 }
 
 /// Turns a batch's verdicts into acknowledgements. A duplicate is acknowledged (it is
-/// stored already); an out-of-order chunk is not (the worker resends it in order).
+/// stored already), as is a chunk dropped because its task has ended; an out-of-order
+/// chunk is not (the worker resends it in order).
 pub fn acknowledge(lease: LeaseId, keys: Vec<(OutStream, u64)>, verdicts: Vec<ChunkVerdict>) -> Acked {
     let mut out = Acked::default();
     for ((stream, seq), v) in keys.into_iter().zip(verdicts) {
         match v {
-            ChunkVerdict::Stored | ChunkVerdict::Duplicate => {
+            ChunkVerdict::Stored | ChunkVerdict::Duplicate | ChunkVerdict::Dropped | ChunkVerdict::OverCap => {
+                out.capped |= v == ChunkVerdict::OverCap;
                 if v == ChunkVerdict::Duplicate {
                     tracing::debug!(lease = %lease, ?stream, seq, "dropped a duplicate output chunk (already stored)");
                 }
@@ -159,8 +191,11 @@ mod tests {
             vec![(o, 1), (o, 2), (e, 1), (o, 4)],
             vec![ChunkVerdict::Duplicate, ChunkVerdict::Stored, ChunkVerdict::Stored, ChunkVerdict::OutOfOrder { expected: 3 }],
         );
-        assert_eq!(acked, Acked { acks: vec![(o, 2), (e, 1)], stale: false });
+        assert_eq!(acked, Acked { acks: vec![(o, 2), (e, 1)], stale: false, capped: false });
         let acked = acknowledge(lease, vec![(o, 1), (o, 2)], vec![ChunkVerdict::Stored, ChunkVerdict::StaleLease]);
-        assert_eq!(acked, Acked { acks: vec![], stale: true });
+        assert_eq!(acked, Acked { acks: vec![], stale: true, capped: false });
+        // Past the cap: acknowledged (what fitted is stored, the rest dropped), and killed.
+        let acked = acknowledge(lease, vec![(o, 1), (o, 2), (e, 1)], vec![ChunkVerdict::OverCap, ChunkVerdict::Dropped, ChunkVerdict::Dropped]);
+        assert_eq!(acked, Acked { acks: vec![(o, 2), (e, 1)], stale: false, capped: true });
     }
 }

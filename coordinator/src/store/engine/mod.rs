@@ -147,6 +147,17 @@ pub struct Store<D: Db> {
     expected_seq: HashMap<(LeaseId, OutStream), u64>,
     /// Where large output chunks go (SQLite only).
     segments: Option<super::segments::Segments>,
+    /// Output bytes stored per attempt (a hint, as `expected_seq`), for output caps.
+    out_bytes: HashMap<LeaseId, u64>,
+    /// Jobs made by the batch being applied: not cached until it commits (a rolled-back
+    /// job's row id is handed out again).
+    fresh_jobs: HashSet<i64>,
+    /// Whether the database took its last writes (see `health`).
+    health: super::health::Health,
+    /// What every running lease gets once the store can write again.
+    lease_ttl: Option<Duration>,
+    /// Where the database's files are (SQLite): probed for free space.
+    probe_dir: Option<std::path::PathBuf>,
 }
 
 fn send<T: Send + 'static>(reply: &mut Tx<T>, r: Result<T, StoreError>, committed: bool) {
@@ -167,7 +178,104 @@ impl<D: Db> Store<D> {
             jobs: HashMap::new(),
             expected_seq: HashMap::new(),
             segments: None,
+            out_bytes: HashMap::new(),
+            fresh_jobs: HashSet::new(),
+            health: None,
+            lease_ttl: None,
+            probe_dir: None,
         })
+    }
+
+    /// Running leases get this TTL when the store can write again after it could not.
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = Some(ttl);
+        self
+    }
+
+    /// Checks for `health::HEADROOM` free bytes here before calling the store writable.
+    pub fn with_probe_dir(mut self, dir: &std::path::Path) -> Self {
+        self.probe_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Whether the store took its last writes.
+    pub fn health(&self) -> &super::health::Health {
+        &self.health
+    }
+
+    /// Notes a write the disk refused: the store is unwritable from now (or still).
+    fn note_failure(&mut self, e: &StoreError) {
+        let Some(full) = e.write_failure() else { return };
+        let reason = match e {
+            StoreError::Unwritable { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        };
+        match &mut self.health {
+            Some(h) => {
+                h.full = full;
+                h.reason = reason;
+            }
+            None => {
+                tracing::error!(
+                    error = %e,
+                    "the job store cannot write: new submissions are refused, lease expiry waits, and output and results are taken again once it can"
+                );
+                self.health = Some(super::health::Unwritable { since: Utc::now(), full, reason });
+            }
+        }
+    }
+
+    /// Tries whether an unwritable store writes again: room beside the database, then a
+    /// transaction that gives every running lease a full TTL from now (their renewals
+    /// may not have been stored). `true` once it is writable.
+    pub fn probe(&mut self, now: DateTime<Utc>) -> bool {
+        let r = (|| -> Result<u64, StoreError> {
+            if let Some(dir) = &self.probe_dir {
+                super::health::headroom(dir, super::health::HEADROOM).map_err(|e| StoreError::Unwritable {
+                    full: super::health::io_full(&e),
+                    reason: format!("cannot write {} in {}: {e}", berth_shared::duration::format_size(super::health::HEADROOM), dir.display()),
+                })?;
+            }
+            let begin = self.db.begin();
+            self.db.batch(begin)?;
+            let r = (|| -> Result<u64, StoreError> {
+                self.db.exec(
+                    "INSERT INTO meta(key, value) VALUES ('write_probe', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    p![now.to_rfc3339()],
+                )?;
+                let renewed = match self.lease_ttl {
+                    Some(ttl) => self.restart_leases(now, ttl)?,
+                    None => 0,
+                };
+                self.db.batch("COMMIT")?;
+                Ok(renewed)
+            })();
+            if r.is_err() {
+                let _ = self.db.batch("ROLLBACK");
+            }
+            r
+        })();
+        match r {
+            Ok(renewed) => {
+                let since = self.health.take().map(|h| h.since);
+                tracing::info!(?since, leases = renewed, "the job store can write again; running leases get a full TTL from now");
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the job store still cannot write");
+                if e.write_failure().is_some() {
+                    self.note_failure(&e);
+                }
+                false
+            }
+        }
+    }
+
+    /// Forgets what the writer learnt from writes that were rolled back.
+    fn forget_uncommitted(&mut self) {
+        self.expected_seq.clear();
+        self.out_bytes.clear();
+        self.worker_pools.clear();
     }
 
     /// Keeps large output chunks in segment files (see `segments`).
@@ -197,6 +305,7 @@ impl<D: Db> Store<D> {
     /// whole when the database asks for it (deadlock, serialisation failure).
     pub fn apply_batch(&mut self, mut ops: Vec<Op>) -> BatchOutcome {
         const TRIES: u32 = 8;
+        let mut failure = None;
         for attempt in 1..=TRIES {
             match self.try_batch(&mut ops) {
                 Ok((pending, scratch)) => {
@@ -208,7 +317,13 @@ impl<D: Db> Store<D> {
                     std::thread::sleep(Duration::from_millis(u64::from(attempt) * 5));
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "store batch failed; it is rolled back");
+                    if e.write_failure().is_some() {
+                        tracing::debug!(error = %e, "store batch failed; it is rolled back");
+                    } else {
+                        tracing::error!(error = %e, "store batch failed; it is rolled back");
+                    }
+                    self.note_failure(&e);
+                    failure = e.unwritable();
                     break;
                 }
             }
@@ -216,8 +331,12 @@ impl<D: Db> Store<D> {
         let replies = ops
             .into_iter()
             .map(|mut op| {
+                let why = match &failure {
+                    Some(StoreError::Unwritable { full, reason }) => StoreError::Unwritable { full: *full, reason: reason.clone() },
+                    _ => StoreError::Api(ApiError::new(ErrorKind::Internal, "the job store could not commit; try again")),
+                };
                 Box::new(move || {
-                    fail_op(&mut op);
+                    fail_op(&mut op, why);
                 }) as Box<dyn FnOnce() + Send>
             })
             .collect();
@@ -240,7 +359,7 @@ impl<D: Db> Store<D> {
                         self.db.batch("ROLLBACK TO op; RELEASE op")?;
                         scratch.notices.truncate(marks.0);
                         scratch.moves.truncate(marks.1);
-                        self.expected_seq.clear();
+                        self.forget_uncommitted();
                         if let Some(e) = e {
                             return Err(e);
                         }
@@ -256,9 +375,10 @@ impl<D: Db> Store<D> {
             }
             self.db.batch("COMMIT")
         })();
+        self.fresh_jobs.clear();
         if let Err(e) = r {
             let _ = self.db.batch("ROLLBACK");
-            self.expected_seq.clear();
+            self.forget_uncommitted();
             return Err(e);
         }
         Ok((pending, scratch))
@@ -373,12 +493,21 @@ impl<D: Db> Store<D> {
     fn apply(&mut self, op: &mut Op, s: &mut Scratch) -> (Pending, Result<(), Option<StoreError>>) {
         macro_rules! run {
             ($variant:ident, $e:expr) => {{
-                let r = $e;
+                let mut r = $e;
+                if let Err(e) = &r {
+                    self.note_failure(e);
+                    if let Some(u) = e.unwritable() {
+                        r = Err(u);
+                    }
+                }
                 let outcome = match &r {
                     Ok(_) => Ok(()),
                     Err(e) if e.is_retryable() => Err(Some(StoreError::Retry(e.to_string()))),
                     Err(e) => {
-                        if !matches!(e, StoreError::Api(_)) {
+                        if e.write_failure().is_some() {
+                            // Said once, when the store became unwritable.
+                            tracing::debug!(error = %e, "store operation failed");
+                        } else if !matches!(e, StoreError::Api(_)) {
                             tracing::error!(error = %e, "store operation failed");
                         }
                         Err(None)
@@ -395,7 +524,16 @@ impl<D: Db> Store<D> {
         match op {
             Op::Submit { spec, owner, idempotency_key, admission, now, .. } => {
                 let (spec, owner, key, admission, now) = (spec.clone(), owner.clone(), *idempotency_key, admission.clone(), *now);
-                run!(Submit, self.submit(*spec, &owner, key, &admission, now, s))
+                // No new work while the disk refuses writes: it would be refused on the
+                // way, or crowd out the output and results of what runs.
+                let refused = self.health.as_ref().map(|h| StoreError::Unwritable { full: h.full, reason: h.reason.clone() });
+                run!(
+                    Submit,
+                    match refused {
+                        Some(e) => Err(e),
+                        None => self.submit(*spec, &owner, key, &admission, now, s),
+                    }
+                )
             }
             Op::Decide { job, approve, by, reason, now, .. } => {
                 let (job, approve, by, reason, now) = (job.clone(), *approve, by.clone(), reason.clone(), *now);
@@ -448,7 +586,14 @@ impl<D: Db> Store<D> {
             }
             Op::ExpireLeases { now, .. } => {
                 let now = *now;
-                run!(ExpireLeases, self.expire(now, s))
+                // Renewals could not be stored while the store could not write: lease
+                // clocks stop until it can (and then every running lease gets a full TTL).
+                if self.health.is_some() {
+                    tracing::debug!("lease expiry waits until the store can write");
+                    run!(ExpireLeases, Ok(Vec::new()))
+                } else {
+                    run!(ExpireLeases, self.expire(now, s))
+                }
             }
             Op::RestartLeases { now, ttl, .. } => {
                 let (now, ttl) = (*now, *ttl);
@@ -491,6 +636,9 @@ impl<D: Db> Store<D> {
         let account = row.opt_str(4)?.unwrap_or(row.str(3)?);
         let attempt_estimate = decimal(&row.str(6)?, &id)?;
         let m = Arc::new(JobMeta { id: job_id(&id)?, is_array: row.bool(1)?, spec: Arc::new(spec), account, month: row.str(5)?, attempt_estimate });
+        if self.fresh_jobs.contains(&job_seq) {
+            return Ok(m);
+        }
         if self.jobs.len() > 100_000 {
             self.jobs.clear();
         }
@@ -539,12 +687,12 @@ impl<D: Db> Store<D> {
     }
 }
 
-/// Answers an operation whose batch could not be committed.
-fn fail_op(op: &mut Op) {
+/// Answers an operation whose batch could not be committed, with why.
+fn fail_op(op: &mut Op, why: StoreError) {
     macro_rules! fail {
         ($($variant:ident),*) => {
             match op {
-                $(Op::$variant { reply, .. } => send(reply, Err(StoreError::Stopped), false),)*
+                $(Op::$variant { reply, .. } => send(reply, Err(why), true),)*
                 Op::Started { .. } | Op::UsePools { .. } => {}
             }
         };

@@ -64,6 +64,7 @@ impl<D: Db> Store<D> {
         }
         self.expected_seq.remove(&(lease, OutStream::Stdout));
         self.expected_seq.remove(&(lease, OutStream::Stderr));
+        self.out_bytes.remove(&lease);
         s.notices.push(Notice::TaskEnded { job: meta.id, index, attempt, state: ended_as });
         Ok(verdict)
     }

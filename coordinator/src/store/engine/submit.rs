@@ -76,6 +76,7 @@ impl<D: Db> Store<D> {
             return Err(StoreError::Retry(format!("idempotency key raced with job {}", row.str(0)?)));
         };
         let seq = row.i64(0)?;
+        self.fresh_jobs.insert(seq);
         let doomed = self.link_parents(seq, &spec)?;
         let mut what = if is_array { format!("submitted by {owner}: array {start}-{end} ({tasks} tasks)") } else { format!("submitted by {owner}") };
         if !run_estimate.is_zero() {

@@ -367,3 +367,23 @@ fn a_rejected_freeze_has_its_image_removed() {
     let a = f.frame(CoordMsg::FinishedAck { lease: t.lease, accepted: false });
     assert!(matches!(a.as_slice(), [Action::RemoveImage { image, report: false }, Action::Forget { .. }] if image == "berth-frozen:x"), "{a:?}");
 }
+
+#[test]
+fn output_the_coordinator_could_not_store_is_sent_again_when_asked_and_the_result_waits_for_it() {
+    let (mut f, run, wait) = running_and_waiting();
+    // Not for an attempt that has not started (it has sent nothing), nor one not held.
+    assert!(f.frame(CoordMsg::Resend { lease: wait.lease }).iter().all(|a| !matches!(a, Action::Restream(_))));
+    assert!(f.frame(CoordMsg::Resend { lease: LeaseId::new() }).is_empty());
+    let spool = f.s.attempt(run.lease).expect("held").spool.clone();
+    spool.append(OutStream::Stdout, b"one\n").expect("append");
+    spool.append(OutStream::Stdout, b"two\n").expect("append");
+    f.frame(CoordMsg::OutputAck { lease: run.lease, stream: OutStream::Stdout, seq: 1 });
+    let a = f.end(run.lease);
+    assert!(finished(&a).is_empty(), "chunk 2 is not acknowledged: no result yet");
+    // The coordinator could not store chunk 2 and now can: stream again from it.
+    let a = f.frame(CoordMsg::Resend { lease: run.lease });
+    assert!(matches!(a.as_slice(), [Action::Restream(l)] if *l == run.lease), "{a:?}");
+    assert_eq!(spool.first_unacked(), 1, "the stream starts at the first chunk not acknowledged");
+    let a = f.frame(CoordMsg::OutputAck { lease: run.lease, stream: OutStream::Stdout, seq: 2 });
+    assert_eq!(finished(&a), [run.lease], "everything acknowledged: the result goes");
+}
