@@ -353,6 +353,7 @@ pub fn workers_text(style: Style, ws: &[WorkerInfo]) -> String {
                 format!("{}/{}", w.running, w.slots),
                 clean(&w.pool).into_owned(),
                 format!("{} cpu, {} MiB, {} gpu", w.host.cpus, w.host.mem_mib, w.host.gpus.len()),
+                containment(style, &w.host.containment),
                 w.last_heartbeat.map(time).unwrap_or_else(|| "-".into()),
             ]
         })
