@@ -200,8 +200,13 @@ impl Harness {
     }
 
     fn use_token(&mut self, token: &str, worker: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
-        let (token, worker) = (token.to_string(), worker.to_string());
-        self.call(|reply| Op::UseToken { token, worker, now, reply })
+        self.enrol(token, worker, &format!("fp-{worker}"), None, now)
+    }
+
+    /// `use_token` with the certificate's fingerprint and the registry's view of the name.
+    fn enrol(&mut self, token: &str, worker: &str, cert_fp: &str, held: Option<&str>, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let (token, worker, cert_fp, held) = (token.to_string(), worker.to_string(), cert_fp.to_string(), held.map(String::from));
+        self.call(|reply| Op::UseToken { token, worker, cert_fp, held, now, ttl: TTL, reply })
     }
 
     fn seq(&mut self, job: JobId) -> i64 {
@@ -887,6 +892,36 @@ fn join_tokens_are_single_use_and_expire(h: &mut Harness) {
     let workers: Vec<String> = h.reader.workers().expect("workers").into_iter().map(|(w, _)| w).collect();
     assert_eq!(workers, vec!["w1".to_string()], "[{}] only the enrolled worker is registered", h.backend);
     assert!(h.set_drain("w1", true).expect("drain an enrolled worker"));
+}
+
+fn a_worker_name_is_enrolled_again_only_once_its_holder_is_gone(h: &mut Harness) {
+    let mut db: Box<dyn Db> = h.loc.connect().expect("connect");
+    let tokens: Vec<String> = (0..5).map(|_| create_token(db.as_mut(), "worker", Duration::from_secs(3600), at(0)).expect("token")).collect();
+    drop(db);
+    let in_use = |e: ApiError| {
+        assert_eq!(e.kind, ErrorKind::Refused);
+        assert!(e.message.contains("worker name w1 is in use by another worker") && e.message.contains("--name"), "{}", e.message);
+        e.message
+    };
+    h.enrol(&tokens[0], "w1", "fp-a", None, at(1)).expect("first enrolment");
+    assert_eq!(h.reader.worker_cert("w1").expect("read"), Some("fp-a".into()));
+    // Within a TTL of its enrolment the name is taken (its worker may be on its way).
+    let m = in_use(api_error(h.enrol(&tokens[1], "w1", "fp-b", None, at(10))));
+    assert!(m.contains("enrolled 9 s ago"), "[{}] {m}", h.backend);
+    // The registry saw it connected: taken, whatever the store knows.
+    let m = in_use(api_error(h.enrol(&tokens[1], "w1", "fp-b", Some("connected from 10.0.0.1:5000"), at(100))));
+    assert!(m.contains("connected from 10.0.0.1:5000"), "[{}] {m}", h.backend);
+    // A running lease it holds keeps it taken (across a coordinator restart too).
+    h.submit(&job());
+    assert_eq!(h.claim("w1", 1, at(100)).len(), 1);
+    let m = in_use(api_error(h.enrol(&tokens[1], "w1", "fp-b", None, at(110))));
+    assert!(m.contains("1 running lease"), "[{}] {m}", h.backend);
+    // Its lease ran out and it was not seen: the name is free again, for the new certificate only.
+    h.enrol(&tokens[1], "w1", "fp-b", None, at(200)).expect("the holder is gone");
+    assert_eq!(h.reader.worker_cert("w1").expect("read"), Some("fp-b".into()), "[{}] only the new certificate is w1's", h.backend);
+    // A refusal kept its token: it enrols another name.
+    let _ = in_use(api_error(h.enrol(&tokens[2], "w1", "fp-c", None, at(201))));
+    h.enrol(&tokens[2], "w2", "fp-c", None, at(202)).expect("the refused token still enrols");
 }
 
 fn group_commit_answers_every_operation(h: &mut Harness) {

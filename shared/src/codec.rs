@@ -154,6 +154,20 @@ mod tests {
         assert_eq!(hex(&encode(&health).expect("encodes")), "00000011130163000100010466756c6cfc00001000");
     }
 
+    /// Protocol 2: a worker's `Register` ends with its process's instance id, and
+    /// `InUse` is appended to `CoordMsg`, so every earlier message keeps its bytes.
+    #[test]
+    fn golden_one_identity() {
+        let busy = CoordMsg::InUse { reason: "x".into(), retry_after_ms: 5000 };
+        assert_eq!(hex(&encode(&busy).expect("encodes")), "000000060a0178fb8813");
+        let instance = Uuid::from_u128(0x0102030405060708090a0b0c0d0e0f10);
+        let register =
+            WorkerMsg::Register { name: "w".into(), slots: 1, pool: "p".into(), labels: Vec::new(), host: Box::default(), held: Vec::new(), instance };
+        let bytes = hex(&encode(&register).expect("encodes"));
+        assert!(bytes[8..].starts_with("000177010170"), "Register is variant 0, name, slots, pool first: {bytes}");
+        assert!(bytes.ends_with("00100102030405060708090a0b0c0d0e0f10"), "no lease held, then the instance: {bytes}");
+    }
+
     #[test]
     fn round_trip_assignment() {
         let a = Assignment { lease: LeaseId::new(), job: JobId::new(), index: Some(7), attempt: 2, spec: JobSpec::new(Command::Script("echo hi".into())) };

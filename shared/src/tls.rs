@@ -196,12 +196,29 @@ fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-fn transport(idle: Duration) -> Arc<quinn::TransportConfig> {
+/// Streams a peer may have open at once on a connection to the coordinator: a client's
+/// requests (one bi stream each; more wait for one to end), and a worker's output
+/// streams until it registers (then `worker_uni_streams`). quinn sets up the state of
+/// every stream a peer may open as the connection starts, so these limits are memory
+/// that every connection, and every half-open handshake, costs: with 4,096 of each it
+/// was about 0.5 MiB a connection.
+pub const PEER_BI_STREAMS: u32 = 32;
+pub const PEER_UNI_STREAMS: u32 = 16;
+
+/// The output streams a registered worker with `slots` slots may have open at once:
+/// one per running attempt, and as many again for streams still being read to their
+/// end as the slot's next attempt starts, or sent again.
+pub fn worker_uni_streams(slots: u32) -> u32 {
+    slots.saturating_mul(2).saturating_add(8).clamp(PEER_UNI_STREAMS, 4096)
+}
+
+/// The transport settings; `bi` and `uni` are the streams the other side may open.
+fn transport(idle: Duration, bi: u32, uni: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t.keep_alive_interval(Some(Duration::from_secs(2)));
-    t.max_concurrent_bidi_streams(4096u32.into());
-    t.max_concurrent_uni_streams(4096u32.into());
+    t.max_concurrent_bidi_streams(bi.into());
+    t.max_concurrent_uni_streams(uni.into());
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((64u32 * 1024 * 1024).into());
     t.send_window(64 * 1024 * 1024);
@@ -223,7 +240,7 @@ pub fn server_config(ca_pem: &str, server: &CertKey) -> Result<quinn::ServerConf
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    sc.transport_config(transport(Duration::from_secs(15)));
+    sc.transport_config(transport(Duration::from_secs(15), PEER_BI_STREAMS, PEER_UNI_STREAMS));
     Ok(sc)
 }
 
@@ -242,7 +259,8 @@ pub fn client_config(ca_pem: &str, identity: Option<&CertKey>) -> Result<quinn::
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(quic));
-    cc.transport_config(transport(Duration::from_secs(15)));
+    // The coordinator opens no streams towards its peers.
+    cc.transport_config(transport(Duration::from_secs(15), 0, 0));
     Ok(cc)
 }
 
@@ -260,6 +278,26 @@ pub fn identity_of(der: &CertificateDer<'_>) -> Option<(String, Role)> {
     let cn = subject.iter_common_name().next()?.as_str().ok()?.to_string();
     let ou = subject.iter_organizational_unit().next()?.as_str().ok()?;
     Some((cn, Role::parse(ou)?))
+}
+
+/// A certificate's fingerprint: SHA-256 of its DER, in hex. The coordinator records
+/// the one it issued for each worker name, so a certificate an enrolment replaced is
+/// told apart from the current one though both carry the same name.
+pub fn fingerprint(der: &CertificateDer<'_>) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(der.as_ref()))
+}
+
+/// The fingerprint of the first certificate in a PEM.
+pub fn fingerprint_pem(pem: &str) -> Option<String> {
+    parse_certs(pem, "certificate").ok()?.first().map(fingerprint)
+}
+
+/// The fingerprint of a peer's verified certificate; `None` without one.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<String> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().map(fingerprint)
 }
 
 /// Reads a certificate PEM's identity (for tools that hold the PEM, not a connection).
@@ -283,6 +321,12 @@ mod tests {
         assert_eq!(identity_of_pem(&cert), Some(("gpu-01".into(), Role::Worker)));
         assert!(server_config(ca.cert_pem(), &ca.issue_server(&["head".into()]).expect("server")).is_ok());
         assert!(client_config(ca.cert_pem(), Some(&user)).is_ok());
+        let (csr2, _) = make_csr("gpu-01").expect("csr");
+        let cert2 = again.sign_csr(&csr2, "gpu-01", Role::Worker).expect("signed");
+        let (fp, fp2) = (fingerprint_pem(&cert).expect("fp"), fingerprint_pem(&cert2).expect("fp"));
+        assert_eq!(fp.len(), 64);
+        assert_ne!(fp, fp2, "two enrolments of one name have different fingerprints");
+        assert_eq!(fingerprint_pem(&cert), Some(fp), "stable");
     }
 
     #[test]

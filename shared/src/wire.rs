@@ -15,9 +15,12 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::resources::{gpu_matches, FreeResources};
 
-/// Bumped whenever a message shape changes.
-pub const PROTOCOL_VERSION: u32 = 1;
-/// The ALPN token of protocol version 1.
+/// Bumped whenever a message shape changes. 2: a worker's `Register` names its
+/// process (`instance`) and the coordinator may answer `CoordMsg::InUse`.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The ALPN token: the framing (a hello first, then length-prefixed frames), which
+/// every protocol version keeps, so a peer of another version is told so in words by
+/// the hello rather than failing the TLS handshake.
 pub const ALPN: &[u8] = b"berth/1";
 /// Frames larger than this are refused and close the connection.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -535,6 +538,13 @@ pub enum CoordMsg {
     /// output stream.
     Resend {
         lease: LeaseId,
+    },
+    /// Another process of this worker (the same certificate) holds a live connection:
+    /// this one is refused for now and may dial again after `retry_after_ms` (it takes
+    /// over once the other has gone silent). The live one is never evicted.
+    InUse {
+        reason: String,
+        retry_after_ms: u64,
     },
 }
 

@@ -158,9 +158,10 @@ store_message!(
 });
 
 store_message!(
-    /// Spend a one-time join token for a worker.
-    UseToken { token: String, worker: String } -> (), |m, store, _ttl| {
-    store.call(|reply| Op::UseToken { token: m.token, worker: m.worker, now: Utc::now(), reply }).await
+    /// Spend a one-time join token for a worker whose certificate has fingerprint
+    /// `cert_fp`; `held` says why the registry thinks the name is in use, if it does.
+    UseToken { token: String, worker: String, cert_fp: String, held: Option<String> } -> (), |m, store, ttl| {
+    store.call(|reply| Op::UseToken { token: m.token, worker: m.worker, cert_fp: m.cert_fp, held: m.held, now: Utc::now(), ttl, reply }).await
 });
 
 store_message!(

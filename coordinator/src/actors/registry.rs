@@ -1,7 +1,15 @@
 //! WorkerRegistry: the connected workers, their slots, capabilities, leases,
 //! heartbeats and drain flags; and the route to each worker's control stream.
+//!
+//! One connection holds a worker's name at a time (`Holder`, from its admission to its
+//! end). A newer connection of the same process (its `instance`) replaces it; another
+//! process presenting the same certificate (a copied work dir, a cloned machine) is
+//! refused while the holder lives, and takes over only once the holder's transport has
+//! been silent for `SILENT` (a crashed process's connection stays open until its idle
+//! timeout). So two processes never evict each other in a loop.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use berth_shared::ids::LeaseId;
@@ -9,10 +17,14 @@ use berth_shared::wire::{CoordMsg, HostInfo, KillReason, WorkerInfo};
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// A live peer sends datagrams at least every keep-alive interval (2 s, each way, and
+/// it acknowledges ours): a holder that sent none for this long is gone.
+pub const SILENT: Duration = Duration::from_secs(5);
 
 struct Entry {
     conn_id: u64,
-    conn: Option<quinn::Connection>,
     tx: Option<UnboundedSender<CoordMsg>>,
     slots: u32,
     pool: String,
@@ -23,9 +35,46 @@ struct Entry {
     drained: bool,
 }
 
+/// The connection that holds a worker's name, from its admission until it ends.
+struct Holder {
+    conn_id: u64,
+    instance: Uuid,
+    conn: quinn::Connection,
+    /// Datagrams received on `conn` when last looked, and when.
+    rx: (u64, Instant),
+}
+
+/// Whether a holder's process is still there, judged from the datagrams it sent.
+#[derive(Debug, PartialEq)]
+enum Alive {
+    Yes,
+    No {
+        silent: Duration,
+    },
+    /// Not known yet: look again after this long.
+    Unknown(Duration),
+}
+
+/// Whether a holder lives, from the datagrams it sent: `rx` is the count at the last
+/// look and when, `seen` the count `now`.
+fn alive(rx: &mut (u64, Instant), seen: u64, now: Instant) -> Alive {
+    let quiet = now.saturating_duration_since(rx.1);
+    match (seen != rx.0, quiet >= SILENT) {
+        (false, true) => Alive::No { silent: quiet },
+        (false, false) => Alive::Unknown(SILENT - quiet),
+        (true, false) => Alive::Yes,
+        // It spoke since a look long ago, which says nothing about now: look again.
+        (true, true) => {
+            *rx = (seen, now);
+            Alive::Unknown(SILENT)
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct WorkerRegistry {
     workers: BTreeMap<String, Entry>,
+    holders: HashMap<String, Holder>,
     /// Image removals asked of a worker, by (worker, image), waiting for its answer.
     removals: HashMap<(String, String), Vec<oneshot::Sender<Option<String>>>>,
 }
@@ -40,7 +89,6 @@ impl Actor for WorkerRegistry {
 pub struct Connect {
     pub name: String,
     pub conn_id: u64,
-    pub conn: quinn::Connection,
     pub tx: UnboundedSender<CoordMsg>,
     pub slots: u32,
     pub pool: String,
@@ -53,18 +101,14 @@ pub struct Connect {
 impl Handler<Connect> for WorkerRegistry {
     type Result = ();
     fn handle(&mut self, m: Connect, _: &mut Self::Context) {
-        if let Some(old) = self.workers.get(&m.name) {
-            if let Some(conn) = &old.conn {
-                if old.conn_id != m.conn_id {
-                    conn.close(0u32.into(), b"replaced by a newer connection of the same worker");
-                }
-            }
+        // A connection admitted and then replaced before it got here holds nothing.
+        if self.holders.get(&m.name).is_none_or(|h| h.conn_id != m.conn_id) {
+            return;
         }
         self.workers.insert(
             m.name,
             Entry {
                 conn_id: m.conn_id,
-                conn: Some(m.conn),
                 tx: Some(m.tx),
                 slots: m.slots,
                 pool: m.pool,
@@ -78,28 +122,89 @@ impl Handler<Connect> for WorkerRegistry {
     }
 }
 
-/// A worker is registering on connection `conn_id`: any other connection of the same
-/// worker belongs to a process that is gone (or to a link it gave up on), so close it
-/// now, before the new connection's leases are reconciled; a retired session claims
-/// nothing more.
+/// A worker is registering on connection `conn_id` from process `instance`: this
+/// connection becomes the one that holds the name, unless another process holds it
+/// and lives. A connection it replaces (an older one of the same process, or one whose
+/// process has gone silent) is closed now, before the new connection's leases are
+/// reconciled, so it claims nothing more.
 #[derive(Message)]
-#[rtype(result = "()")]
-pub struct Retire {
+#[rtype(result = "Result<(), InUse>")]
+pub struct Admit {
     pub name: String,
     pub conn_id: u64,
+    pub instance: Uuid,
+    pub conn: quinn::Connection,
+    /// How long a refused process waits before it dials again while the holder lives.
+    pub retry_live: Duration,
 }
 
-impl Handler<Retire> for WorkerRegistry {
-    type Result = ();
-    fn handle(&mut self, m: Retire, _: &mut Self::Context) {
-        if let Some(e) = self.workers.get_mut(&m.name) {
-            if e.conn_id != m.conn_id {
-                if let Some(conn) = e.conn.take() {
-                    conn.close(0u32.into(), b"replaced by a newer connection of the same worker");
+/// Why a worker process is refused for now, and when to try again.
+#[derive(Debug)]
+pub struct InUse {
+    pub reason: String,
+    pub retry_after: Duration,
+}
+
+impl Handler<Admit> for WorkerRegistry {
+    type Result = Result<(), InUse>;
+    fn handle(&mut self, m: Admit, _: &mut Self::Context) -> Self::Result {
+        let now = Instant::now();
+        if let Some(h) = self.holders.get_mut(&m.name).filter(|h| h.conn_id != m.conn_id && h.conn.close_reason().is_none()) {
+            if h.instance == m.instance {
+                h.conn.close(0u32.into(), b"replaced by a newer connection of the same worker");
+            } else {
+                let held = format!(
+                    "worker {} is connected from {} as another process (instance {}) presenting the same certificate (a copied work dir or a cloned machine?)",
+                    m.name,
+                    h.conn.remote_address(),
+                    h.instance
+                );
+                let fix = "give each worker its own work dir and --name";
+                match alive(&mut h.rx, h.conn.stats().udp_rx.datagrams, now) {
+                    Alive::Yes => {
+                        tracing::warn!(worker = %m.name, holder = %h.instance, refused = %m.instance, from = %m.conn.remote_address(), "refused a second process of a connected worker");
+                        let reason = format!("{held}; it is alive, so this one (instance {}) is refused: {fix}", m.instance);
+                        return Err(InUse { reason, retry_after: m.retry_live.max(SILENT) });
+                    }
+                    Alive::Unknown(wait) => {
+                        let reason = format!("{held}; this one (instance {}) waits to see whether that one is still there: {fix}", m.instance);
+                        return Err(InUse { reason, retry_after: wait + Duration::from_millis(200) });
+                    }
+                    Alive::No { silent } => {
+                        tracing::warn!(worker = %m.name, holder = %h.instance, ?silent, "a worker's connection went silent and another process of it connected: it takes over");
+                        h.conn.close(0u32.into(), b"replaced: this connection went silent and another process of the same worker connected");
+                    }
                 }
-                e.tx = None;
             }
         }
+        let rx = (m.conn.stats().udp_rx.datagrams, now);
+        self.holders.insert(m.name.clone(), Holder { conn_id: m.conn_id, instance: m.instance, conn: m.conn, rx });
+        // The replaced connection's route is gone; the new one's comes with `Connect`.
+        if let Some(e) = self.workers.get_mut(&m.name) {
+            e.tx = None;
+        }
+        Ok(())
+    }
+}
+
+/// Why a worker name is in use, if it is: its connection is open, or it was heard from
+/// within `ttl` (it may be on its way back). Asked when a worker enrols with that name.
+#[derive(Message)]
+#[rtype(result = "Option<String>")]
+pub struct Held {
+    pub name: String,
+    pub ttl: Duration,
+}
+
+impl Handler<Held> for WorkerRegistry {
+    type Result = Option<String>;
+    fn handle(&mut self, m: Held, _: &mut Self::Context) -> Self::Result {
+        if let Some(h) = self.holders.get(&m.name).filter(|h| h.conn.close_reason().is_none()) {
+            return Some(format!("connected from {}", h.conn.remote_address()));
+        }
+        let heard = self.workers.get(&m.name).and_then(|e| e.last_heartbeat)?;
+        let ago = (Utc::now() - heard).to_std().unwrap_or_default();
+        (ago < m.ttl).then(|| format!("last heard from {} s ago", ago.as_secs()))
     }
 }
 
@@ -114,9 +219,11 @@ pub struct Disconnect {
 impl Handler<Disconnect> for WorkerRegistry {
     type Result = ();
     fn handle(&mut self, m: Disconnect, _: &mut Self::Context) {
+        if self.holders.get(&m.name).is_some_and(|h| h.conn_id == m.conn_id) {
+            self.holders.remove(&m.name);
+        }
         if let Some(e) = self.workers.get_mut(&m.name) {
             if e.conn_id == m.conn_id {
-                e.conn = None;
                 e.tx = None;
                 // Its answers will not come on this connection: whoever waits is told.
                 self.removals.retain(|(w, _), _| *w != m.name);
@@ -320,5 +427,26 @@ impl Handler<Explain> for WorkerRegistry {
             .map(|e| crate::scheduler::WorkerCaps::of(&e.host, &e.pool, true, e.labels.clone()))
             .collect();
         crate::scheduler::explain_unrunnable(&m.spec, &caps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holder_lives_while_it_sends_and_is_gone_after_silent() {
+        let t0 = Instant::now();
+        let mut rx = (10, t0);
+        // Nothing new yet, and not for long: not known.
+        assert_eq!(alive(&mut rx, 10, t0 + Duration::from_secs(1)), Alive::Unknown(SILENT - Duration::from_secs(1)));
+        // Datagrams since a recent look: alive.
+        assert_eq!(alive(&mut rx, 12, t0 + Duration::from_secs(2)), Alive::Yes);
+        // Datagrams since a look long ago say nothing about now: look again from here.
+        let t1 = t0 + Duration::from_secs(60);
+        assert_eq!(alive(&mut rx, 40, t1), Alive::Unknown(SILENT));
+        assert_eq!(rx, (40, t1));
+        // Then nothing for SILENT: gone.
+        assert_eq!(alive(&mut rx, 40, t1 + SILENT), Alive::No { silent: SILENT });
     }
 }

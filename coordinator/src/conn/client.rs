@@ -11,7 +11,6 @@ use std::time::Duration;
 use berth_shared::codec::{read_frame, write_frame};
 use berth_shared::ids::JobSelector;
 use berth_shared::job::{JobSpec, JobState};
-use berth_shared::tls::validate_name;
 use berth_shared::wire::{ApiError, ErrorKind, KillReason, OutStream, Request, Response, Role};
 use tokio::sync::broadcast::error::RecvError;
 
@@ -186,14 +185,7 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
             let rows = query(&a.reader, move |r| r.budgets(account.as_deref(), &month)).await.map_err(api)?;
             Response::Budgets(rows)
         }
-        Request::Enrol { token, name, csr_pem } => {
-            validate_name(&name).map_err(|e| ApiError::new(ErrorKind::Invalid, e.to_string()))?;
-            let cert_pem =
-                shared.ca.sign_csr(&csr_pem, &name, Role::Worker).map_err(|e| ApiError::new(ErrorKind::Invalid, format!("cannot sign the CSR: {e}")))?;
-            a.job_store.send(job_store::UseToken { token, worker: name.clone() }).await.map_err(mailbox)?.map_err(api)?;
-            tracing::info!(worker = %name, "worker enrolled");
-            Response::Enrolled { cert_pem }
-        }
+        Request::Enrol { token, name, csr_pem } => super::worker::enrol(shared, token, name, csr_pem).await?,
         Request::Freeze { job, tag } => super::freeze::freeze(shared, who, role, visible(shared, &job, &scope).await?, tag).await?,
         Request::Resume { job, command, idempotency_key } => {
             let spec = super::freeze::resume_spec(shared, who, visible(shared, &job, &scope).await?, command).await?;

@@ -293,10 +293,16 @@ pub enum Op {
         ttl: Duration,
         reply: Tx<u64>,
     },
+    /// Enrol `worker` with a join token and the fingerprint of the certificate it is
+    /// issued; refused while the name is held (`held`: the registry's view of it, the
+    /// store adds its own: a recent enrolment, running leases).
     UseToken {
         token: String,
         worker: String,
+        cert_fp: String,
+        held: Option<String>,
         now: DateTime<Utc>,
+        ttl: Duration,
         reply: Tx<()>,
     },
     SetDrain {
@@ -406,6 +412,9 @@ pub trait Reader {
     fn exit_code(&mut self, job_seq: i64) -> Result<Option<i32>, StoreError>;
     fn workers(&mut self) -> Result<Vec<(String, bool)>, StoreError>;
     fn is_drained(&mut self, worker: &str) -> Result<bool, StoreError>;
+    /// The fingerprint of the certificate the worker's latest enrolment was issued, if
+    /// it was enrolled with a join token.
+    fn worker_cert(&mut self, worker: &str) -> Result<Option<String>, StoreError>;
     /// Budgets and their use in `month`: one account, or all that have a budget or a
     /// ledger row.
     fn budgets(&mut self, account: Option<&str>, month: &str) -> Result<Vec<BudgetRow>, StoreError>;

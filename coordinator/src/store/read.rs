@@ -298,6 +298,13 @@ impl<D: Db> Reader for ReadView<D> {
         })
     }
 
+    fn worker_cert(&mut self, worker: &str) -> Result<Option<String>, StoreError> {
+        Ok(match self.db.query_opt("SELECT cert_fp FROM workers WHERE name = ?1", p![worker])? {
+            Some(r) => r.opt_str(0)?,
+            None => None,
+        })
+    }
+
     fn images(&mut self, owner: Option<&str>) -> Result<Vec<FrozenImage>, StoreError> {
         let rows = self.db.query(
             &format!("SELECT {IMAGE_COLS} FROM images i JOIN jobs j ON j.seq = i.job_seq WHERE i.state = 'ready' AND (?1 = '' OR i.owner = ?1) ORDER BY i.created_at, i.name"),

@@ -92,11 +92,14 @@ CREATE TABLE IF NOT EXISTS tokens(
     used_at INTEGER,
     used_by TEXT
 );
+-- `cert_fp`: the fingerprint of the certificate the name's latest enrolment was issued
+-- (NULL for a worker certificate made without one, as `berth dev` makes its own).
 CREATE TABLE IF NOT EXISTS workers(
     name TEXT PRIMARY KEY,
     enrolled_at INTEGER NOT NULL,
     drained INTEGER NOT NULL DEFAULT 0,
-    pool TEXT NOT NULL DEFAULT 'default'
+    pool TEXT NOT NULL DEFAULT 'default',
+    cert_fp TEXT
 );
 CREATE TABLE IF NOT EXISTS deps(
     child_seq INTEGER NOT NULL,

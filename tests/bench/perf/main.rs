@@ -24,7 +24,8 @@
 //! 5. Scale: a 1,000,000-task array with no worker — time to submit, coordinator
 //!    resident memory while it is queued, `berth list --state queued --limit 20`
 //!    latency; and simulated workers (10,000; 1,000 with `--quick`) connected and
-//!    heartbeating as a real worker does — coordinator CPU over fixed windows.
+//!    heartbeating as a real worker does — coordinator CPU over fixed windows, and its
+//!    resident memory with them connected (and per connection).
 //! 6. Docker: container jobs through berth against a `docker run --rm IMG true` loop at
 //!    the same parallelism, with the test image of the end-to-end harness.
 //!

@@ -228,6 +228,7 @@ pub fn scenario_5_workers(env: &Env) -> Result<Vec<Row>> {
     let t0 = (Instant::now(), cpu_ticks(&pid).unwrap_or(0));
     std::thread::sleep(window.min(until(end)));
     let idle = cores(t0.1, cpu_ticks(&pid).unwrap_or(0), t0.0.elapsed());
+    let idle_rss = proc_mib(coord_pid(&c)?, "VmRSS");
 
     let ca = Ca::load(&std::fs::read_to_string(c.data.join("ca.pem"))?, &std::fs::read_to_string(c.data.join("ca.key"))?)?;
     let ca_pem = Arc::new(std::fs::read_to_string(c.data.join("ca.pem"))?);
@@ -327,13 +328,39 @@ pub fn scenario_5_workers(env: &Env) -> Result<Vec<Row>> {
         median(&mine).map_or("n/a".into(), num),
         if failed.is_empty() { String::new() } else { format!("; {} failed, first: {}", failed.len(), failed[0]) }
     );
-    Ok(vec![row
-        .extra("rounds", json!(loads))
-        .extra("workers_requested", json!(n))
-        .extra("workers_registered", json!(up))
-        .extra("workers_listed_connected", json!(listed))
-        .extra("connect_s", json!(connect_time.as_secs_f64()))
-        .extra("redials", json!(redials.load(Ordering::Relaxed)))
-        .extra("harness_cores", json!(mine))
-        .extra("coordinator_rss_mib", json!(rss))])
+    // Memory: what the connected workers cost the coordinator, each.
+    let per_conn_kib = match (rss, idle_rss) {
+        (Some(r), Some(i)) if up > 0 => Some((r - i).max(0.0) * 1024.0 / up as f64),
+        _ => None,
+    };
+    let mut mem =
+        Row::new("5e", &format!("scale: coordinator RSS, {up} simulated workers connected"), "MiB", "MiB", "< 1024 MiB @ 10,000").values(rss, idle_rss);
+    mem.verdict = if up >= 10_000 { Verdict::of(rss.map(|r| r < 1024.0)) } else { Verdict::Info };
+    mem.note = format!(
+        "figure: VmRSS of the coordinator after the CPU windows, with {up} of {n} workers registered, each on its own QUIC connection with mutual TLS; {} KiB per connected worker \
+         (figure less baseline, over {up}). baseline: VmRSS of the same coordinator idle with no worker{}",
+        per_conn_kib.map_or("n/a".into(), num),
+        if up >= 10_000 {
+            String::new()
+        } else {
+            format!(
+                ". Measured at {up} workers, NOT at the target's 10,000: a linear extrapolation ({} MiB) is not a measurement",
+                match (per_conn_kib, idle_rss) {
+                    (Some(k), Some(i)) => num(i + k * 10_000.0 / 1024.0),
+                    _ => "n/a".into(),
+                }
+            )
+        }
+    );
+    Ok(vec![
+        row.extra("rounds", json!(loads))
+            .extra("workers_requested", json!(n))
+            .extra("workers_registered", json!(up))
+            .extra("workers_listed_connected", json!(listed))
+            .extra("connect_s", json!(connect_time.as_secs_f64()))
+            .extra("redials", json!(redials.load(Ordering::Relaxed)))
+            .extra("harness_cores", json!(mine))
+            .extra("coordinator_rss_mib", json!(rss)),
+        mem.extra("per_connection_kib", json!(per_conn_kib)).extra("workers_registered", json!(up)),
+    ])
 }

@@ -86,6 +86,11 @@ impl Drop for Link {
 enum Closed {
     Shutdown,
     Lost(String),
+    /// Refused for now: another process of this worker holds the name.
+    InUse {
+        reason: String,
+        retry_after: Duration,
+    },
 }
 
 /// The I/O side: what the state's actions are carried out with.
@@ -96,6 +101,8 @@ struct Driver {
     /// Slots whose workspace was emptied when their last attempt ended.
     clean: HashSet<usize>,
     reports: Reports,
+    /// This process, for the coordinator (`Register::instance`).
+    instance: uuid::Uuid,
 }
 
 /// Runs the worker until `shutdown` resolves.
@@ -143,7 +150,9 @@ async fn run_on(mut cfg: WorkerConfig, host: Option<HostInfo>, shutdown: impl Fu
         let tls = client_config(&cfg.ca_pem, Some(&id)).map_err(|e| WorkerError::Setup(format!("--ca or certificate: {e}")))?;
         client_endpoint(tls, false).map_err(|source| WorkerError::WorkDir { path: cfg.work_dir.clone(), source })?
     };
-    let mut driver = Driver { cfg, host, executors, clean: HashSet::new(), reports };
+    let instance = uuid::Uuid::new_v4();
+    tracing::info!(%instance, "this worker process");
+    let mut driver = Driver { cfg, host, executors, clean: HashSet::new(), reports, instance };
     tokio::pin!(shutdown);
     loop {
         let dialed = tokio::select! {
@@ -160,6 +169,10 @@ async fn run_on(mut cfg: WorkerConfig, host: Option<HostInfo>, shutdown: impl Fu
                 match ended {
                     Ok(Closed::Shutdown) => break,
                     Ok(Closed::Lost(why)) => tracing::warn!(coordinator = %addr, reason = %why, "lost the coordinator; attempts keep running, reconnecting"),
+                    Ok(Closed::InUse { reason, retry_after }) => {
+                        tracing::warn!(coordinator = %addr, reason = %reason, ?retry_after, "the coordinator refused this process for now; trying again later");
+                        state.in_use(retry_after);
+                    }
                     Err(e) => {
                         driver.kill_all(&mut state, &mut reports_rx).await;
                         return Err(e);
@@ -195,6 +208,9 @@ async fn run_on(mut cfg: WorkerConfig, host: Option<HostInfo>, shutdown: impl Fu
         }
     }
     driver.kill_all(&mut state, &mut reports_rx).await;
+    // Let the close reach the coordinator, which otherwise counts this worker connected
+    // until its connection idles out (and a restarted worker would find it still there).
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     Ok(())
 }
 
@@ -419,6 +435,10 @@ impl Driver {
         match tokio::time::timeout(Duration::from_secs(10), read_frame::<_, CoordMsg>(&mut recv)).await {
             Ok(Ok(Some(CoordMsg::Registered { lease_ttl_ms, stale }))) => state.registered(Instant::now(), lease_ttl_ms, stale),
             Ok(Ok(Some(CoordMsg::Refused { reason }))) => return Err(WorkerError::Refused(reason)),
+            Ok(Ok(Some(CoordMsg::InUse { reason, retry_after_ms }))) => {
+                conn.close(0u32.into(), b"refused for now");
+                return Ok(Closed::InUse { reason, retry_after: Duration::from_millis(retry_after_ms) });
+            }
             other => return Ok(Closed::Lost(format!("no registration answer ({})", if other.is_err() { "timed out".into() } else { format!("{other:?}") }))),
         };
         let (frames_tx, mut frames) = mpsc::unbounded_channel::<CoordMsg>();
@@ -484,7 +504,7 @@ impl Driver {
         drop(link);
         match &ended {
             Closed::Shutdown => conn.close(0u32.into(), b"worker shutting down"),
-            Closed::Lost(_) => conn.close(0u32.into(), b"worker gave up on this connection"),
+            Closed::Lost(_) | Closed::InUse { .. } => conn.close(0u32.into(), b"worker gave up on this connection"),
         }
         Ok(ended)
     }

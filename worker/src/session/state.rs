@@ -211,6 +211,13 @@ impl State {
         self.backoff = FIRST_BACKOFF;
     }
 
+    /// The coordinator refused this process for now (another process of this worker
+    /// holds the name and lives): the next dial waits what it said.
+    pub fn in_use(&mut self, retry_after: Duration) {
+        self.link = None;
+        self.backoff = retry_after.max(FIRST_BACKOFF);
+    }
+
     /// When to dial again after a failed dial or a lost connection (`random` picks the
     /// jitter, up to a quarter of the wait); each wait doubles, up to `max_backoff`.
     pub fn retry_at(&mut self, now: Instant, random: u64) -> Instant {
@@ -318,6 +325,10 @@ impl State {
                 }
                 _ => tracing::debug!(lease = %lease, "asked to resend output of an attempt not streaming here; ignored"),
             },
+            // Answered only to a registration, which the driver reads itself.
+            CoordMsg::InUse { reason, .. } => {
+                tracing::warn!(%reason, "the coordinator says another process holds this worker's identity; ignored once registered")
+            }
         }
         Ok(())
     }

@@ -599,9 +599,9 @@ impl<D: Db> Store<D> {
                 let (now, ttl) = (*now, *ttl);
                 run!(RestartLeases, self.restart_leases(now, ttl))
             }
-            Op::UseToken { token, worker, now, .. } => {
-                let (token, worker, now) = (token.clone(), worker.clone(), *now);
-                run!(UseToken, self.use_token(&token, &worker, now))
+            Op::UseToken { token, worker, cert_fp, held, now, ttl, .. } => {
+                let (token, worker, cert_fp, held, now, ttl) = (token.clone(), worker.clone(), cert_fp.clone(), held.clone(), *now, *ttl);
+                run!(UseToken, self.use_token(&token, &worker, &cert_fp, held.as_deref(), now, ttl))
             }
             Op::SetDrain { worker, drained, .. } => {
                 let (worker, drained) = (worker.clone(), *drained);

@@ -344,6 +344,17 @@ async fn reconnects_back_off_doubling_to_a_cap_and_start_over_after_a_connection
     assert_eq!(f.s.retry_at(Instant::now(), 25) - Instant::now(), ms(100), "25 % 25 = 0");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_process_refused_while_another_holds_the_name_waits_what_it_was_told() {
+    let mut f = fixture(1, 0);
+    f.connect();
+    f.s.disconnected();
+    // Longer than any backoff cap: it is the coordinator's to say, not doubled from 100 ms.
+    f.s.in_use(Duration::from_secs(15));
+    assert_eq!(f.s.retry_at(Instant::now(), 0) - Instant::now(), Duration::from_secs(15));
+    assert!(sent(&f.actions()).is_empty(), "nothing is sent while refused");
+}
+
 #[test]
 fn a_freeze_is_passed_on_for_an_attempt_not_done_and_ignored_after() {
     let (mut f, run, wait) = running_and_waiting();

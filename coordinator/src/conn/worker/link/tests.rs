@@ -118,7 +118,15 @@ async fn register_twice_closes_the_link() {
     let mut link = Link::new(TTL, Instant::now());
     let out = feed(
         &mut link,
-        Input::Frame(WorkerMsg::Register { name: "w".into(), slots: 1, pool: "default".into(), labels: vec![], host: Default::default(), held: vec![] }),
+        Input::Frame(WorkerMsg::Register {
+            name: "w".into(),
+            slots: 1,
+            pool: "default".into(),
+            labels: vec![],
+            host: Default::default(),
+            held: vec![],
+            instance: uuid::Uuid::nil(),
+        }),
     );
     assert_eq!(out, vec![Action::Close("Register sent twice")]);
 }
