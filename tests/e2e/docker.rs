@@ -26,7 +26,12 @@ fn docker_cluster(test: &str, ttl: &str, slots: usize) -> Option<(TestImage, Clu
     }
     let image = test_image().expect("the test image is made");
     let mut c = Cluster::start_with_ttl(ttl).expect("the cluster starts");
-    c.spawn_worker_with("w1", slots, DOCKER).expect("w1 starts");
+    // The secret the tests pass is the worker's PATH, declared as one for every account.
+    let secrets = c.path("secrets.toml");
+    std::fs::write(&secrets, "[secrets.PATH]\nenv = \"PATH\"\naccounts = [\"*\"]\n").expect("the secrets file is written");
+    let mut flags: Vec<&str> = DOCKER.to_vec();
+    flags.extend(["--secrets", secrets.to_str().expect("utf8")]);
+    c.spawn_worker_with("w1", slots, &flags).expect("w1 starts");
     c.wait_worker_connected("w1", true).expect("w1 connects");
     assert_eq!(executors_of(&c, "w1"), ["process", "docker"], "w1 offers docker (its engine answers):\n{}", c.logs_of("worker-w1"));
     Some((image, c))
