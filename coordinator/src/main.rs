@@ -219,16 +219,7 @@ mod tests {
     /// Every flag and argument of every command says what it is in `--help`.
     #[test]
     fn every_argument_has_help() {
-        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
-            for a in cmd.get_arguments().filter(|a| a.get_help().is_none()) {
-                missing.push(format!("{path} {}", a.get_id()));
-            }
-            for sub in cmd.get_subcommands() {
-                walk(sub, &format!("{path} {}", sub.get_name()), missing);
-            }
-        }
-        let mut missing = Vec::new();
-        walk(&Cli::command(), "berth-coordinator", &mut missing);
+        let missing = berth_shared::cli::arguments_without_help(&Cli::command(), "berth-coordinator");
         assert!(missing.is_empty(), "without help: {missing:?}");
     }
 

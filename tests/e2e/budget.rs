@@ -9,14 +9,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use berth_e2e::*;
 
-const POOLS: &str = r#"
-[[pool]]
-name = "cloud"
-kind = "cloud"
-vcpu_usd_per_s = "0.01"
-approval_threshold_usd = "5"
-"#;
-
 struct Budgeted {
     c: Cluster,
     pools: PathBuf,
@@ -28,7 +20,7 @@ struct Budgeted {
 fn cluster() -> Result<Budgeted> {
     let dir = tempfile::tempdir()?;
     let pools = dir.path().join("pools.toml");
-    std::fs::write(&pools, POOLS)?;
+    std::fs::write(&pools, APPROVAL_POOLS)?;
     let c = Cluster::start_with("30s", &["--pools", pools.to_str().context("path")?])?;
     let admin = c.path("root.toml");
     c.user("root", "admin", &admin)?;

@@ -103,15 +103,6 @@ fn a_worker_certificate_from_another_ca_is_refused() -> Result<()> {
     Ok(())
 }
 
-/// Pools for `users_are_kept_apart`: a paid pool whose jobs wait for an approver.
-const APPROVAL_POOLS: &str = r#"
-[[pool]]
-name = "cloud"
-kind = "cloud"
-vcpu_usd_per_s = "0.01"
-approval_threshold_usd = "5"
-"#;
-
 fn code(out: &std::process::Output) -> Option<i32> {
     out.status.code()
 }
@@ -169,7 +160,7 @@ fn as_if_missing(out: &std::process::Output, job: &str, instead: &str) -> String
 fn users_are_kept_apart() -> Result<()> {
     let pools = tempfile::tempdir()?;
     let pools_file = pools.path().join("pools.toml");
-    std::fs::write(&pools_file, APPROVAL_POOLS)?;
+    std::fs::write(&pools_file, berth_e2e::APPROVAL_POOLS)?;
     let mut c = Cluster::start_with("30s", &["--pools", pools_file.to_str().expect("utf8")])?;
     let alice = c.profile.clone();
     let (bob, ann, root) = (c.path("bob.toml"), c.path("ann.toml"), c.path("root.toml"));

@@ -20,6 +20,16 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A pools file for the coordinator: one paid pool (`cloud`, $0.01 per vCPU-second)
+/// whose jobs estimated at $5 or more wait for an approver.
+pub const APPROVAL_POOLS: &str = r#"
+[[pool]]
+name = "cloud"
+kind = "cloud"
+vcpu_usd_per_s = "0.01"
+approval_threshold_usd = "5"
+"#;
+
 /// Polls `cond` until it holds or `timeout` passes.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;

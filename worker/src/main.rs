@@ -239,3 +239,16 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag of the worker says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        let missing = berth_shared::cli::arguments_without_help(&Cli::command(), "berth-worker");
+        assert!(missing.is_empty(), "without help: {missing:?}");
+    }
+}

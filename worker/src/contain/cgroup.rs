@@ -232,7 +232,7 @@ impl Cgroups {
                 Err(e) => Err(format!("cannot make cgroup {}: {e}", d.display())),
             }
         };
-        let cg = match &self.layout {
+        let mut cg = match &self.layout {
             Layout::Unified { base } => {
                 let d = made(base.join(&name))?;
                 SlotCgroup { memory: d.clone(), pids: d.clone(), cpu: Some(d.clone()), unified: Some(d), v2: true, procs: Vec::new(), last: Default::default() }
@@ -250,7 +250,6 @@ impl Cgroups {
                 last: Default::default(),
             },
         };
-        let mut cg = cg;
         let mut dirs: Vec<PathBuf> = vec![cg.memory.clone()];
         for d in [Some(&cg.pids), cg.cpu.as_ref(), cg.unified.as_ref()].into_iter().flatten() {
             if !dirs.contains(d) {

@@ -358,9 +358,10 @@ pub async fn run(launch: Launch, confine: Confine, spool: Arc<Spool>, mut kill: 
             error: None,
         },
     };
-    // The kernel killed for memory in this attempt, and that is how it ended.
+    // The kernel killed for memory in this attempt, and that is how it ended (the counter
+    // is read only for an attempt that ended as an OOM kill does).
     if let Some(cg) = &cgroup {
-        if cg.oom_kills() > oom_before && outcome.exit_code == Some(137) && !outcome.killed && !outcome.timed_out {
+        if outcome.exit_code == Some(137) && !outcome.killed && !outcome.timed_out && cg.oom_kills() > oom_before {
             outcome.error =
                 Some(format!("oom_killed: the attempt ran out of its memory limit of {} MiB and was killed (exit code 137)", confine.limits.mem_mib));
         }
