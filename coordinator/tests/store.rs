@@ -295,6 +295,7 @@ on_both_backends!(
     group_commit_answers_every_operation,
     budget_months_roll_at_midnight_utc_and_settle_exactly,
     freeze_reserves_an_image_and_records_the_task_frozen,
+    a_data_dir_an_earlier_berth_made_opens_with_its_work,
 );
 
 // ------------------------------------------------------------------ helpers
@@ -892,6 +893,45 @@ fn join_tokens_are_single_use_and_expire(h: &mut Harness) {
     let workers: Vec<String> = h.reader.workers().expect("workers").into_iter().map(|(w, _)| w).collect();
     assert_eq!(workers, vec!["w1".to_string()], "[{}] only the enrolled worker is registered", h.backend);
     assert!(h.set_drain("w1", true).expect("drain an enrolled worker"));
+}
+
+/// A database as the berth before `workers.cert_fp` and `JobSpec::max_output` left it:
+/// the coordinator opens it, adds what is missing, and every job in it still runs.
+fn a_data_dir_an_earlier_berth_made_opens_with_its_work(h: &mut Harness) {
+    let mut spec = array(0, 1);
+    spec.max_output = None;
+    let key = Uuid::new_v4();
+    let old = h.submit_as(&spec, "alice", key);
+    let mut db: Box<dyn Db> = h.loc.connect().expect("connect");
+    let token = create_token(db.as_mut(), "worker", Duration::from_secs(3600), at(0)).expect("token");
+    db.batch("ALTER TABLE workers DROP COLUMN cert_fp").expect("drop the column an earlier berth did not have");
+    let mut body = berth_shared::codec::encode(&spec).expect("encode")[4..].to_vec();
+    assert_eq!(body.pop(), Some(0), "the spec's last field is max_output, None");
+    db.exec("UPDATE jobs SET spec = ?1", &[Val::Blob(body)]).expect("store the spec as it was written");
+    drop(db);
+
+    // The upgrade happens when a store opens; a second start finds nothing to do.
+    let _ = h.second_store();
+    let mut store = h.second_store();
+    let st = h.reader.status(&sel(old.job, None), &Scope::All).expect("the old job's status reads");
+    assert_eq!(st.summary.counts.queued, 2, "[{}] {st:?}", h.backend);
+    let again = call_on(store.as_mut(), |reply| Op::Submit {
+        spec: Box::new(spec.clone()),
+        owner: "alice".into(),
+        idempotency_key: key,
+        admission: Admission { account: "alice".into(), ..Admission::default() },
+        now: at(1),
+        reply,
+    })
+    .expect("resubmit");
+    assert!(again.duplicate && again.job == old.job, "[{}] the old spec matches its resubmission", h.backend);
+    let caps = Arc::new(cpu_worker());
+    let claimed = call_on(store.as_mut(), |reply| Op::Claim { worker: "w1".into(), n: 2, caps, free: None, now: at(2), ttl: TTL, reply }).expect("claim").tasks;
+    assert_eq!(claimed.len(), 2, "[{}] the old job's tasks are claimed", h.backend);
+    assert_eq!(claimed[0].spec.max_output, None, "[{}] an old spec has no cap of its own", h.backend);
+    call_on(store.as_mut(), |reply| Op::UseToken { token, worker: "w9".into(), cert_fp: "fp-9".into(), held: None, now: at(3), ttl: TTL, reply })
+        .expect("enrolment records the certificate in the column added");
+    assert_eq!(h.reader.worker_cert("w9").expect("read"), Some("fp-9".into()));
 }
 
 fn a_worker_name_is_enrolled_again_only_once_its_holder_is_gone(h: &mut Harness) {

@@ -38,6 +38,9 @@ pub enum StoreError {
     Pg(#[from] postgres::Error),
     #[error("stored job {job} does not decode")]
     Corrupt { job: String },
+    /// A data dir an older berth made that this one cannot bring up to its schema.
+    #[error("cannot upgrade the store: {0}")]
+    Upgrade(String),
     #[error("an expected row is missing")]
     Missing,
     #[error("{0}")]

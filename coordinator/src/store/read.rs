@@ -30,7 +30,7 @@ impl<D: Db> ReadView<D> {
     fn spec(&mut self, job_seq: i64) -> Result<JobSpec, StoreError> {
         let mut row = self.db.query_one("SELECT id, spec FROM jobs WHERE seq = ?1", p![job_seq])?;
         let id = row.str(0)?;
-        berth_shared::codec::decode(&row.blob(1)?).map_err(|_| StoreError::Corrupt { job: id })
+        super::schema::decode_spec(&row.blob(1)?).ok_or(StoreError::Corrupt { job: id })
     }
 
     fn task(&mut self, job_seq: i64, idx: i64, is_array: bool) -> Result<Option<TaskStatus>, StoreError> {

@@ -174,20 +174,94 @@ fn postgres() -> String {
 /// once on one PostgreSQL database.
 const PG_MIGRATE_LOCK: i64 = 0x6265_7274_6801;
 
-/// Creates the schema if needed.
+/// Creates the schema if needed, and brings a database an earlier berth made up to it.
+///
+/// Upgrades are additive: a column declared in the tables above that an existing table
+/// lacks is added with its declared type and default (`cert_fp` of `workers`, the
+/// segment columns of `logs`, ...), so a data dir from any earlier version opens
+/// without losing a row. A column added later must be nullable or have a default; one
+/// that is neither cannot be added to a table with rows, and is refused with a reason.
+/// Stored job specs need no rewrite: see [`decode_spec`].
 pub fn migrate(db: &mut dyn Db) -> Result<(), StoreError> {
     match db.backend() {
         Backend::Sqlite => {
             db.batch(SQLITE)?;
-            db.batch(LOGS)
+            db.batch(LOGS)?;
+            add_missing_columns(db, &[SQLITE, &LOGS.replace("output.logs", "logs")].concat())
         }
         Backend::Postgres => {
             db.batch(&format!("SELECT pg_advisory_lock({PG_MIGRATE_LOCK})"))?;
-            let r = db.batch(&postgres());
+            let schema = postgres();
+            let r = db.batch(&schema).and_then(|()| add_missing_columns(db, &schema));
             db.batch(&format!("SELECT pg_advisory_unlock({PG_MIGRATE_LOCK})"))?;
             r
         }
     }
+}
+
+/// The columns each `CREATE TABLE` of `schema` declares: (table, column, definition).
+fn declared_columns(schema: &str) -> Vec<(&str, &str, &str)> {
+    let mut out = Vec::new();
+    let mut table = None;
+    for line in schema.lines() {
+        if let Some(rest) = line.strip_prefix("CREATE TABLE IF NOT EXISTS ") {
+            table = rest.split('(').next().map(str::trim);
+            continue;
+        }
+        if line.starts_with(')') {
+            table = None;
+            continue;
+        }
+        let (Some(t), Some(col)) = (table, line.strip_prefix("    ")) else { continue };
+        let col = col.trim_end_matches(',');
+        let Some((name, def)) = col.split_once(' ') else { continue };
+        if name.chars().all(|c| c.is_ascii_lowercase() || c == '_') && !def.contains("PRIMARY KEY") {
+            out.push((t, name, def));
+        }
+    }
+    out
+}
+
+fn add_missing_columns(db: &mut dyn Db, schema: &str) -> Result<(), StoreError> {
+    let mut have: std::collections::HashMap<String, std::collections::HashSet<String>> = Default::default();
+    for (table, column, def) in declared_columns(schema) {
+        if !have.contains_key(table) {
+            let sql = match db.backend() {
+                // Finds the table where SQLite would (a `logs` of an older main database first).
+                Backend::Sqlite => "SELECT name FROM pragma_table_info(?1)",
+                Backend::Postgres => "SELECT column_name::TEXT FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = ?1",
+            };
+            let names = db.query(sql, &[table.into()])?.iter().map(|r| r.str(0)).collect::<Result<_, _>>()?;
+            have.insert(table.to_string(), names);
+        }
+        if have[table].contains(column) {
+            continue;
+        }
+        if def.contains("NOT NULL") && !def.contains("DEFAULT") {
+            return Err(StoreError::Upgrade(format!("its {table} table has no {column} column, which cannot be added (NOT NULL without a default)")));
+        }
+        tracing::info!(table, column, "upgrading the store: adding a column");
+        db.batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
+    }
+    Ok(())
+}
+
+/// Decodes a job spec as the store holds it (bincode, serde mode), including specs an
+/// earlier berth wrote: fields are only ever appended to `JobSpec`, each an `Option`
+/// whose absence is `None`, so a shorter spec decodes once the missing trailing
+/// options are supplied as `None` (one 0 byte each).
+pub fn decode_spec(bytes: &[u8]) -> Option<berth_shared::job::JobSpec> {
+    /// How many optional fields were appended to `JobSpec` since the first stored
+    /// version (`max_output`).
+    const APPENDED_OPTIONS: usize = 1;
+    let mut buf = bytes.to_vec();
+    for _ in 0..=APPENDED_OPTIONS {
+        if let Ok(spec) = berth_shared::codec::decode(&buf) {
+            return Some(spec);
+        }
+        buf.push(0);
+    }
+    None
 }
 
 #[cfg(test)]
@@ -199,5 +273,30 @@ mod tests {
             assert!(!pg.contains(sqlite_only), "{sqlite_only} left in:\n{pg}");
         }
         assert_eq!(pg.matches("BIGSERIAL PRIMARY KEY").count(), 3, "jobs, events and logs have row ids");
+    }
+
+    #[test]
+    fn every_table_declares_its_columns_for_the_upgrade() {
+        let cols = super::declared_columns(super::SQLITE);
+        assert!(cols.contains(&("workers", "cert_fp", "TEXT")), "{cols:?}");
+        assert!(cols.contains(&("jobs", "blocked", "INTEGER NOT NULL DEFAULT 0")), "{cols:?}");
+        assert!(!cols.iter().any(|(_, c, _)| *c == "seq" || *c == "unique"), "keys and constraints are not columns: {cols:?}");
+        let logs = super::declared_columns(super::LOGS);
+        assert_eq!(logs.iter().map(|(_, c, _)| *c).collect::<Vec<_>>(), ["job_seq", "idx", "attempt", "stream", "seq", "data", "seg", "off", "len"]);
+    }
+
+    #[test]
+    fn a_spec_stored_before_max_output_decodes_without_it() {
+        use berth_shared::job::{Command, JobSpec};
+        let mut spec = JobSpec::new(Command::Argv(vec!["true".into()]));
+        spec.max_output = Some(1 << 30);
+        // Stored as a frame's body, without its length prefix.
+        let body = |spec: &JobSpec| berth_shared::codec::encode(spec).expect("encode")[4..].to_vec();
+        assert_eq!(super::decode_spec(&body(&spec)), Some(spec.clone()));
+        spec.max_output = None;
+        let mut before = body(&spec);
+        assert_eq!(before.pop(), Some(0), "a None option is one 0 byte at the end");
+        assert_eq!(super::decode_spec(&before), Some(spec));
+        assert_eq!(super::decode_spec(&before[..before.len() - 3]), None, "a truncated spec is corrupt, not guessed at");
     }
 }

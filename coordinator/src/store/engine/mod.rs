@@ -632,7 +632,7 @@ impl<D: Db> Store<D> {
         }
         let mut row = self.db.query_one("SELECT id, is_array, spec, owner, account, month, attempt_estimate FROM jobs WHERE seq = ?1", p![job_seq])?;
         let id = row.str(0)?;
-        let spec: JobSpec = berth_shared::codec::decode(&row.blob(2)?).map_err(|_| StoreError::Corrupt { job: id.clone() })?;
+        let spec = super::schema::decode_spec(&row.blob(2)?).ok_or_else(|| StoreError::Corrupt { job: id.clone() })?;
         let account = row.opt_str(4)?.unwrap_or(row.str(3)?);
         let attempt_estimate = decimal(&row.str(6)?, &id)?;
         let m = Arc::new(JobMeta { id: job_id(&id)?, is_array: row.bool(1)?, spec: Arc::new(spec), account, month: row.str(5)?, attempt_estimate });

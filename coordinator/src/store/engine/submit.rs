@@ -18,7 +18,7 @@ impl<D: Db> Store<D> {
         if let Some(mut row) = self.db.query_opt("SELECT id, idx_start, idx_end, spec FROM jobs WHERE owner = ?1 AND idem = ?2", p![owner, key.as_str()])? {
             let job = job_id(&row.str(0)?)?;
             // The same key is the same submission; a different job under it is a mistake.
-            let stored: Option<JobSpec> = berth_shared::codec::decode(&row.blob(3)?).ok();
+            let stored = super::super::schema::decode_spec(&row.blob(3)?);
             if stored.as_ref() != Some(&spec) {
                 return Err(invalid(format!("idempotency key {key} was already used for job {job}, a different submission: use a new key")));
             }
