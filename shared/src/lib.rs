@@ -1,6 +1,7 @@
 //! berth-shared: the domain types, wire protocol, codec, TLS helpers and config types
 //! that the coordinator, the worker and the client agree on. No I/O policy, no actors.
 
+pub mod archive;
 pub mod cli;
 pub mod codec;
 pub mod dial;
