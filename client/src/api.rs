@@ -104,6 +104,15 @@ impl Client {
         Ok(Responses { recv, conn: self.conn.clone() })
     }
 
+    /// As `open`, keeping the request's stream open for what the caller sends after it
+    /// (an exec's stdin).
+    pub async fn open_with_input(&self, req: &Request) -> Result<(Responses, Option<quinn::SendStream>), Fail> {
+        let frame = encode(req).map_err(|e| Fail::new(EXIT_FAILURE, format!("cannot encode the request: {e}")))?;
+        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| Fail::lost(format!("lost the coordinator: {e}")))?;
+        send.write_all(&frame).await.map_err(|e| Fail::lost(format!("cannot send the request: {e}")))?;
+        Ok((Responses { recv, conn: self.conn.clone() }, Some(send)))
+    }
+
     /// Sends a request that has exactly one answer.
     pub async fn call(&self, req: &Request) -> Result<Response, Fail> {
         let mut r = self.open(req).await?;

@@ -8,6 +8,7 @@ mod api;
 mod dev;
 mod exit;
 mod out;
+mod session;
 mod show;
 mod submit;
 
@@ -160,6 +161,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Sessions: a sandbox held open for many commands (`session open`, then `berth
+    /// exec`, then `session close`).
+    Session {
+        #[command(subcommand)]
+        command: session::SessionCmd,
+    },
+    /// Run a command in a session: its output streams live (stdout and stderr apart),
+    /// and berth exits with its exit code (124 if it timed out).
+    Exec(session::ExecArgs),
     /// Print shell completions.
     Completions {
         /// The shell: bash, zsh, fish, elvish or powershell.
@@ -384,6 +394,8 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
             let image = client.ask(&Request::RemoveImage { image }, answer!(Response::ImageRemoved { image } => image)).await?;
             done(format!("removed {image}"))
         }
+        Cmd::Session { command } => session::command(client, command, style).await,
+        Cmd::Exec(a) => session::exec(client, &a).await,
         Cmd::Completions { .. } | Cmd::Dev(_) => Ok(0),
     }
 }

@@ -343,7 +343,7 @@ fn exited(code: i32) -> Outcome {
 }
 
 fn chunk(lease: LeaseId, stream: OutStream, seq: u64, data: &str) -> LogChunk {
-    LogChunk { lease, stream, seq, data: std::sync::Arc::new(data.as_bytes().to_vec()) }
+    LogChunk { lease, exec: 0, stream, seq, data: std::sync::Arc::new(data.as_bytes().to_vec()) }
 }
 
 fn api_error<T: std::fmt::Debug>(r: Result<T, StoreError>) -> ApiError {
@@ -718,7 +718,7 @@ fn large_output_chunks_read_back_exactly_after_a_restart(h: &mut Harness) {
     // Random bytes, so a misplaced offset cannot read back equal.
     let big = |n: usize, seed: u64| -> Vec<u8> { (0..n as u64).map(|i| (i.wrapping_mul(0x9E37_79B9).wrapping_add(seed) >> 7) as u8).collect() };
     let (a, b, c) = (big(256 * 1024, 1), big(40_000, 2), big(300 * 1024, 3));
-    let mk = |seq, stream, data: &Vec<u8>| LogChunk { lease: l, stream, seq, data: Arc::new(data.clone()) };
+    let mk = |seq, stream, data: &Vec<u8>| LogChunk { lease: l, exec: 0, stream, seq, data: Arc::new(data.clone()) };
     use ChunkVerdict::Stored;
     assert_eq!(
         h.append("w1", vec![mk(1, OutStream::Stdout, &a), mk(2, OutStream::Stdout, &chunk_text("small\n")), mk(1, OutStream::Stderr, &b)]),
@@ -906,7 +906,8 @@ fn a_data_dir_an_earlier_berth_made_opens_with_its_work(h: &mut Harness) {
     let token = create_token(db.as_mut(), "worker", Duration::from_secs(3600), at(0)).expect("token");
     db.batch("ALTER TABLE workers DROP COLUMN cert_fp").expect("drop the column an earlier berth did not have");
     let mut body = berth_shared::codec::encode(&spec).expect("encode")[4..].to_vec();
-    assert_eq!(body.pop(), Some(0), "the spec's last field is max_output, None");
+    // As written before `max_output` and `session`, the last two fields (None each).
+    assert_eq!(body.split_off(body.len() - 2), [0, 0]);
     db.exec("UPDATE jobs SET spec = ?1", &[Val::Blob(body)]).expect("store the spec as it was written");
     drop(db);
 

@@ -117,12 +117,23 @@ mod tests {
     }
 
     #[test]
-    /// Protocol 1 as of the job constraints and dependencies (two empty lists) and the
-    /// output cap (none: `00`), before the key.
+    /// Protocol 1 as of the job constraints and dependencies (two empty lists), the
+    /// output cap and the session (none: `00` each), before the key.
     fn golden_submit() {
         let spec = JobSpec::new(Command::Argv(vec!["true".into()]));
         let req = Request::Submit { spec, idempotency_key: Uuid::from_u128(1) };
-        assert_eq!(hex(&encode(&req).expect("encodes")), "0000002c0000000104747275650000000000000000000300000000000000001000000000000000000000000000000001");
+        assert_eq!(hex(&encode(&req).expect("encodes")), "0000002d000000010474727565000000000000000000030000000000000000001000000000000000000000000000000001");
+    }
+
+    /// The session messages (protocol 3), appended to their enums.
+    #[test]
+    fn golden_exec() {
+        let lease = LeaseId(Uuid::from_u128(0x0102030405060708090a0b0c0d0e0f10));
+        let spec = crate::session::ExecSpec { argv: vec!["true".into()], env: vec![], timeout_ms: None, cwd: None, stdin: false };
+        let exec = CoordMsg::Exec { lease, exec: 2, spec };
+        assert_eq!(hex(&encode(&exec).expect("encodes")), "0000001d0b100102030405060708090a0b0c0d0e0f100201047472756500000000");
+        let open = OutputFrame::OpenExec { lease, exec: 2 };
+        assert_eq!(hex(&encode(&open).expect("encodes")), "0000001302100102030405060708090a0b0c0d0e0f1002");
     }
 
     /// The freeze messages, appended to their enums so every earlier message keeps its

@@ -277,6 +277,9 @@ pub struct JobSpec {
     /// the cap. `None` in a submission: the coordinator's default, filled in when the
     /// job is admitted.
     pub max_output: Option<u64>,
+    /// Set for a session (`berth session open`): the job holds a sandbox open for
+    /// execs instead of running `command` (see `session`).
+    pub session: Option<crate::session::SessionSpec>,
 }
 
 /// A parent job and what its end must be for the child to run.
@@ -332,6 +335,7 @@ impl JobSpec {
             constraints: Vec::new(),
             after: Vec::new(),
             max_output: None,
+            session: None,
         }
     }
 
@@ -345,7 +349,20 @@ impl JobSpec {
         if let Some(a) = self.account.as_deref().filter(|a| !a.trim().is_empty()) {
             crate::text::check_label("the account", a, crate::text::MAX_NAME_BYTES)?;
         }
+        if let Some(session) = &self.session {
+            session.validate()?;
+            if self.array.is_some() {
+                return Err("a session is one sandbox: it takes no --array".into());
+            }
+            if self.max_attempts != 1 {
+                return Err("a session runs once: its files live on one worker".into());
+            }
+            if self.max_runtime_ms != Some(session.max_lifetime_ms) {
+                return Err("a session's max runtime is its max lifetime".into());
+            }
+        }
         match &self.command {
+            Command::Argv(v) if v.is_empty() && self.session.is_some() => {}
             Command::Argv(v) if v.is_empty() => return Err("the command is empty: give CMD ARGS after --, or a script".into()),
             Command::Argv(v) if v[0].is_empty() => return Err("the command's program name is empty".into()),
             Command::Script(s) if s.trim().is_empty() => return Err("the script is empty".into()),

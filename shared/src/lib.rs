@@ -12,6 +12,7 @@ pub mod jobfile;
 pub mod logs;
 pub mod profile;
 pub mod resources;
+pub mod session;
 pub mod text;
 pub mod tls;
 pub mod wire;

@@ -10,6 +10,7 @@
 
 use crate::ids::{JobId, JobSelector, LeaseId};
 use crate::job::{Command, Counts, Event, JobSpec, JobState, Outcome};
+use crate::session::{ExecEnd, ExecInfo, ExecSpec, SessionState};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -17,7 +18,7 @@ pub use crate::resources::{gpu_matches, FreeResources};
 
 /// Bumped whenever a message shape changes. 2: a worker's `Register` names its
 /// process (`instance`) and the coordinator may answer `CoordMsg::InUse`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The ALPN token: the framing (a hello first, then length-prefixed frames), which
 /// every protocol version keeps, so a peer of another version is told so in words by
 /// the hello rather than failing the TLS handshake.
@@ -175,6 +176,69 @@ pub enum Request {
     },
     /// The coordinator's own state: whether its store can write (`berth status`).
     Health,
+    /// Open a session (`spec.session` set): answered `Submitted` at once, then
+    /// `SessionReady` once its sandbox is, or an error.
+    OpenSession {
+        spec: JobSpec,
+        idempotency_key: uuid::Uuid,
+    },
+    /// Run a command in a session: `ExecStarted`, then (unless `detach`) its output
+    /// live and `ExecEnded`. With `exec.stdin`, the client sends `StdinFrame`s on the
+    /// same stream after this request.
+    Exec {
+        session: JobSelector,
+        exec: ExecSpec,
+        detach: bool,
+    },
+    /// A recorded exec's output; with `follow`, until it ends (then `ExecEnded`).
+    ExecOutput {
+        session: JobSelector,
+        exec: u32,
+        follow: bool,
+    },
+    /// Close a session (idempotent).
+    CloseSession {
+        session: JobSelector,
+    },
+    SessionStatus {
+        session: JobSelector,
+    },
+    Sessions {
+        limit: u32,
+    },
+}
+
+/// What a client sends after an `Exec` that reads stdin.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StdinFrame {
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Stdin is closed.
+    End,
+}
+
+/// A session as `berth session status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStatus {
+    pub job: JobStatus,
+    pub state: SessionState,
+    pub execs: Vec<ExecInfo>,
+    /// Money set aside for it, and spent once it closed.
+    pub reserved: rust_decimal::Decimal,
+    pub spent: rust_decimal::Decimal,
+}
+
+/// One row of `berth session list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSummary {
+    pub id: JobId,
+    pub name: Option<String>,
+    pub state: SessionState,
+    pub owner: String,
+    pub worker: Option<String>,
+    pub opened_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub execs: u32,
+    pub reason: Option<String>,
 }
 
 /// The coordinator's own state, for `berth status` without a job (and a warning above
@@ -384,6 +448,21 @@ pub enum Response {
         image: String,
     },
     Health(CoordinatorHealth),
+    SessionReady {
+        session: JobId,
+        worker: String,
+    },
+    ExecStarted {
+        exec: u32,
+    },
+    ExecEnded(ExecEnd),
+    SessionClosed {
+        session: JobId,
+        /// It had ended already (close is idempotent).
+        already: bool,
+    },
+    Session(Box<SessionStatus>),
+    Sessions(Vec<SessionSummary>),
 }
 
 // ---------------------------------------------------------------- worker protocol
@@ -474,6 +553,8 @@ pub enum WorkerMsg {
     /// As `Want`, with what is free right now: the coordinator hands out only tasks
     /// that fit it (the worker has set aside what its running and waiting tasks use).
     WantFit { n: u32, free: FreeResources },
+    /// An exec of a session ended (sent once its output is all acknowledged).
+    ExecFinished { lease: LeaseId, exec: u32, outcome: Outcome },
 }
 
 /// One task handed to a worker.
@@ -546,6 +627,35 @@ pub enum CoordMsg {
         reason: String,
         retry_after_ms: u64,
     },
+    /// Run a command in the session this lease holds.
+    Exec {
+        lease: LeaseId,
+        exec: u32,
+        spec: ExecSpec,
+    },
+    /// Stdin for a running exec; `eof` closes it.
+    ExecStdin {
+        lease: LeaseId,
+        exec: u32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        eof: bool,
+    },
+    /// Kill one exec's process tree (its client went away, or asked).
+    KillExec {
+        lease: LeaseId,
+        exec: u32,
+    },
+    ExecOutputAck {
+        lease: LeaseId,
+        exec: u32,
+        stream: OutStream,
+        seq: u64,
+    },
+    ExecFinishedAck {
+        lease: LeaseId,
+        exec: u32,
+    },
 }
 
 /// Frames on an attempt's output stream: one `Open`, then chunks.
@@ -561,5 +671,10 @@ pub enum OutputFrame {
         /// As bytes, not a sequence of numbers: the same encoding, copied at once.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+    },
+    /// As `Open`, for the output of one exec of a session.
+    OpenExec {
+        lease: LeaseId,
+        exec: u32,
     },
 }

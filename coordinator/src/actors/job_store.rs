@@ -108,6 +108,19 @@ store_message!(
     until_written(&store, |reply| Op::Finish { worker: m.worker.clone(), lease: m.lease, outcome: m.outcome.clone(), now: Utc::now(), reply }).await
 });
 
+store_message!(
+    /// Number and record an exec of a ready session, and say where to send it.
+    ExecStart { job: JobSelector, scope: crate::store::Scope, spec: berth_shared::session::ExecSpec } -> crate::store::engine::ExecOrder, |m, store, _ttl| {
+    store.call(|reply| Op::ExecStart { job: m.job, scope: m.scope, spec: m.spec, now: Utc::now(), reply }).await
+});
+
+store_message!(
+    /// Record how an exec ended, if its lease is still its session's (waiting while the
+    /// store cannot write).
+    ExecFinish { worker: String, lease: LeaseId, exec: u32, outcome: Outcome } -> FinishVerdict, |m, store, _ttl| {
+    until_written(&store, |reply| Op::ExecFinish { worker: m.worker.clone(), lease: m.lease, exec: m.exec, outcome: m.outcome.clone(), now: Utc::now(), reply }).await
+});
+
 /// Record that an attempt's process started (no answer needed).
 #[derive(Message)]
 #[rtype(result = "()")]

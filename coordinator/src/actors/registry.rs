@@ -283,6 +283,22 @@ impl Handler<Kill> for WorkerRegistry {
     }
 }
 
+/// A message for a connected worker (a session's exec, its stdin, a kill of one exec);
+/// `false` when the worker is not connected here.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Tell {
+    pub worker: String,
+    pub msg: CoordMsg,
+}
+
+impl Handler<Tell> for WorkerRegistry {
+    type Result = bool;
+    fn handle(&mut self, m: Tell, _: &mut Self::Context) -> bool {
+        self.tell(&m.worker, m.msg)
+    }
+}
+
 /// Record a drain flag change (the store holds the durable one).
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -52,15 +52,17 @@ fn allowed(role: Role, req: &Request) -> Result<(), ApiError> {
     Err(ApiError::new(ErrorKind::Refused, format!("role {} may not {what}", role.as_str())))
 }
 
-async fn request(conn: quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream, shared: Arc<Shared>, who: String, role: Role) {
-    let req: Request = match read_frame(&mut recv).await {
+async fn request(conn: quinn::Connection, mut send: quinn::SendStream, recv: quinn::RecvStream, shared: Arc<Shared>, who: String, role: Role) {
+    let mut recv = Some(recv);
+    let Some(r) = recv.as_mut() else { return };
+    let req: Request = match read_frame(r).await {
         Ok(Some(r)) => r,
         Ok(None) => return,
         Err(e) => return close_for(&conn, &e),
     };
     let result = match allowed(role, &req).and_then(|()| super::freeze::labels_allowed(&req)) {
         Err(e) => Err(e),
-        Ok(()) => answer(req, &mut send, &shared, &who, role).await,
+        Ok(()) => answer(req, &mut send, &mut recv, &shared, &who, role).await,
     };
     if let Err(e) = result {
         let _ = write_frame(&mut send, &Response::Error(e)).await;
@@ -87,24 +89,22 @@ pub(super) async fn visible(shared: &Shared, job: &JobSelector, scope: &Scope) -
     Ok(JobSelector { prefix: id.to_string(), index: job.index })
 }
 
-async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who: &str, role: Role) -> Result<(), ApiError> {
+async fn answer(
+    req: Request,
+    send: &mut quinn::SendStream,
+    recv: &mut Option<quinn::RecvStream>,
+    shared: &Shared,
+    who: &str,
+    role: Role,
+) -> Result<(), ApiError> {
     let a = &shared.actors;
     let scope = Scope::of(who, role);
     let out: Response = match req {
-        Request::Submit { mut spec, idempotency_key } => {
-            // The one validation of a submitted spec: the store and the budget trust it.
-            spec.validate().map_err(|m| ApiError::new(ErrorKind::Invalid, m))?;
-            // A job may wait only for jobs its submitter may see.
-            for d in &mut spec.after {
-                let sel = JobSelector { prefix: d.job.clone(), index: None };
-                let parent = visible(shared, &sel, &scope).await.map_err(|e| ApiError::new(e.kind, format!("--after {}: {}", d.job, e.message)))?;
-                d.job = parent.prefix;
+        Request::Submit { spec, idempotency_key } => {
+            if spec.session.is_some() {
+                return Err(ApiError::new(ErrorKind::Invalid, "a session is opened with `berth session open`, not submitted"));
             }
-            let (spec, admission) = a.budget.send(budget::Admit { spec, owner: who.to_string() }).await.map_err(mailbox)??;
-            let spec_for_warning = spec.clone();
-            let s = a.job_store.send(job_store::Submit { spec, owner: who.to_string(), idempotency_key, admission }).await.map_err(mailbox)?.map_err(api)?;
-            let warning = a.registry.send(registry::Explain { spec: spec_for_warning }).await.map_err(mailbox)?;
-            Response::Submitted { job: s.job, tasks: s.tasks, duplicate: s.duplicate, warning }
+            submit(shared, who, &scope, spec, idempotency_key).await?
         }
         Request::Status { job } => {
             let mut st = query(&a.reader, move |r| r.status(&job, &scope)).await.map_err(api)?;
@@ -189,10 +189,31 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
         Request::Freeze { job, tag } => super::freeze::freeze(shared, who, role, visible(shared, &job, &scope).await?, tag).await?,
         Request::Resume { job, command, idempotency_key } => {
             let spec = super::freeze::resume_spec(shared, who, visible(shared, &job, &scope).await?, command).await?;
-            return Box::pin(answer(Request::Submit { spec, idempotency_key }, send, shared, who, role)).await;
+            return Box::pin(answer(Request::Submit { spec, idempotency_key }, send, recv, shared, who, role)).await;
         }
         Request::Images => super::freeze::images(shared, who, role).await?,
         Request::RemoveImage { image } => super::freeze::remove_image(shared, who, role, image).await?,
+        Request::OpenSession { spec, idempotency_key } => return super::session::open(shared, send, who, &scope, spec, idempotency_key).await,
+        Request::Exec { session, exec, detach } => {
+            let stdin = if exec.stdin { recv.take() } else { None };
+            return super::session::exec(shared, send, stdin, &scope, session, exec, detach).await;
+        }
+        Request::ExecOutput { session, exec, follow } => {
+            let session = visible(shared, &session, &scope).await?;
+            return super::session::exec_output(shared, send, session, exec, follow).await;
+        }
+        Request::CloseSession { session } => super::session::close(shared, who, role, visible(shared, &session, &scope).await?).await?,
+        Request::SessionStatus { session } => {
+            let mut st = query(&a.reader, move |r| r.session(&session, &scope)).await.map_err(api)?;
+            if st.job.summary.owner != who {
+                mask_env(&mut st.job.spec);
+            }
+            Response::Session(Box::new(st))
+        }
+        Request::Sessions { limit } => {
+            let limit = limit.clamp(1, 10_000);
+            Response::Sessions(query(&a.reader, move |r| r.sessions(limit, &scope)).await.map_err(api)?)
+        }
         Request::Health => {
             let store = crate::store::health::to_wire(&a.job_store.send(job_store::HealthWatch).await.map_err(mailbox)?.borrow());
             let default_max_output = a.job_store.send(job_store::DefaultMaxOutput).await.map_err(mailbox)?;
@@ -202,7 +223,25 @@ async fn answer(req: Request, send: &mut quinn::SendStream, shared: &Shared, who
     write_frame(send, &out).await.map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
 }
 
-async fn send_frame(send: &mut quinn::SendStream, r: &Response) -> Result<(), ApiError> {
+/// Admits and queues a submission (a job, or a session being opened).
+pub(super) async fn submit(shared: &Shared, who: &str, scope: &Scope, mut spec: JobSpec, idempotency_key: uuid::Uuid) -> Result<Response, ApiError> {
+    let a = &shared.actors;
+    // The one validation of a submitted spec: the store and the budget trust it.
+    spec.validate().map_err(|m| ApiError::new(ErrorKind::Invalid, m))?;
+    // A job may wait only for jobs its submitter may see.
+    for d in &mut spec.after {
+        let sel = JobSelector { prefix: d.job.clone(), index: None };
+        let parent = visible(shared, &sel, scope).await.map_err(|e| ApiError::new(e.kind, format!("--after {}: {}", d.job, e.message)))?;
+        d.job = parent.prefix;
+    }
+    let (spec, admission) = a.budget.send(budget::Admit { spec, owner: who.to_string() }).await.map_err(mailbox)??;
+    let spec_for_warning = spec.clone();
+    let s = a.job_store.send(job_store::Submit { spec, owner: who.to_string(), idempotency_key, admission }).await.map_err(mailbox)?.map_err(api)?;
+    let warning = a.registry.send(registry::Explain { spec: spec_for_warning }).await.map_err(mailbox)?;
+    Ok(Response::Submitted { job: s.job, tasks: s.tasks, duplicate: s.duplicate, warning })
+}
+
+pub(super) async fn send_frame(send: &mut quinn::SendStream, r: &Response) -> Result<(), ApiError> {
     write_frame(send, r).await.map_err(|e| ApiError::new(ErrorKind::Internal, format!("client went away: {e}")))
 }
 
@@ -285,8 +324,10 @@ async fn logs(shared: &Shared, send: &mut quinn::SendStream, job: JobSelector, a
             match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
                 Ok(Ok(n)) => {
                     let relevant = match &*n {
-                        Notice::Output { job, index: i, .. } | Notice::TaskEnded { job, index: i, .. } => *job == id && *i == index,
+                        Notice::Output { job, index: i, exec: 0, .. } | Notice::TaskEnded { job, index: i, .. } => *job == id && *i == index,
+                        Notice::Output { .. } => false,
                         Notice::Job { job, state, .. } => *job == id && state.is_terminal(),
+                        Notice::SessionReady { .. } | Notice::ExecEnded { .. } => false,
                     };
                     if relevant {
                         break;

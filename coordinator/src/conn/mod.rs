@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod freeze;
+pub mod session;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -106,6 +106,8 @@ pub struct Claimed {
 #[derive(Clone, Debug)]
 pub struct LogChunk {
     pub lease: LeaseId,
+    /// The exec of a session it is output of; 0 for a task's own output.
+    pub exec: u32,
     pub stream: OutStream,
     pub seq: u64,
     /// Shared with the notice that live followers get: stored and sent without a copy.
@@ -333,6 +335,24 @@ pub enum Op {
         now: DateTime<Utc>,
         reply: Tx<FreezeOrder>,
     },
+    /// Number and record an exec of a ready session.
+    ExecStart {
+        job: JobSelector,
+        /// The caller's: a session outside it is not found.
+        scope: Scope,
+        spec: berth_shared::session::ExecSpec,
+        now: DateTime<Utc>,
+        reply: Tx<engine::ExecOrder>,
+    },
+    /// An exec ended (fenced by the session's lease).
+    ExecFinish {
+        worker: String,
+        lease: LeaseId,
+        exec: u32,
+        outcome: Outcome,
+        now: DateTime<Utc>,
+        reply: Tx<FinishVerdict>,
+    },
     /// Forget a frozen image: removed from its engine, or its freeze was never asked for
     /// (a reservation only, unless the freeze completed meanwhile).
     ForgetImage {
@@ -362,7 +382,11 @@ pub enum Notice {
     /// A task's attempt ended (its output is complete).
     TaskEnded { job: JobId, index: Option<u32>, attempt: u32, state: JobState },
     /// Output was stored.
-    Output { job: JobId, index: Option<u32>, attempt: u32, stream: OutStream, seq: u64, data: Arc<Vec<u8>> },
+    Output { job: JobId, index: Option<u32>, attempt: u32, exec: u32, stream: OutStream, seq: u64, data: Arc<Vec<u8>> },
+    /// A session's worker said its sandbox is ready.
+    SessionReady { job: JobId, worker: String },
+    /// An exec of a session ended (its output is complete).
+    ExecEnded { job: JobId, end: berth_shared::session::ExecEnd },
 }
 
 /// The jobs a caller may see, and so name: its own; an approver also every job waiting
@@ -404,6 +428,14 @@ impl Scope {
 /// Read queries, answered from a read connection. Those that name jobs take the
 /// caller's `Scope`.
 pub trait Reader {
+    /// A session's execs, in order.
+    fn execs(&mut self, job_seq: i64) -> Result<Vec<berth_shared::session::ExecInfo>, StoreError>;
+    /// A session: its status, execs and money.
+    fn session(&mut self, sel: &JobSelector, scope: &Scope) -> Result<berth_shared::wire::SessionStatus, StoreError>;
+    /// The newest `limit` sessions in `scope`.
+    fn sessions(&mut self, limit: u32, scope: &Scope) -> Result<Vec<berth_shared::wire::SessionSummary>, StoreError>;
+    /// Output of one exec after the given per-stream sequence numbers, and its end once it has one.
+    fn exec_logs(&mut self, job_seq: i64, exec: u32, after: (u64, u64)) -> Result<ExecRead, StoreError>;
     fn resolve(&mut self, sel: &JobSelector, scope: &Scope) -> Result<(i64, JobId), StoreError>;
     fn status(&mut self, sel: &JobSelector, scope: &Scope) -> Result<JobStatus, StoreError>;
     /// The newest `limit` jobs in `scope` (and in `state`, if given).
@@ -436,6 +468,14 @@ pub struct LogRead {
     pub chunks: Vec<(OutStream, u64, Vec<u8>)>,
     pub ended: bool,
     pub task_state: Option<JobState>,
+}
+
+/// What `Reader::exec_logs` found.
+#[derive(Debug)]
+pub struct ExecRead {
+    pub chunks: Vec<(OutStream, u64, Vec<u8>)>,
+    /// How it ended; an exec left running by a session that ended reads as ended with it.
+    pub end: Option<berth_shared::session::ExecEnd>,
 }
 
 /// A handle to the writer thread; cheap to clone.

@@ -8,7 +8,9 @@ use rust_decimal::Decimal;
 
 use super::engine::{counts_from, decimal, from_ms, invalid, job_id, resolve_in, state_of, stream_of};
 use super::sql::{p, Db, Row, Val};
-use super::{BudgetRow, LogRead, Reader, Scope, StoreError};
+use super::{BudgetRow, ExecRead, LogRead, Reader, Scope, StoreError};
+use berth_shared::session::{ExecEnd, ExecInfo, SessionState};
+use berth_shared::wire::{SessionStatus, SessionSummary};
 
 /// A read-only view of the store for queries, on its own connection.
 pub struct ReadView<D: Db> {
@@ -17,6 +19,29 @@ pub struct ReadView<D: Db> {
 }
 
 impl<D: Db> ReadView<D> {
+    /// Output rows (`stream, seq, data, seg, off, len`) as chunks, large ones read from
+    /// their segment; `stream` is the stored code (an exec's output: its stream is the
+    /// code's parity).
+    fn chunks(&mut self, rows: Vec<Row>) -> Result<Vec<(berth_shared::wire::OutStream, u64, Vec<u8>)>, StoreError> {
+        let mut chunks = Vec::with_capacity(rows.len());
+        for mut r in rows {
+            let data = match r.opt_i64(3)? {
+                Some(id) => {
+                    let (off, len) = (r.i64(4)?, r.i64(5)?);
+                    let seg = self.segments.as_mut().ok_or_else(|| StoreError::Segment {
+                        what: format!("{id} is referenced but this reader has no segment directory"),
+                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                    })?;
+                    seg.read(id as u64, off as u64, len as usize)
+                        .map_err(|source| StoreError::Segment { what: format!("{id} at {off} cannot be read"), source })?
+                }
+                None => r.blob(2)?,
+            };
+            chunks.push((stream_of(r.i64(0)? % 2), r.u64(1)?, data));
+        }
+        Ok(chunks)
+    }
+
     pub fn new(db: D) -> ReadView<D> {
         ReadView { db, segments: None }
     }
@@ -131,6 +156,102 @@ impl<D: Db> ReadView<D> {
 }
 
 impl<D: Db> Reader for ReadView<D> {
+    fn execs(&mut self, job_seq: i64) -> Result<Vec<ExecInfo>, StoreError> {
+        let session_over = self.summary(job_seq)?.state.is_terminal();
+        let rows =
+            self.db.query("SELECT exec, argv, started_at, ended_at, exit_code, timed_out, reason FROM execs WHERE job_seq = ?1 ORDER BY exec", p![job_seq])?;
+        rows.iter().map(|r| exec_row(r, session_over)).collect()
+    }
+
+    fn session(&mut self, sel: &JobSelector, scope: &Scope) -> Result<SessionStatus, StoreError> {
+        let job = self.status(sel, scope)?;
+        if job.spec.session.is_none() {
+            return Err(invalid(format!("job {} is not a session: `berth status` shows it", job.summary.id)));
+        }
+        let (job_seq, _) = self.resolve(sel, scope)?;
+        let execs = self.execs(job_seq)?;
+        let task = job.task.as_ref();
+        let executing = execs.iter().any(ExecInfo::running);
+        let state = SessionState::of(task.map_or(job.summary.state, |t| t.state), task.and_then(|t| t.reason.as_deref()), executing);
+        let (estimate, charged) = {
+            let r = self.db.query_one("SELECT attempt_estimate FROM jobs WHERE seq = ?1", p![job_seq])?;
+            let est = decimal(&r.str(0)?, &job.summary.id.to_string())?;
+            let charged = match self.db.query_opt("SELECT charged FROM tasks WHERE job_seq = ?1 AND idx = 0", p![job_seq])? {
+                Some(r) => decimal(&r.str(0)?, &job.summary.id.to_string())?,
+                None => Decimal::ZERO,
+            };
+            (est, charged)
+        };
+        let reserved = if state.is_terminal() || job.summary.state == JobState::PendingApproval { Decimal::ZERO } else { estimate };
+        Ok(SessionStatus { job, state, execs, reserved, spent: charged })
+    }
+
+    fn sessions(&mut self, limit: u32, scope: &Scope) -> Result<Vec<SessionSummary>, StoreError> {
+        let mut params: Vec<Val> = vec![limit.into()];
+        let (visible, by) = scope.sql(2);
+        params.extend(by);
+        let rows = self.db.query(
+            &format!(
+                "SELECT j.seq, j.id, j.name, j.state, j.owner, j.created_at, j.ended_at, t.state, t.worker, t.reason,
+                        (SELECT COUNT(*) FROM execs e WHERE e.job_seq = j.seq),
+                        (SELECT COUNT(*) FROM execs e WHERE e.job_seq = j.seq AND e.ended_at IS NULL)
+                 FROM jobs j LEFT JOIN tasks t ON t.job_seq = j.seq AND t.idx = 0
+                 WHERE j.kind = 'session' AND {visible} ORDER BY j.seq DESC LIMIT ?1"
+            ),
+            &params,
+        )?;
+        rows.iter()
+            .map(|r| {
+                let job_state = state_of(&r.str(3)?);
+                let task_state = r.opt_str(7)?.map(|s| state_of(&s)).unwrap_or(job_state);
+                let reason = r.opt_str(9)?;
+                Ok(SessionSummary {
+                    id: job_id(&r.str(1)?)?,
+                    name: r.opt_str(2)?,
+                    state: SessionState::of(task_state, reason.as_deref(), r.i64(11)? > 0),
+                    owner: r.str(4)?,
+                    worker: r.opt_str(8)?,
+                    opened_at: from_ms(r.i64(5)?),
+                    ended_at: r.opt_i64(6)?.map(from_ms),
+                    execs: r.i64(10)? as u32,
+                    reason,
+                })
+            })
+            .collect()
+    }
+
+    fn exec_logs(&mut self, job_seq: i64, exec: u32, after: (u64, u64)) -> Result<ExecRead, StoreError> {
+        let session_over = self.summary(job_seq)?.state.is_terminal();
+        let Some(row) = self.db.query_opt(
+            "SELECT exec, argv, started_at, ended_at, exit_code, timed_out, reason, runtime_ms FROM execs WHERE job_seq = ?1 AND exec = ?2",
+            p![job_seq, exec],
+        )?
+        else {
+            let n = self.db.query_one("SELECT COUNT(*) FROM execs WHERE job_seq = ?1", p![job_seq])?.i64(0)?;
+            let has = if n == 0 { "the session has run none".to_string() } else { format!("the session has execs 1 to {n}") };
+            return Err(StoreError::Api(ApiError::new(ErrorKind::NotFound, format!("there is no exec {exec}: {has}"))));
+        };
+        let info = exec_row(&row, session_over)?;
+        let (out, err) = (
+            super::engine::exec_stream_code(exec, berth_shared::wire::OutStream::Stdout),
+            super::engine::exec_stream_code(exec, berth_shared::wire::OutStream::Stderr),
+        );
+        let rows = self.db.query(
+            "SELECT stream, seq, data, seg, off, len FROM logs WHERE job_seq = ?1 AND idx = 0
+             AND ((stream = ?2 AND seq > ?3) OR (stream = ?4 AND seq > ?5)) ORDER BY id LIMIT 512",
+            p![job_seq, out, after.0, err, after.1],
+        )?;
+        let chunks = self.chunks(rows)?;
+        let end = info.ended_at.map(|_| ExecEnd {
+            exec,
+            exit_code: info.exit_code,
+            timed_out: info.timed_out,
+            runtime_ms: row.opt_i64(7).ok().flatten().unwrap_or(0) as u64,
+            reason: info.reason.clone(),
+        });
+        Ok(ExecRead { chunks, end })
+    }
+
     fn resolve(&mut self, sel: &JobSelector, scope: &Scope) -> Result<(i64, JobId), StoreError> {
         resolve_in(&mut self.db, sel, scope)
     }
@@ -244,22 +365,7 @@ impl<D: Db> Reader for ReadView<D> {
              AND ((stream = 0 AND seq > ?4) OR (stream = 1 AND seq > ?5)) ORDER BY id LIMIT 512",
             p![job_seq, idx, attempt, after.0, after.1],
         )?;
-        let mut chunks = Vec::with_capacity(rows.len());
-        for mut r in rows {
-            let data = match r.opt_i64(3)? {
-                Some(id) => {
-                    let (off, len) = (r.i64(4)?, r.i64(5)?);
-                    let seg = self.segments.as_mut().ok_or_else(|| StoreError::Segment {
-                        what: format!("{id} is referenced but this reader has no segment directory"),
-                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
-                    })?;
-                    seg.read(id as u64, off as u64, len as usize)
-                        .map_err(|source| StoreError::Segment { what: format!("{id} at {off} cannot be read"), source })?
-                }
-                None => r.blob(2)?,
-            };
-            chunks.push((stream_of(r.i64(0)?), r.u64(1)?, data));
-        }
+        let chunks = self.chunks(rows)?;
         let ended = attempt < current || state.is_terminal();
         Ok(LogRead { attempt, chunks, ended, task_state: Some(state) })
     }
@@ -361,6 +467,26 @@ impl<D: Db> Reader for ReadView<D> {
         }
         Ok(out)
     }
+}
+
+/// An `execs` row (`exec, argv, started_at, ended_at, exit_code, timed_out, reason`);
+/// one its session outlived reads as ended with the session.
+fn exec_row(r: &Row, session_over: bool) -> Result<ExecInfo, StoreError> {
+    let started_at = from_ms(r.i64(2)?);
+    let mut info = ExecInfo {
+        exec: r.u32(0)?,
+        argv: serde_json::from_str(&r.str(1)?).unwrap_or_default(),
+        started_at,
+        ended_at: r.opt_i64(3)?.map(from_ms),
+        exit_code: r.opt_i32(4)?,
+        timed_out: r.bool(5)?,
+        reason: r.opt_str(6)?,
+    };
+    if info.ended_at.is_none() && session_over {
+        info.ended_at = Some(started_at);
+        info.reason = Some("the session ended while it ran".into());
+    }
+    Ok(info)
 }
 
 /// `berth logs --attempt N` for an attempt the task never had: not found, naming those it had.

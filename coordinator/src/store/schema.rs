@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs(
     attempt_estimate TEXT NOT NULL DEFAULT '0',
     held INTEGER NOT NULL DEFAULT 0,
     decision TEXT,
-    blocked INTEGER NOT NULL DEFAULT 0
+    blocked INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'job'
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
@@ -134,6 +135,21 @@ CREATE TABLE IF NOT EXISTS images(
 );
 CREATE INDEX IF NOT EXISTS images_task ON images(job_seq, idx);
 CREATE INDEX IF NOT EXISTS images_owner ON images(owner, created_at);
+-- A session's execs (`berth exec`), numbered from 1 per session; `lease` is the
+-- session's lease when the exec started, the fence for its end.
+CREATE TABLE IF NOT EXISTS execs(
+    job_seq INTEGER NOT NULL,
+    exec INTEGER NOT NULL,
+    lease TEXT NOT NULL,
+    argv TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    ended_at INTEGER,
+    exit_code INTEGER,
+    timed_out INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    runtime_ms INTEGER,
+    PRIMARY KEY(job_seq, exec)
+);
 INSERT INTO meta(key, value) VALUES ('schema', '3') ON CONFLICT DO NOTHING;
 "#;
 
@@ -252,8 +268,8 @@ fn add_missing_columns(db: &mut dyn Db, schema: &str) -> Result<(), StoreError> 
 /// options are supplied as `None` (one 0 byte each).
 pub fn decode_spec(bytes: &[u8]) -> Option<berth_shared::job::JobSpec> {
     /// How many optional fields were appended to `JobSpec` since the first stored
-    /// version (`max_output`).
-    const APPENDED_OPTIONS: usize = 1;
+    /// version (`max_output`, `session`).
+    const APPENDED_OPTIONS: usize = 2;
     let mut buf = bytes.to_vec();
     for _ in 0..=APPENDED_OPTIONS {
         if let Ok(spec) = berth_shared::codec::decode(&buf) {
@@ -295,7 +311,8 @@ mod tests {
         assert_eq!(super::decode_spec(&body(&spec)), Some(spec.clone()));
         spec.max_output = None;
         let mut before = body(&spec);
-        assert_eq!(before.pop(), Some(0), "a None option is one 0 byte at the end");
+        // Before `max_output` and `session`: two None options fewer (one 0 byte each).
+        assert_eq!(before.split_off(before.len() - 2), [0, 0]);
         assert_eq!(super::decode_spec(&before), Some(spec));
         assert_eq!(super::decode_spec(&before[..before.len() - 3]), None, "a truncated spec is corrupt, not guessed at");
     }

@@ -235,7 +235,16 @@ impl Cgroups {
         let mut cg = match &self.layout {
             Layout::Unified { base } => {
                 let d = made(base.join(&name))?;
-                SlotCgroup { memory: d.clone(), pids: d.clone(), cpu: Some(d.clone()), unified: Some(d), v2: true, procs: Vec::new(), last: Default::default() }
+                SlotCgroup {
+                    memory: d.clone(),
+                    pids: d.clone(),
+                    cpu: Some(d.clone()),
+                    unified: Some(d.clone()),
+                    v2: true,
+                    procs: Vec::new(),
+                    last: Default::default(),
+                    owned: vec![d],
+                }
             }
             Layout::Legacy { memory, pids, cpu, unified } => SlotCgroup {
                 memory: made(memory.join(&name))?,
@@ -248,6 +257,7 @@ impl Cgroups {
                 v2: false,
                 procs: Vec::new(),
                 last: Default::default(),
+                owned: Vec::new(),
             },
         };
         let mut dirs: Vec<PathBuf> = vec![cg.memory.clone()];
@@ -256,12 +266,9 @@ impl Cgroups {
                 dirs.push(d.clone());
             }
         }
-        for d in &dirs {
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .open(d.join("cgroup.procs"))
-                .map_err(|e| format!("cannot open {}: {e}", d.join("cgroup.procs").display()))?;
-            cg.procs.push(OwnedFd::from(f));
+        cg.procs = open_procs(&dirs)?;
+        if cg.owned.is_empty() {
+            cg.owned = dirs;
         }
         let left = cg.members().len();
         if left > 0 {
@@ -287,11 +294,25 @@ impl Drop for Cgroups {
     }
 }
 
+/// `cgroup.procs` of each directory, open for writing.
+fn open_procs(dirs: &[PathBuf]) -> Result<Vec<OwnedFd>, String> {
+    dirs.iter()
+        .map(|d| {
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(d.join("cgroup.procs"))
+                .map_err(|e| format!("cannot open {}: {e}", d.join("cgroup.procs").display()))?;
+            Ok(OwnedFd::from(f))
+        })
+        .collect()
+}
+
 impl Drop for SlotCgroup {
-    /// Removed when the worker stops, if empty (a populated cgroup cannot be).
+    /// Removed when the worker stops (a slot's) or its exec ends (an exec's), if empty
+    /// (a populated cgroup cannot be).
     fn drop(&mut self) {
         self.procs.clear();
-        for d in [Some(&self.memory), Some(&self.pids), self.cpu.as_ref(), self.unified.as_ref()].into_iter().flatten() {
+        for d in &self.owned {
             let _ = fs::remove_dir(d);
         }
     }
@@ -311,9 +332,48 @@ pub struct SlotCgroup {
     procs: Vec<OwnedFd>,
     /// The limits last written, so an attempt like the last costs no writes.
     last: std::sync::Mutex<Option<Limits>>,
+    /// The directories it made and removes when dropped.
+    owned: Vec<PathBuf>,
 }
 
 impl SlotCgroup {
+    /// A cgroup inside this one for one exec of a session (`name`): its processes are
+    /// held by this slot's limits and can be killed, and waited for, apart from the
+    /// slot's other processes. Made in the v2 hierarchy (or, without one, in the v1
+    /// pids hierarchy); the slot's other v1 controllers hold it as they hold the slot.
+    pub fn child(&self, name: &str) -> Result<SlotCgroup, String> {
+        let parent = self.unified.as_ref().unwrap_or(&self.pids);
+        let d = parent.join(name);
+        match fs::create_dir(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot make cgroup {}: {e}", d.display())),
+        }
+        let mut dirs = vec![d.clone()];
+        if !self.v2 {
+            // The v1 controllers' slot directories, but the one the child is made in.
+            for c in [Some(&self.memory), Some(&self.pids), self.cpu.as_ref()].into_iter().flatten() {
+                if c != parent && !dirs.contains(c) {
+                    dirs.push(c.clone());
+                }
+            }
+        }
+        let (unified, pids) = match &self.unified {
+            Some(_) => (Some(d.clone()), self.pids.clone()),
+            None => (None, d.clone()),
+        };
+        Ok(SlotCgroup {
+            memory: self.memory.clone(),
+            pids,
+            cpu: self.cpu.clone(),
+            unified,
+            v2: self.v2,
+            procs: open_procs(&dirs)?,
+            last: Default::default(),
+            owned: vec![d],
+        })
+    }
+
     /// The descriptors a child writes `0` to (itself) before it execs.
     pub fn procs_fds(&self) -> Vec<RawFd> {
         self.procs.iter().map(|f| f.as_raw_fd()).collect()

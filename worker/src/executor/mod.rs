@@ -70,6 +70,20 @@ pub trait Executor: Send + Sync {
     fn freezes(&self) -> bool {
         false
     }
+    /// Opens a session in the attempt's slot: its sandbox is made ready
+    /// (`Report::Started` at once) and held until `controls.kill`, then torn down with
+    /// everything its execs left (`Report::Ended`).
+    fn open_session(&self, job: Job<'_>, reports: Reports) {
+        let error = format!("the {} executor does not hold sessions on this worker", self.name());
+        job.spool.close();
+        let _ = reports.send(Report::Ended(job.assignment.lease, Ended { outcome: not_started(Some(125), error), frozen: None }));
+    }
+    /// Runs one exec in a session this executor opened (`Report::ExecEnded` once).
+    fn exec(&self, e: ExecJob, reports: Reports) {
+        e.spool.close();
+        let error = format!("the {} executor does not run execs", self.name());
+        let _ = reports.send(Report::ExecEnded(e.lease, e.exec, not_started(Some(125), error)));
+    }
     /// Removes an image it made (a frozen one); `false` when it makes none. With
     /// `reports`, the result comes back as `Report::ImageRemoved`.
     fn remove_image(&self, _image: String, _reports: Option<Reports>) -> bool {
@@ -88,6 +102,21 @@ pub struct Job<'a> {
     pub spool: Arc<Spool>,
     pub controls: Controls,
     /// The attempt's span, for what the executor spawns.
+    pub span: tracing::Span,
+}
+
+/// One exec of a session as the run loop hands it to the session's executor.
+pub struct ExecJob {
+    pub lease: LeaseId,
+    pub exec: u32,
+    pub slot: usize,
+    /// `argv`, the session's env and the exec's, the workspace, the exec's timeout.
+    pub launch: Launch,
+    /// Where it runs (inside the workspace; checked).
+    pub cwd: PathBuf,
+    pub spool: Arc<Spool>,
+    pub kill: watch::Receiver<Option<KillReason>>,
+    pub stdin: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
     pub span: tracing::Span,
 }
 
@@ -110,6 +139,8 @@ pub enum Report {
     /// The attempt's process (or container) runs.
     Started(LeaseId),
     Ended(LeaseId, Ended),
+    /// An exec of a session ended.
+    ExecEnded(LeaseId, u32, Outcome),
     /// A frozen image was removed (or why not).
     ImageRemoved(String, Option<String>),
 }

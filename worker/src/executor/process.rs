@@ -72,6 +72,64 @@ impl Executor for ProcessExecutor {
         Some(self.contain.summary())
     }
 
+    fn open_session(&self, job: Job<'_>, reports: Reports) {
+        let lease = job.assignment.lease;
+        let slot = self.contain.slot(job.slot);
+        let r = &job.assignment.spec.resources;
+        let limits = Limits { millicpus: r.millicpus, mem_mib: r.mem_mib, pids: slot.pids_limit };
+        let (workspace, mut kill, started) = (job.launch.workspace, job.controls.kill, reports.clone());
+        job.spool.close();
+        super::spawn_attempt(lease, job.span, reports, async move {
+            let begin = Instant::now();
+            let fail = |error: String| Ended { outcome: super::not_started(Some(1), error), frozen: None };
+            if let Err(e) = crate::contain::own_workspace(&workspace, slot.identity.as_ref()) {
+                return fail(format!("cannot give the workspace {} to the session's user: {e}", workspace.display()));
+            }
+            if let Some(cg) = &slot.cgroup {
+                if let Err(e) = cg.limit(limits) {
+                    return fail(format!("cannot set the session's limits: {e}"));
+                }
+            }
+            let _ = started.send(Report::Started(lease));
+            let reason = super::kill_asked(&mut kill).await;
+            // Whatever its execs left behind goes with it.
+            if let Some(cg) = &slot.cgroup {
+                cg.kill();
+                if !cg.emptied(Duration::from_secs(10)).await {
+                    tracing::warn!(left = cg.members().len(), "processes of the session outlived a kill of its cgroup for 10 s");
+                }
+            }
+            let runtime_ms = begin.elapsed().as_millis() as u64;
+            let timed_out = reason == KillReason::TimedOut;
+            Ended { outcome: Outcome { exit_code: None, signal: None, timed_out, killed: !timed_out, runtime_ms, error: None }, frozen: None }
+        });
+    }
+
+    fn exec(&self, e: super::ExecJob, reports: Reports) {
+        use tracing::Instrument;
+        let slot = self.contain.slot(e.slot);
+        let (lease, exec) = (e.lease, e.exec);
+        let child = match slot.cgroup.as_ref().map(|cg| cg.child(&format!("exec-{exec}"))) {
+            Some(Err(why)) => {
+                e.spool.close();
+                let _ = reports.send(Report::ExecEnded(lease, exec, super::not_started(Some(125), format!("cannot contain the exec: {why}"))));
+                return;
+            }
+            Some(Ok(c)) => Some(Arc::new(c)),
+            None => None,
+        };
+        let confine = Confine { slot: SlotContainment { cgroup: child, ..slot }, limits: None };
+        let io = ExecIo { cwd: e.cwd, stdin: e.stdin };
+        tokio::spawn(
+            async move {
+                let outcome = run_exec(e.launch, confine, e.spool, e.kill, io).await;
+                tracing::debug!(exit = ?outcome.exit_code, "exec ended");
+                let _ = reports.send(Report::ExecEnded(lease, exec, outcome));
+            }
+            .instrument(e.span),
+        );
+    }
+
     fn spawn(&self, job: Job<'_>, reports: Reports) {
         let lease = job.assignment.lease;
         let mut launch = job.launch;
@@ -79,7 +137,7 @@ impl Executor for ProcessExecutor {
         let slot = self.contain.slot(job.slot);
         let r = &job.assignment.spec.resources;
         let limits = Limits { millicpus: r.millicpus, mem_mib: r.mem_mib, pids: slot.pids_limit };
-        let confine = Confine { slot, limits };
+        let confine = Confine { slot, limits: Some(limits) };
         let (spool, kill, started) = (job.spool, job.controls.kill, reports.clone());
         super::spawn_attempt(lease, job.span, reports, async move {
             let outcome = run(launch, confine, spool, kill, move |_| {
@@ -95,7 +153,9 @@ impl Executor for ProcessExecutor {
 #[derive(Clone, Debug, Default)]
 pub struct Confine {
     pub slot: SlotContainment,
-    pub limits: Limits,
+    /// Written to the slot's cgroup before the process starts (`None`: as they are,
+    /// for an exec in a session whose limits were set when it opened).
+    pub limits: Option<Limits>,
 }
 
 /// What one read may take from a job's pipe: a whole chunk, so a job that prints fast
@@ -206,7 +266,33 @@ fn contained(cmd: &mut tokio::process::Command, procs: Vec<RawFd>, id: Option<Jo
 
 /// Runs one attempt to its end. `started` is called with the process group id once
 /// the child runs; `kill` asks for the attempt to be killed.
-pub async fn run(launch: Launch, confine: Confine, spool: Arc<Spool>, mut kill: watch::Receiver<Option<KillReason>>, started: impl FnOnce(i32)) -> Outcome {
+pub async fn run(launch: Launch, confine: Confine, spool: Arc<Spool>, kill: watch::Receiver<Option<KillReason>>, started: impl FnOnce(i32)) -> Outcome {
+    run_inner(launch, confine, spool, kill, None, started).await
+}
+
+/// What an exec of a session has that an attempt has not: a working directory inside
+/// the workspace, and stdin from its client (each message a piece; an empty one, or
+/// the sender gone, closes it).
+pub struct ExecIo {
+    pub cwd: PathBuf,
+    pub stdin: Option<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>>,
+}
+
+/// Runs one exec of a session to its end: as `run`, in the session's workspace (made
+/// its user's when it opened) and in the exec's own cgroup inside the slot's, whose
+/// limits the session set.
+pub async fn run_exec(launch: Launch, confine: Confine, spool: Arc<Spool>, kill: watch::Receiver<Option<KillReason>>, io: ExecIo) -> Outcome {
+    run_inner(launch, confine, spool, kill, Some(io), |_| {}).await
+}
+
+async fn run_inner(
+    launch: Launch,
+    confine: Confine,
+    spool: Arc<Spool>,
+    mut kill: watch::Receiver<Option<KillReason>>,
+    io: Option<ExecIo>,
+    started: impl FnOnce(i32),
+) -> Outcome {
     let begin = Instant::now();
     let fail = |code: i32, error: String| Outcome { exit_code: Some(code), signal: None, timed_out: false, killed: false, runtime_ms: 0, error: Some(error) };
     let Some(program) = launch.argv.first() else {
@@ -215,27 +301,35 @@ pub async fn run(launch: Launch, confine: Confine, spool: Arc<Spool>, mut kill: 
     };
     let identity = confine.slot.identity.clone();
     let cgroup = confine.slot.cgroup.clone();
-    if let Err(e) = crate::contain::own_workspace(&launch.workspace, identity.as_ref()) {
-        spool.close();
-        return fail(1, format!("cannot give the workspace {} to the job's user: {e}", launch.workspace.display()));
+    if io.is_none() {
+        if let Err(e) = crate::contain::own_workspace(&launch.workspace, identity.as_ref()) {
+            spool.close();
+            return fail(1, format!("cannot give the workspace {} to the job's user: {e}", launch.workspace.display()));
+        }
     }
     let oom_before = match &cgroup {
         Some(cg) => {
-            if let Err(e) = cg.limit(confine.limits) {
-                spool.close();
-                return fail(1, format!("cannot set the attempt's limits: {e}"));
+            if let Some(limits) = confine.limits {
+                if let Err(e) = cg.limit(limits) {
+                    spool.close();
+                    return fail(1, format!("cannot set the attempt's limits: {e}"));
+                }
             }
             cg.oom_kills()
         }
         None => 0,
     };
+    let (cwd, stdin_rx) = match io {
+        Some(io) => (io.cwd, io.stdin),
+        None => (launch.workspace.clone(), None),
+    };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(&launch.argv[1..])
-        .current_dir(&launch.workspace)
+        .current_dir(&cwd)
         .env_clear()
         .envs(base_env(&launch.workspace, identity.as_ref()))
         .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
+        .stdin(if stdin_rx.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -262,6 +356,17 @@ pub async fn run(launch: Launch, confine: Confine, spool: Arc<Spool>, mut kill: 
     }
     if let Some(e) = child.stderr.as_ref() {
         grow_pipe(e);
+    }
+    if let (Some(mut input), Some(mut rx)) = (child.stdin.take(), stdin_rx) {
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(data) = rx.recv().await {
+                if data.is_empty() || input.write_all(&data).await.is_err() {
+                    break;
+                }
+            }
+            // Dropped: the command reads end of file.
+        });
     }
     let out = child.stdout.take().map(|o| tokio::spawn(pump(o, OutStream::Stdout, spool.clone())));
     let err = child.stderr.take().map(|e| tokio::spawn(pump(e, OutStream::Stderr, spool.clone())));
@@ -362,8 +467,10 @@ pub async fn run(launch: Launch, confine: Confine, spool: Arc<Spool>, mut kill: 
     // is read only for an attempt that ended as an OOM kill does).
     if let Some(cg) = &cgroup {
         if outcome.exit_code == Some(137) && !outcome.killed && !outcome.timed_out && cg.oom_kills() > oom_before {
-            outcome.error =
-                Some(format!("oom_killed: the attempt ran out of its memory limit of {} MiB and was killed (exit code 137)", confine.limits.mem_mib));
+            outcome.error = Some(format!(
+                "oom_killed: the attempt ran out of {} and was killed (exit code 137)",
+                confine.limits.map_or_else(|| "its session's memory limit".to_string(), |l| format!("its memory limit of {} MiB", l.mem_mib))
+            ));
         }
     }
     outcome

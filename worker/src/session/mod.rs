@@ -44,7 +44,8 @@ const GRACE: Duration = Duration::from_secs(2);
 struct Link {
     conn: quinn::Connection,
     send: quinn::SendStream,
-    senders: HashMap<LeaseId, JoinHandle<()>>,
+    /// Output senders by attempt and exec (0: the attempt's own output).
+    senders: HashMap<(LeaseId, u32), JoinHandle<()>>,
     /// Frames queued by `send`, not yet written.
     out: Vec<u8>,
 }
@@ -290,15 +291,33 @@ impl Driver {
                 Action::Start { lease, slot } => self.start(state, lease, slot),
                 Action::Stream(lease) => {
                     if let (Some(l), Some(at)) = (link.as_mut(), state.attempt(lease)) {
-                        start_sender(l, lease, at.spool.clone());
+                        start_sender(l, lease, 0, at.spool.clone());
                     }
                 }
                 Action::Restream(lease) => {
                     if let (Some(l), Some(at)) = (link.as_mut(), state.attempt(lease)) {
-                        if let Some(h) = l.senders.remove(&lease) {
+                        if let Some(h) = l.senders.remove(&(lease, 0)) {
                             h.abort();
                         }
-                        start_sender(l, lease, at.spool.clone());
+                        start_sender(l, lease, 0, at.spool.clone());
+                    }
+                }
+                Action::Exec { lease, exec } => self.exec(state, lease, exec),
+                Action::StreamExec { lease, exec, restart } => {
+                    let spool = state.attempt(lease).and_then(|a| a.session.as_ref()?.execs.get(&exec)).map(|r| r.spool.clone());
+                    if let (Some(l), Some(spool)) = (link.as_mut(), spool) {
+                        if restart {
+                            if let Some(h) = l.senders.remove(&(lease, exec)) {
+                                h.abort();
+                            }
+                        }
+                        start_sender(l, lease, exec, spool);
+                    }
+                }
+                Action::ForgetExec { lease, exec, spool } => {
+                    spool.remove();
+                    if let Some(h) = link.as_mut().and_then(|l| l.senders.remove(&(lease, exec))) {
+                        h.abort();
                     }
                 }
                 Action::Kill { lease, reason } => {
@@ -317,7 +336,7 @@ impl Driver {
                 },
                 Action::Forget { lease, spool } => {
                     spool.remove();
-                    if let Some(h) = link.as_mut().and_then(|l| l.senders.remove(&lease)) {
+                    if let Some(h) = link.as_mut().and_then(|l| l.senders.remove(&(lease, 0))) {
                         h.abort();
                     }
                 }
@@ -391,7 +410,48 @@ impl Driver {
         let span = tracing::info_span!("attempt", task = %TaskRef { job: at.a.job, index: at.a.index }, attempt = at.a.attempt, lease = %lease);
         let controls = Controls { kill: at.kill.subscribe(), freeze: at.freeze.subscribe() };
         let job = Job { assignment: &at.a, gpus: &at.gpus, slot, launch, spool: at.spool.clone(), controls, span };
-        exec.spawn(job, self.reports.clone());
+        if at.a.spec.session.is_some() {
+            exec.open_session(job, self.reports.clone());
+        } else {
+            exec.spawn(job, self.reports.clone());
+        }
+    }
+
+    /// Hands an exec of a session to the session's executor, in its slot's workspace.
+    fn exec(&mut self, state: &State, lease: LeaseId, exec: u32) {
+        let Some(at) = state.attempt(lease) else { return };
+        let (Some(slot), Some(run)) = (at.slot(), at.session.as_ref().and_then(|s| s.execs.get(&exec))) else { return };
+        let ended = |error: String| {
+            run.spool.close();
+            let _ = self.reports.send(Report::ExecEnded(lease, exec, executor::not_started(None, error)));
+        };
+        let Some(executor) = self.executor(&at.a) else { return ended("the session's executor is gone".into()) };
+        let workspace = self.workspace(slot);
+        let cwd = match run.spec.cwd.as_deref() {
+            None => workspace.clone(),
+            Some(rel) => match berth_shared::archive::resolve_in(&workspace, rel) {
+                Ok(p) if p.is_dir() => p,
+                Ok(_) => return ended(format!("--cwd {}: no such directory in the workspace", berth_shared::text::escape(rel))),
+                Err(e) => return ended(format!("--cwd: {e}")),
+            },
+        };
+        let seen = match executor.workspace_in_job() {
+            Some(p) => std::borrow::Cow::Borrowed(p),
+            None => workspace.to_string_lossy(),
+        };
+        let mut env = match job_env(&at.a, &at.gpus, !self.host.gpus.is_empty(), slot, &seen, &self.cfg.name, &self.cfg.secrets) {
+            Ok(env) => env,
+            Err(e) => return ended(e),
+        };
+        env.push(("BERTH_SESSION_ID".into(), at.a.job.to_string()));
+        env.push(("BERTH_EXEC".into(), exec.to_string()));
+        env.extend(run.spec.env.iter().cloned());
+        let launch =
+            Launch { argv: run.spec.argv.clone(), env, workspace, max_runtime: run.spec.timeout_ms.map(Duration::from_millis), grace: GRACE, record: None };
+        let stdin = run.stdin_rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let span = tracing::info_span!("exec", session = %at.a.job, exec, lease = %lease);
+        let job = executor::ExecJob { lease, exec, slot, launch, cwd, spool: run.spool.clone(), kill: run.kill.subscribe(), stdin, span };
+        executor.exec(job, self.reports.clone());
     }
 
     /// Kills every attempt and waits (a bounded time) for their process groups to be
@@ -452,8 +512,11 @@ impl Driver {
         let mut link = Some(Link { conn: conn.clone(), send, senders: HashMap::new(), out: Vec::new() });
         self.apply(state, &mut link);
         let spool_dir = self.cfg.work_dir.join("spool");
-        let spool = |lease: LeaseId| {
-            let path = spool_dir.join(format!("{lease}.spool"));
+        let spool = |lease: LeaseId, exec: u32| {
+            let path = match exec {
+                0 => spool_dir.join(format!("{lease}.spool")),
+                n => spool_dir.join(format!("{lease}-{n}.spool")),
+            };
             match Spool::create(&path) {
                 Ok(s) => Some(Arc::new(s)),
                 Err(e) => {
@@ -577,8 +640,8 @@ fn job_env(
 
 /// Streams an attempt's spooled output on its own uni stream, from the first chunk
 /// not yet acknowledged. No stream is opened for an attempt that prints nothing.
-fn start_sender(link: &mut Link, lease: LeaseId, spool: Arc<Spool>) {
-    if link.senders.contains_key(&lease) {
+fn start_sender(link: &mut Link, lease: LeaseId, exec: u32, spool: Arc<Spool>) {
+    if link.senders.contains_key(&(lease, exec)) {
         return;
     }
     let conn = link.conn.clone();
@@ -600,7 +663,11 @@ fn start_sender(link: &mut Link, lease: LeaseId, spool: Arc<Spool>) {
                 };
                 if stream.is_none() {
                     let Ok(mut s) = conn.open_uni().await else { return };
-                    if write_frame(&mut s, &OutputFrame::Open { lease }).await.is_err() {
+                    let open = match exec {
+                        0 => OutputFrame::Open { lease },
+                        exec => OutputFrame::OpenExec { lease, exec },
+                    };
+                    if write_frame(&mut s, &open).await.is_err() {
                         return;
                     }
                     stream = Some(s);
@@ -620,5 +687,5 @@ fn start_sender(link: &mut Link, lease: LeaseId, spool: Arc<Spool>) {
             notified.await;
         }
     });
-    link.senders.insert(lease, h);
+    link.senders.insert((lease, exec), h);
 }

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use berth_shared::ids::LeaseId;
 use berth_shared::job::Outcome;
+use berth_shared::session::ExecSpec;
 use berth_shared::wire::{Assignment, CoordMsg, FreeResources, GpuInfo, KillReason, WorkerMsg};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::executor::{Ended, Report};
@@ -71,6 +72,40 @@ pub struct Attempt {
     stale: bool,
     /// The image a frozen attempt was committed to.
     frozen: Option<String>,
+    /// Set when the attempt is a session: its execs and clocks.
+    pub session: Option<SessionRun>,
+}
+
+impl Attempt {
+    /// The slot it holds while it runs.
+    pub fn slot(&self) -> Option<usize> {
+        self.slot
+    }
+}
+
+/// A session the worker holds: its execs, and when it goes by itself.
+pub struct SessionRun {
+    idle_ttl: Duration,
+    max_lifetime: Duration,
+    /// When its sandbox became ready.
+    ready_at: Option<Instant>,
+    /// Since when no exec has run (`None` while one does).
+    idle_since: Option<Instant>,
+    /// Why it is being closed by itself (its idle TTL or max lifetime), once it is.
+    expired: Option<String>,
+    pub execs: HashMap<u32, ExecRun>,
+}
+
+/// One exec of a session.
+pub struct ExecRun {
+    pub spec: ExecSpec,
+    pub spool: Arc<Spool>,
+    pub kill: watch::Sender<Option<KillReason>>,
+    /// Its stdin (while open), and the other end, for the executor, until it starts.
+    stdin: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    pub stdin_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Vec<u8>>>>,
+    done: Option<Outcome>,
+    finish_sent: bool,
 }
 
 /// What the driver is to do, in order.
@@ -100,6 +135,24 @@ pub enum Action {
     /// The attempt is forgotten: stop streaming it and delete its spool file.
     Forget {
         lease: LeaseId,
+        spool: Arc<Spool>,
+    },
+    /// Run an exec of a session (its spool and controls are in the attempt's session).
+    Exec {
+        lease: LeaseId,
+        exec: u32,
+    },
+    /// Stream an exec's spooled output, from the first chunk not acknowledged
+    /// (`restart`: on a new stream in place of its current one).
+    StreamExec {
+        lease: LeaseId,
+        exec: u32,
+        restart: bool,
+    },
+    /// An exec is forgotten: stop streaming it and delete its spool.
+    ForgetExec {
+        lease: LeaseId,
+        exec: u32,
         spool: Arc<Spool>,
     },
     /// Empty the slot's workspace (its attempt ended).
@@ -199,6 +252,16 @@ impl State {
             if !matches!(at.phase, Phase::Queued) {
                 self.actions.push_back(Action::Stream(lease));
             }
+            if let Some(ses) = at.session.as_mut() {
+                for (exec, run) in ses.execs.iter_mut() {
+                    run.finish_sent = false;
+                    self.actions.push_back(Action::StreamExec { lease, exec: *exec, restart: false });
+                }
+                let execs: Vec<u32> = ses.execs.keys().copied().collect();
+                for exec in execs {
+                    self.maybe_finish_exec(lease, exec);
+                }
+            }
             self.maybe_finish(lease);
         }
         self.start_queued();
@@ -232,15 +295,27 @@ impl State {
     pub fn next_timeout(&self) -> Option<Instant> {
         let started = self.started.front().map(|(t, _)| *t);
         let beat = self.link.as_ref().map(|l| l.beat_at);
-        match (started, beat) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let sessions = self.attempts.values().filter_map(|a| a.session.as_ref()).filter_map(SessionRun::deadline).min();
+        [started, beat, sessions].into_iter().flatten().min()
+    }
+
+    /// Sessions whose idle TTL or max lifetime has passed are closed.
+    fn expire_sessions(&mut self, now: Instant) {
+        let due: Vec<(LeaseId, String)> =
+            self.attempts.iter().filter(|(_, a)| matches!(a.phase, Phase::Running)).filter_map(|(l, a)| Some((*l, a.session.as_ref()?.expiry(now)?))).collect();
+        for (lease, why) in due {
+            tracing::info!(lease = %lease, reason = %why, "closing a session by itself");
+            if let Some(ses) = self.attempts.get_mut(&lease).and_then(|a| a.session.as_mut()) {
+                ses.expired = Some(why);
+            }
+            self.kill(lease, KillReason::TimedOut);
         }
     }
 
     /// Timers: says which attempts still run `STARTED_AFTER` after they started, and
     /// heartbeats. `Err` (why) when the link is to be taken for dead.
     pub fn timeout(&mut self, now: Instant) -> Result<(), String> {
+        self.expire_sessions(now);
         while let Some(&(at, lease)) = self.started.front() {
             if at > now {
                 break;
@@ -269,13 +344,14 @@ impl State {
 
     /// A frame from the coordinator. `spool` makes an assigned attempt's spool (`None`:
     /// it could not, and the task is left to its lease's expiry).
-    pub fn frame(&mut self, _now: Instant, m: CoordMsg, spool: impl FnMut(LeaseId) -> Option<Arc<Spool>>) -> Result<(), WorkerError> {
+    /// `spool` makes the spool of an attempt (exec 0) or of an exec of a session.
+    pub fn frame(&mut self, now: Instant, m: CoordMsg, mut spool: impl FnMut(LeaseId, u32) -> Option<Arc<Spool>>) -> Result<(), WorkerError> {
         if let Some(l) = self.link.as_mut() {
             l.unanswered = 0;
         }
         match m {
             CoordMsg::Assign(list) => {
-                self.assign(list, spool);
+                self.assign(list, |l| spool(l, 0));
                 self.start_queued();
             }
             CoordMsg::Kill { lease, reason } => {
@@ -322,9 +398,44 @@ impl State {
                 Some(at) if !matches!(at.phase, Phase::Queued) && !at.stale => {
                     tracing::info!(lease = %lease, "the coordinator asks for this attempt's unacknowledged output again");
                     self.actions.push_back(Action::Restream(lease));
+                    for exec in at.session.iter().flat_map(|s| s.execs.keys()) {
+                        self.actions.push_back(Action::StreamExec { lease, exec: *exec, restart: true });
+                    }
                 }
                 _ => tracing::debug!(lease = %lease, "asked to resend output of an attempt not streaming here; ignored"),
             },
+            CoordMsg::Exec { lease, exec, spec } => self.exec(now, lease, exec, spec, &mut spool),
+            CoordMsg::ExecStdin { lease, exec, data, eof } => {
+                if let Some(run) = self.exec_run(lease, exec) {
+                    if let Some(tx) = run.stdin.as_ref() {
+                        if !data.is_empty() {
+                            let _ = tx.send(data);
+                        }
+                    }
+                    if eof {
+                        run.stdin = None;
+                    }
+                }
+            }
+            CoordMsg::KillExec { lease, exec } => {
+                if let Some(run) = self.exec_run(lease, exec) {
+                    tracing::info!(lease = %lease, exec, "killing an exec (its client went away)");
+                    run.kill.send_replace(Some(KillReason::Cancelled));
+                }
+            }
+            CoordMsg::ExecOutputAck { lease, exec, stream, seq } => {
+                if let Some(run) = self.exec_run(lease, exec) {
+                    run.spool.ack(stream, seq);
+                }
+                self.maybe_finish_exec(lease, exec);
+            }
+            CoordMsg::ExecFinishedAck { lease, exec } => {
+                let gone = self.attempts.get_mut(&lease).and_then(|a| a.session.as_mut()).and_then(|s| s.execs.remove(&exec));
+                if let Some(run) = gone {
+                    self.actions.push_back(Action::ForgetExec { lease, exec, spool: run.spool });
+                }
+                self.maybe_finish(lease);
+            }
             // Answered only to a registration, which the driver reads itself.
             CoordMsg::InUse { reason, .. } => {
                 tracing::warn!(%reason, "the coordinator says another process holds this worker's identity; ignored once registered")
@@ -337,9 +448,31 @@ impl State {
     pub fn report(&mut self, now: Instant, r: Report) {
         match r {
             Report::Started(lease) => {
-                if !self.stopping {
-                    self.started.push_back((now + STARTED_AFTER, lease));
+                let session = self.attempts.get_mut(&lease).and_then(|a| a.session.as_mut());
+                match session {
+                    // Said at once: whoever opened it is waiting.
+                    Some(ses) => {
+                        ses.ready_at = Some(now);
+                        ses.idle_since = Some(now);
+                        if self.link.is_some() {
+                            self.actions.push_back(Action::Send(WorkerMsg::Started { lease }));
+                        }
+                    }
+                    None if !self.stopping => self.started.push_back((now + STARTED_AFTER, lease)),
+                    None => {}
                 }
+            }
+            Report::ExecEnded(lease, exec, outcome) => {
+                if let Some(ses) = self.attempts.get_mut(&lease).and_then(|a| a.session.as_mut()) {
+                    if let Some(run) = ses.execs.get_mut(&exec) {
+                        run.done = Some(outcome);
+                        run.stdin = None;
+                    }
+                    if ses.execs.values().all(|r| r.done.is_some()) {
+                        ses.idle_since = Some(now);
+                    }
+                }
+                self.maybe_finish_exec(lease, exec);
             }
             Report::Ended(lease, ended) => self.ended(lease, ended),
             Report::ImageRemoved(image, error) => {
@@ -360,8 +493,13 @@ impl State {
         }
     }
 
-    fn ended(&mut self, lease: LeaseId, ended: Ended) {
+    fn ended(&mut self, lease: LeaseId, mut ended: Ended) {
         let Some(at) = self.attempts.get_mut(&lease) else { return };
+        if let Some(why) = at.session.as_ref().and_then(|s| s.expired.clone()) {
+            ended.outcome.timed_out = true;
+            ended.outcome.killed = false;
+            ended.outcome.error = Some(why);
+        }
         if self.stopping {
             at.phase = Phase::Done(ended.outcome);
             return;
@@ -416,7 +554,17 @@ impl State {
                 finish_sent: false,
                 stale: false,
                 frozen: None,
+                session: None,
             };
+            let mut attempt = attempt;
+            attempt.session = attempt.a.spec.session.as_ref().map(|s| SessionRun {
+                idle_ttl: Duration::from_millis(s.idle_ttl_ms),
+                max_lifetime: Duration::from_millis(s.max_lifetime_ms),
+                ready_at: None,
+                idle_since: None,
+                expired: None,
+                execs: HashMap::new(),
+            });
             self.attempts.insert(lease, attempt);
             self.queue.push_back(lease);
         }
@@ -465,6 +613,10 @@ impl State {
         if at.finish_sent || at.stale || !at.spool.settled() {
             return;
         }
+        // A session's end goes after every exec's (acknowledged, then forgotten).
+        if at.session.as_ref().is_some_and(|s| !s.execs.is_empty()) {
+            return;
+        }
         if let Phase::Done(o) = &at.phase {
             let msg = match &at.frozen {
                 Some(image) => WorkerMsg::Frozen { lease, image: image.clone(), outcome: o.clone() },
@@ -493,6 +645,11 @@ impl State {
             }
             Phase::Running => {
                 tracing::info!(lease = %lease, ?reason, "killing attempt");
+                for run in at.session.iter().flat_map(|s| s.execs.values()) {
+                    if run.done.is_none() {
+                        run.kill.send_replace(Some(reason));
+                    }
+                }
                 self.actions.push_back(Action::Kill { lease, reason });
             }
             Phase::Done(_) => {
@@ -507,7 +664,89 @@ impl State {
     fn forget(&mut self, lease: LeaseId) {
         self.release(lease);
         if let Some(at) = self.attempts.remove(&lease) {
+            for (exec, run) in at.session.into_iter().flat_map(|s| s.execs) {
+                self.actions.push_back(Action::ForgetExec { lease, exec, spool: run.spool });
+            }
             self.actions.push_back(Action::Forget { lease, spool: at.spool });
+        }
+    }
+
+    fn exec_run(&mut self, lease: LeaseId, exec: u32) -> Option<&mut ExecRun> {
+        self.attempts.get_mut(&lease)?.session.as_mut()?.execs.get_mut(&exec)
+    }
+
+    /// The coordinator asks for an exec in a session this worker holds.
+    fn exec(&mut self, now: Instant, lease: LeaseId, exec: u32, spec: ExecSpec, spool: &mut impl FnMut(LeaseId, u32) -> Option<Arc<Spool>>) {
+        let refuse = |why: &str| berth_shared::job::Outcome {
+            exit_code: None,
+            signal: None,
+            timed_out: false,
+            killed: false,
+            runtime_ms: 0,
+            error: Some(why.to_string()),
+        };
+        let at = self.attempts.get_mut(&lease);
+        let why = match &at {
+            None => Some("the session is not held by this worker"),
+            Some(a) if a.stale => Some("the session's lease is no longer valid"),
+            Some(a) if !matches!(a.phase, Phase::Running) => Some("the session is not open"),
+            Some(a) => match &a.session {
+                None => Some("the lease is a job's, not a session's"),
+                Some(s) if s.expired.is_some() => Some("the session is closing"),
+                Some(s) if s.ready_at.is_none() => Some("the session is still opening"),
+                Some(s) if s.execs.contains_key(&exec) => return,
+                Some(s) if s.execs.len() >= berth_shared::session::MAX_CONCURRENT_EXECS => Some("the session runs the most execs it may at once"),
+                Some(_) => None,
+            },
+        };
+        if let Some(why) = why {
+            tracing::warn!(lease = %lease, exec, reason = why, "refusing an exec");
+            if self.link.is_some() {
+                self.actions.push_back(Action::Send(WorkerMsg::ExecFinished { lease, exec, outcome: refuse(why) }));
+            }
+            return;
+        }
+        let Some(file) = spool(lease, exec) else {
+            if self.link.is_some() {
+                self.actions.push_back(Action::Send(WorkerMsg::ExecFinished { lease, exec, outcome: refuse("the worker cannot spool its output") }));
+            }
+            return;
+        };
+        let Some(ses) = self.attempts.get_mut(&lease).and_then(|a| a.session.as_mut()) else { return };
+        let (stdin, stdin_rx) = if spec.stdin {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        ses.idle_since = None;
+        let _ = now;
+        ses.execs.insert(
+            exec,
+            ExecRun { spec, spool: file, kill: watch::channel(None).0, stdin, stdin_rx: std::sync::Mutex::new(stdin_rx), done: None, finish_sent: false },
+        );
+        self.actions.push_back(Action::Exec { lease, exec });
+        if self.link.is_some() {
+            self.actions.push_back(Action::StreamExec { lease, exec, restart: false });
+        }
+    }
+
+    /// Sends an exec's end once its output is all acknowledged.
+    fn maybe_finish_exec(&mut self, lease: LeaseId, exec: u32) {
+        if self.link.is_none() {
+            return;
+        }
+        let Some(at) = self.attempts.get_mut(&lease) else { return };
+        if at.stale {
+            return;
+        }
+        let Some(run) = at.session.as_mut().and_then(|s| s.execs.get_mut(&exec)) else { return };
+        if run.finish_sent || !run.spool.settled() {
+            return;
+        }
+        if let Some(outcome) = run.done.clone() {
+            run.finish_sent = true;
+            self.actions.push_back(Action::Send(WorkerMsg::ExecFinished { lease, exec, outcome }));
         }
     }
 
@@ -518,6 +757,37 @@ impl State {
                 at.holds = false;
                 self.free.give_back(&at.a.spec.resources, at.gpus.clone());
             }
+        }
+    }
+}
+
+impl SessionRun {
+    /// When it closes by itself next, if nothing happens meanwhile.
+    fn deadline(&self) -> Option<Instant> {
+        let ready = self.ready_at?;
+        if self.expired.is_some() {
+            return None;
+        }
+        let lifetime = ready + self.max_lifetime;
+        Some(match self.idle_since {
+            Some(idle) => lifetime.min(idle + self.idle_ttl),
+            None => lifetime,
+        })
+    }
+
+    /// Why it closes by itself now, if it does.
+    fn expiry(&self, now: Instant) -> Option<String> {
+        let ready = self.ready_at?;
+        if self.expired.is_some() {
+            return None;
+        }
+        let fmt = berth_shared::duration::format_duration;
+        if now >= ready + self.max_lifetime {
+            return Some(format!("expired: it reached its max lifetime of {}", fmt(self.max_lifetime)));
+        }
+        match self.idle_since {
+            Some(idle) if now >= idle + self.idle_ttl => Some(format!("expired: no exec ran for its idle TTL of {}", fmt(self.idle_ttl))),
+            _ => None,
         }
     }
 }

@@ -326,6 +326,10 @@ fn act(
                 ask(a, job_store::Frozen { worker: name.to_string(), lease, outcome, image }, ev_tx, move |result| Input::Finished { lease, result });
             }
             Action::Heartbeat { leases } => ask(a, job_store::Heartbeat { worker: name.to_string(), leases }, ev_tx, Input::Renewed),
+            Action::ExecFinish { lease, exec, outcome } => {
+                let m = job_store::ExecFinish { worker: name.to_string(), lease, exec, outcome };
+                ask(a, m, ev_tx, move |result| Input::ExecFinished { lease, exec, result });
+            }
             Action::ImageRemoved { image, error } => a.registry.do_send(registry::ImageRemoved { worker: name.to_string(), image, error }),
             Action::Leases { added, removed, heartbeat } => a.registry.do_send(registry::Leases { name: name.to_string(), added, removed, heartbeat }),
             Action::Send(m) => queue(pending, &m),

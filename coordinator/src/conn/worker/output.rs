@@ -29,8 +29,9 @@ const APPEND_BATCH: usize = 32;
 type Verdicts = oneshot::Receiver<Result<Vec<ChunkVerdict>, StoreError>>;
 
 pub async fn serve(mut recv: quinn::RecvStream, shared: Arc<Shared>, worker: String, ctrl: mpsc::UnboundedSender<CoordMsg>, conn: quinn::Connection) {
-    let lease = match read_frame::<_, OutputFrame>(&mut recv).await {
-        Ok(Some(OutputFrame::Open { lease })) => lease,
+    let (lease, exec) = match read_frame::<_, OutputFrame>(&mut recv).await {
+        Ok(Some(OutputFrame::Open { lease })) => (lease, 0),
+        Ok(Some(OutputFrame::OpenExec { lease, exec })) if exec > 0 => (lease, exec),
         Ok(Some(_)) => {
             conn.close(CLOSE_PROTOCOL.into(), b"an output stream must start with Open");
             return;
@@ -49,11 +50,11 @@ pub async fn serve(mut recv: quinn::RecvStream, shared: Arc<Shared>, worker: Str
                             conn.close(CLOSE_PROTOCOL.into(), b"output chunk over the size limit");
                             return;
                         }
-                        if tx.send(LogChunk { lease, stream, seq, data: Arc::new(data) }).await.is_err() {
+                        if tx.send(LogChunk { lease, exec, stream, seq, data: Arc::new(data) }).await.is_err() {
                             return;
                         }
                     }
-                    Ok(Some(OutputFrame::Open { .. })) => {
+                    Ok(Some(OutputFrame::Open { .. } | OutputFrame::OpenExec { .. })) => {
                         conn.close(CLOSE_PROTOCOL.into(), b"Open sent twice on one output stream");
                         return;
                     }
@@ -84,7 +85,10 @@ pub async fn serve(mut recv: quinn::RecvStream, shared: Arc<Shared>, worker: Str
                 };
                 let acked = acknowledge(lease, keys, verdicts);
                 for (stream, seq) in acked.acks {
-                    let _ = ctrl.send(CoordMsg::OutputAck { lease, stream, seq });
+                    let _ = ctrl.send(match exec {
+                        0 => CoordMsg::OutputAck { lease, stream, seq },
+                        exec => CoordMsg::ExecOutputAck { lease, exec, stream, seq },
+                    });
                 }
                 if acked.capped {
                     tracing::info!(lease = %lease, "the attempt passed its output cap; its task failed, killing it");
@@ -131,6 +135,7 @@ fn resend_when_writable(shared: &Shared, ctrl: mpsc::UnboundedSender<CoordMsg>, 
         tokio::time::sleep(Duration::from_secs(1)).await;
         if health.wait_for(|h| h.is_none()).await.is_ok() {
             tracing::info!(lease = %lease, "the store can write again; asking the worker to send the output it could not store");
+            // For a session, the worker sends its execs' unacknowledged output again too.
             let _ = ctrl.send(CoordMsg::Resend { lease });
         }
     });

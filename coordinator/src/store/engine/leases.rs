@@ -92,7 +92,11 @@ impl<D: Db> Store<D> {
                 Ok(true)
             }
             Expiry::Fail => {
-                let why = format!("{why}; out of attempts ({attempt} of {})", meta.spec.max_attempts);
+                let why = match meta.spec.session {
+                    // `berth_shared::session::SessionState::of` reads a session as lost by this.
+                    Some(_) => format!("lost: {why}; the session's files were on that worker"),
+                    None => format!("{why}; out of attempts ({attempt} of {})", meta.spec.max_attempts),
+                };
                 self.db.exec(
                     "UPDATE tasks SET state = 'failed', lease = NULL, ended_at = ?1, reason = ?2 WHERE job_seq = ?3 AND idx = ?4",
                     p![ms(now), why.as_str(), job_seq, idx],

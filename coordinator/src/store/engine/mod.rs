@@ -31,6 +31,9 @@ mod leases;
 mod money;
 mod output;
 mod results;
+mod sessions;
+pub(crate) use sessions::exec_stream_code;
+pub use sessions::ExecOrder;
 mod submit;
 mod workers;
 
@@ -144,7 +147,7 @@ pub struct Store<D: Db> {
     jobs: HashMap<i64, Arc<JobMeta>>,
     /// The next expected output sequence per (lease, stream); a hint, checked against
     /// the database whenever a chunk disagrees with it.
-    expected_seq: HashMap<(LeaseId, OutStream), u64>,
+    expected_seq: HashMap<(LeaseId, u32, OutStream), u64>,
     /// Where large output chunks go (SQLite only).
     segments: Option<super::segments::Segments>,
     /// Output bytes stored per attempt (a hint, as `expected_seq`), for output caps.
@@ -548,10 +551,7 @@ impl<D: Db> Store<D> {
                 run!(Claim, self.claim(&worker, n, &caps, free.as_ref(), now, ttl, s))
             }
             Op::Started { worker, lease, now } => {
-                let r = self.db.exec(
-                    "UPDATE tasks SET started_at = ?1 WHERE lease = ?2 AND worker = ?3 AND state = 'running'",
-                    p![ms(*now), lease.to_string(), worker.as_str()],
-                );
+                let r = self.started(worker, *lease, *now, s);
                 let outcome = match r {
                     Ok(_) => Ok(()),
                     Err(e) if e.is_retryable() => Err(Some(e)),
@@ -622,6 +622,14 @@ impl<D: Db> Store<D> {
             Op::ForgetImage { image, only_reserved, .. } => {
                 let (image, only_reserved) = (image.clone(), *only_reserved);
                 run!(ForgetImage, self.forget_image(&image, only_reserved))
+            }
+            Op::ExecStart { job, scope, spec, now, .. } => {
+                let (job, scope, spec, now) = (job.clone(), scope.clone(), spec.clone(), *now);
+                run!(ExecStart, self.exec_start(&job, &scope, &spec, now))
+            }
+            Op::ExecFinish { worker, lease, exec, outcome, now, .. } => {
+                let (worker, lease, exec, outcome, now) = (worker.clone(), *lease, *exec, outcome.clone(), *now);
+                run!(ExecFinish, self.exec_finish(&worker, lease, exec, &outcome, now, s))
             }
         }
     }
@@ -713,7 +721,9 @@ fn fail_op(op: &mut Op, why: StoreError) {
         SetDrain,
         Frozen,
         FreezeStart,
-        ForgetImage
+        ForgetImage,
+        ExecStart,
+        ExecFinish
     );
 }
 

@@ -5,11 +5,10 @@ use super::*;
 
 impl<D: Db> Store<D> {
     /// The last stored sequence number of a stream of one attempt, plus one.
-    pub(super) fn next_seq(&mut self, job_seq: i64, idx: i64, attempt: u32, stream: OutStream) -> Result<u64, StoreError> {
-        let row = self.db.query_one(
-            "SELECT MAX(seq) FROM logs WHERE job_seq = ?1 AND idx = ?2 AND attempt = ?3 AND stream = ?4",
-            p![job_seq, idx, attempt, stream_code(stream)],
-        )?;
+    /// `code`: the stream's code (`exec_stream_code`).
+    pub(super) fn next_seq(&mut self, job_seq: i64, idx: i64, attempt: u32, code: i64) -> Result<u64, StoreError> {
+        let row =
+            self.db.query_one("SELECT MAX(seq) FROM logs WHERE job_seq = ?1 AND idx = ?2 AND attempt = ?3 AND stream = ?4", p![job_seq, idx, attempt, code])?;
         Ok(row.opt_i64(0)?.map_or(1, |m| m as u64 + 1))
     }
 
@@ -68,15 +67,16 @@ impl<D: Db> Store<D> {
                     continue;
                 }
             };
-            let key = (c.lease, c.stream);
+            let key = (c.lease, c.exec, c.stream);
+            let code = sessions::exec_stream_code(c.exec, c.stream);
             let mut expected = match self.expected_seq.get(&key) {
                 Some(e) => *e,
-                None => self.next_seq(job_seq, idx, attempt, c.stream)?,
+                None => self.next_seq(job_seq, idx, attempt, code)?,
             };
             if c.seq != expected {
                 // The cached hint may be behind: another coordinator may have stored
                 // chunks of this attempt while its worker was connected there.
-                expected = self.next_seq(job_seq, idx, attempt, c.stream)?;
+                expected = self.next_seq(job_seq, idx, attempt, code)?;
                 self.out_bytes.remove(&c.lease);
             }
             if c.seq < expected {
@@ -110,12 +110,12 @@ impl<D: Db> Store<D> {
                     let (id, off) = seg.append(&data).map_err(|source| StoreError::Segment { what: "cannot be written".into(), source })?;
                     self.db.exec(
                         "INSERT INTO logs(job_seq, idx, attempt, stream, seq, data, seg, off, len) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
-                        p![job_seq, idx, attempt, stream_code(c.stream), c.seq, &[][..], id as i64, off as i64, data.len() as i64],
+                        p![job_seq, idx, attempt, code, c.seq, &[][..], id as i64, off as i64, data.len() as i64],
                     )?
                 }
                 _ => self.db.exec(
                     "INSERT INTO logs(job_seq, idx, attempt, stream, seq, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
-                    p![job_seq, idx, attempt, stream_code(c.stream), c.seq, data.as_slice()],
+                    p![job_seq, idx, attempt, code, c.seq, data.as_slice()],
                 )?,
             };
             self.expected_seq.insert(key, expected + 1);
@@ -125,7 +125,7 @@ impl<D: Db> Store<D> {
             }
             self.out_bytes.insert(c.lease, before + data.len() as u64);
             if !data.is_empty() {
-                s.notices.push(Notice::Output { job: meta.id, index: Self::task_index(&meta, idx), attempt, stream: c.stream, seq: c.seq, data });
+                s.notices.push(Notice::Output { job: meta.id, index: Self::task_index(&meta, idx), attempt, exec: c.exec, stream: c.stream, seq: c.seq, data });
             }
             match over {
                 Some(cap) => {

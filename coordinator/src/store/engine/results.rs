@@ -62,8 +62,12 @@ impl<D: Db> Store<D> {
             // The image exists on the worker's engine whatever became of the task.
             self.image_ready(image, job_seq, idx, worker, now)?;
         }
-        self.expected_seq.remove(&(lease, OutStream::Stdout));
-        self.expected_seq.remove(&(lease, OutStream::Stderr));
+        self.expected_seq.remove(&(lease, 0, OutStream::Stdout));
+        self.expected_seq.remove(&(lease, 0, OutStream::Stderr));
+        if meta.spec.session.is_some() {
+            // Its execs' hints go too (rare enough to look through them all).
+            self.expected_seq.retain(|(l, _, _), _| *l != lease);
+        }
         self.out_bytes.remove(&lease);
         s.notices.push(Notice::TaskEnded { job: meta.id, index, attempt, state: ended_as });
         Ok(verdict)

@@ -47,8 +47,8 @@ impl<D: Db> Store<D> {
         // answers with the winner's job (and its reservation is rolled back with this op).
         let inserted = self.db.query_opt(
             "INSERT INTO jobs(id, name, owner, account, idem, spec, is_array, idx_start, idx_end, next_idx, priority, max_attempts, state, n_pending, n_queued, created_at,
-                              month, attempt_estimate, held)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+                              month, attempt_estimate, held, kind)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
              ON CONFLICT DO NOTHING RETURNING seq",
             p![
                 job.to_string(),
@@ -68,7 +68,8 @@ impl<D: Db> Store<D> {
                 ms(now),
                 month.as_str(),
                 admission.attempt_estimate.to_string(),
-                held
+                held,
+                if spec.session.is_some() { "session" } else { "job" },
             ],
         )?;
         let Some(row) = inserted else {

@@ -40,7 +40,9 @@ impl Fixture {
 
     fn frame(&mut self, m: CoordMsg) -> Vec<Action> {
         let dir = self.dir.path().to_path_buf();
-        self.s.frame(Instant::now(), m, |lease| Some(Arc::new(Spool::create(&dir.join(format!("{lease}.spool"))).expect("spool")))).expect("frame");
+        self.s
+            .frame(Instant::now(), m, |lease, exec| Some(Arc::new(Spool::create(&dir.join(format!("{lease}-{exec}.spool"))).expect("spool"))))
+            .expect("frame");
         self.actions()
     }
 
@@ -257,7 +259,7 @@ fn nothing_is_sent_or_asked_while_disconnected() {
 fn a_refusal_ends_the_session() {
     let mut f = fixture(1, 0);
     f.connect();
-    let r = f.s.frame(Instant::now(), CoordMsg::Refused { reason: "no".into() }, |_| None);
+    let r = f.s.frame(Instant::now(), CoordMsg::Refused { reason: "no".into() }, |_, _| None);
     assert!(matches!(r, Err(WorkerError::Refused(_))));
 }
 

@@ -42,6 +42,11 @@ pub enum Input {
         result: Result<FinishVerdict, StoreError>,
     },
     Renewed(Result<Vec<LeaseId>, StoreError>),
+    ExecFinished {
+        lease: LeaseId,
+        exec: u32,
+        result: Result<FinishVerdict, StoreError>,
+    },
     /// The store committed something that may be claimable.
     Work,
     /// A spill-delay timer fired: claim again.
@@ -70,6 +75,11 @@ pub enum Action {
     },
     Heartbeat {
         leases: Vec<LeaseId>,
+    },
+    ExecFinish {
+        lease: LeaseId,
+        exec: u32,
+        outcome: Outcome,
     },
     ImageRemoved {
         image: String,
@@ -149,6 +159,16 @@ impl Link {
                     Err(e) => tracing::error!(error = %e, lease = %lease, "cannot record a result"),
                 }
             }
+            Input::ExecFinished { lease, exec, result } => match result {
+                Ok(FinishVerdict::Stale) => {
+                    tracing::warn!(lease = %lease, exec, "rejected an exec's end carrying a stale lease");
+                    out.push(Action::Send(CoordMsg::ExecFinishedAck { lease, exec }));
+                    out.push(Action::Send(CoordMsg::Kill { lease, reason: KillReason::StaleLease }));
+                }
+                Ok(_) => out.push(Action::Send(CoordMsg::ExecFinishedAck { lease, exec })),
+                // Not acknowledged: the worker sends it again after a reconnect.
+                Err(e) => tracing::error!(error = %e, lease = %lease, exec, "cannot record an exec's end"),
+            },
             Input::Renewed(r) => {
                 // Leases that turned out stale are no longer this worker's.
                 let removed = r.as_ref().map(|stale| stale.clone()).unwrap_or_default();
@@ -173,6 +193,7 @@ impl Link {
             WorkerMsg::Started { lease } => out.push(Action::Started { lease }),
             WorkerMsg::Finished { lease, outcome } => out.push(Action::Finish { lease, outcome }),
             WorkerMsg::Heartbeat { leases } => out.push(Action::Heartbeat { leases }),
+            WorkerMsg::ExecFinished { lease, exec, outcome } => out.push(Action::ExecFinish { lease, exec, outcome }),
             WorkerMsg::Frozen { lease, image, outcome } => out.push(Action::Frozen { lease, image, outcome }),
             WorkerMsg::ImageRemoved { image, error } => out.push(Action::ImageRemoved { image, error }),
             WorkerMsg::Register { .. } => out.push(Action::Close("Register sent twice")),

@@ -1,0 +1,273 @@
+//! Sessions from the client's side: open (submit, then wait for the sandbox), exec
+//! (number it in the store, send it to the session's worker, stream its output and end
+//! back), a recorded exec's output, close. Only the session's owner or an admin reaches
+//! a session: for anyone else it does not exist (the caller's `Scope`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_shared::codec::read_frame;
+use berth_shared::ids::{JobId, JobSelector};
+use berth_shared::job::{JobSpec, JobState};
+use berth_shared::session::ExecSpec;
+use berth_shared::wire::{ApiError, CoordMsg, ErrorKind, KillReason, OutStream, Response, Role, StdinFrame};
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use super::client::{send_frame, submit};
+use super::{api, mailbox, Shared};
+use crate::actors::reader::query;
+use crate::actors::{job_store, log_store, registry};
+use crate::store::{Notice, Scope};
+
+/// How long `close` waits for the worker to say the sandbox is gone.
+const CLOSE_WAIT: Duration = Duration::from_secs(15);
+
+async fn follow(shared: &Shared) -> Result<broadcast::Receiver<Arc<Notice>>, ApiError> {
+    shared.actors.log_store.send(log_store::Follow).await.map_err(mailbox)
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(ErrorKind::Internal, "the coordinator is shutting down")
+}
+
+/// Opens a session: `Submitted` at once (the id is the caller's even if it stops
+/// waiting), then `SessionReady` once the worker says its sandbox is, or why not.
+pub async fn open(shared: &Shared, send: &mut quinn::SendStream, who: &str, scope: &Scope, spec: JobSpec, key: uuid::Uuid) -> Result<(), ApiError> {
+    if spec.session.is_none() {
+        return Err(ApiError::new(ErrorKind::Invalid, "not a session: `berth submit` runs a job"));
+    }
+    let mut rx = follow(shared).await?;
+    let submitted = submit(shared, who, scope, spec, key).await?;
+    let Response::Submitted { job, .. } = &submitted else { return Err(ApiError::new(ErrorKind::Internal, "submission answered oddly")) };
+    let job = *job;
+    send_frame(send, &submitted).await?;
+    let a = &shared.actors;
+    let sel = JobSelector { prefix: job.to_string(), index: None };
+    loop {
+        let st = {
+            let sel = sel.clone();
+            query(&a.reader, move |r| r.status(&sel, &Scope::All)).await.map_err(api)?
+        };
+        if let Some(t) = st.task.as_ref() {
+            match t.state {
+                JobState::Running if t.started_at.is_some() => {
+                    let worker = t.worker.clone().unwrap_or_default();
+                    return send_frame(send, &Response::SessionReady { session: job, worker }).await;
+                }
+                s if s.is_terminal() => {
+                    let why = t.reason.clone().unwrap_or_else(|| format!("it ended {s}"));
+                    return Err(ApiError::new(ErrorKind::Refused, format!("session {job} could not open: {why}")));
+                }
+                _ => {}
+            }
+        }
+        if st.summary.state.is_terminal() {
+            let why = st.summary.reason.unwrap_or_else(|| st.summary.state.to_string());
+            return Err(ApiError::new(ErrorKind::Refused, format!("session {job} could not open: {why}")));
+        }
+        // Wait for news of this job; look again at least every second.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Ok(n)) => match &*n {
+                    Notice::SessionReady { job: j, .. } | Notice::TaskEnded { job: j, .. } | Notice::Job { job: j, .. } if *j == job => break,
+                    _ => {}
+                },
+                Ok(Err(RecvError::Closed)) => return Err(shutting_down()),
+                Ok(Err(RecvError::Lagged(_))) | Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Runs one exec: `ExecStarted`, then (unless `detach`) its output as it is stored and
+/// `ExecEnded`. A client that goes away from an exec it follows has it killed, as a
+/// terminal's hang-up would.
+pub async fn exec(
+    shared: &Shared,
+    send: &mut quinn::SendStream,
+    stdin: Option<quinn::RecvStream>,
+    scope: &Scope,
+    session: JobSelector,
+    spec: ExecSpec,
+    detach: bool,
+) -> Result<(), ApiError> {
+    spec.validate().map_err(|m| ApiError::new(ErrorKind::Invalid, m))?;
+    if detach && spec.stdin {
+        return Err(ApiError::new(ErrorKind::Invalid, "a detached exec reads no stdin: drop -i or --detach"));
+    }
+    let a = &shared.actors;
+    let mut rx = follow(shared).await?;
+    let order = a.job_store.send(job_store::ExecStart { job: session, scope: scope.clone(), spec: spec.clone() }).await.map_err(mailbox)?.map_err(api)?;
+    let (exec, lease, worker) = (order.exec, order.lease, order.worker.clone());
+    let sent = a.registry.send(registry::Tell { worker: worker.clone(), msg: CoordMsg::Exec { lease, exec, spec } }).await.map_err(mailbox)?;
+    if !sent {
+        let why = format!("the session's worker {worker} is not connected to this coordinator now; the exec did not run");
+        let outcome = berth_shared::job::Outcome { exit_code: None, signal: None, timed_out: false, killed: false, runtime_ms: 0, error: Some(why.clone()) };
+        let _ = a.job_store.send(job_store::ExecFinish { worker, lease, exec, outcome }).await;
+        return Err(ApiError::new(ErrorKind::Refused, format!("{why}: try again once it reconnects")));
+    }
+    send_frame(send, &Response::ExecStarted { exec }).await?;
+    if detach {
+        return send_frame(send, &Response::End).await;
+    }
+    if let Some(mut stdin) = stdin {
+        let registry = a.registry.clone();
+        let worker = worker.clone();
+        actix_rt::spawn(async move {
+            loop {
+                let (data, eof) = match read_frame::<_, StdinFrame>(&mut stdin).await {
+                    Ok(Some(StdinFrame::Data(d))) => (d, false),
+                    Ok(Some(StdinFrame::End)) | Ok(None) | Err(_) => (Vec::new(), true),
+                };
+                let msg = CoordMsg::ExecStdin { lease, exec, data, eof };
+                if !registry.send(registry::Tell { worker: worker.clone(), msg }).await.unwrap_or(false) || eof {
+                    return;
+                }
+            }
+        });
+    }
+    let r = stream_exec(shared, send, &mut rx, order.job, exec, (0, 0), true).await;
+    if r.is_err() {
+        // The client went away (or the coordinator stops): end what it ran.
+        a.registry.do_send(registry::Tell { worker, msg: CoordMsg::KillExec { lease, exec } });
+    }
+    r
+}
+
+/// A recorded exec's output; with `follow`, until it ends.
+pub async fn exec_output(shared: &Shared, send: &mut quinn::SendStream, session: JobSelector, exec: u32, follow_it: bool) -> Result<(), ApiError> {
+    let a = &shared.actors;
+    let mut rx = follow(shared).await?;
+    let (_, id) = {
+        let sel = session.clone();
+        query(&a.reader, move |r| r.resolve(&sel, &Scope::All)).await.map_err(api)?
+    };
+    stream_exec(shared, send, &mut rx, id, exec, (0, 0), follow_it).await
+}
+
+/// The sequence number sent last on one stream.
+fn at(pos: &mut (u64, u64), s: OutStream) -> &mut u64 {
+    match s {
+        OutStream::Stdout => &mut pos.0,
+        OutStream::Stderr => &mut pos.1,
+    }
+}
+
+/// Sends exec `exec`'s output after `pos` (per-stream sequence numbers) and its end.
+/// Live output goes straight from the store's notices when they follow on from what
+/// was sent; anything else (a gap, a lag, the start) is read from the store, so nothing
+/// is skipped or sent twice.
+async fn stream_exec(
+    shared: &Shared,
+    send: &mut quinn::SendStream,
+    rx: &mut broadcast::Receiver<Arc<Notice>>,
+    job: JobId,
+    exec: u32,
+    mut pos: (u64, u64),
+    follow_it: bool,
+) -> Result<(), ApiError> {
+    let a = &shared.actors;
+    let (seq, _) = {
+        let sel = JobSelector { prefix: job.to_string(), index: None };
+        query(&a.reader, move |r| r.resolve(&sel, &Scope::All)).await.map_err(api)?
+    };
+    // Whether the store must be read before trusting notices (at the start, and after
+    // a gap or a lag).
+    let mut reread = true;
+    loop {
+        if reread {
+            reread = false;
+            let after = pos;
+            let read = query(&a.reader, move |r| r.exec_logs(seq, exec, after)).await.map_err(api)?;
+            let full = read.chunks.len() >= 512;
+            for (stream, s, data) in read.chunks {
+                *at(&mut pos, stream) = s;
+                send_frame(send, &Response::Output { stream, data }).await?;
+            }
+            if full {
+                reread = true;
+                continue;
+            }
+            if let Some(end) = read.end {
+                return send_frame(send, &Response::ExecEnded(end)).await;
+            }
+            if !follow_it {
+                return send_frame(send, &Response::End).await;
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+            Ok(Ok(n)) => match &*n {
+                Notice::Output { job: j, exec: e, stream, seq: s, data, .. } if *j == job && *e == exec => {
+                    let next = at(&mut pos, *stream);
+                    if *s == *next + 1 {
+                        *next = *s;
+                        send_frame(send, &Response::Output { stream: *stream, data: data.to_vec() }).await?;
+                    } else if *s > *next + 1 {
+                        reread = true;
+                    }
+                }
+                // Its output was all stored before its end was: read what is left.
+                Notice::ExecEnded { job: j, end } if *j == job && end.exec == exec => reread = true,
+                Notice::Job { job: j, state, .. } if *j == job && state.is_terminal() => reread = true,
+                _ => {}
+            },
+            Ok(Err(RecvError::Closed)) => return Err(shutting_down()),
+            Ok(Err(RecvError::Lagged(_))) | Err(_) => reread = true,
+        }
+    }
+}
+
+/// Closes a session (idempotent): ends it as a cancel ends a task, then waits (a
+/// bounded time) for its worker to say the sandbox is gone.
+pub async fn close(shared: &Shared, who: &str, role: Role, session: JobSelector) -> Result<Response, ApiError> {
+    let a = &shared.actors;
+    let st = {
+        let sel = session.clone();
+        query(&a.reader, move |r| r.status(&sel, &Scope::All)).await.map_err(api)?
+    };
+    let id = st.summary.id;
+    if st.spec.session.is_none() {
+        return Err(ApiError::new(ErrorKind::Invalid, format!("job {id} is not a session: `berth cancel` ends a job")));
+    }
+    if role != Role::Admin && st.summary.owner != who {
+        return Err(ApiError::new(ErrorKind::Refused, format!("session {id} belongs to {}; only its owner or an admin may close it", st.summary.owner)));
+    }
+    if st.summary.state.is_terminal() {
+        return Ok(Response::SessionClosed { session: id, already: true });
+    }
+    let mut rx = follow(shared).await?;
+    let reason = format!("closed by {who}");
+    let (_, _, kills) = match a.job_store.send(job_store::Cancel { job: session.clone(), reason }).await.map_err(mailbox)? {
+        Ok(k) => k,
+        Err(e) => {
+            // Ended meanwhile (by its idle TTL, say): closed all the same.
+            let ended = query(&a.reader, move |r| r.status(&session, &Scope::All)).await.is_ok_and(|st| st.summary.state.is_terminal());
+            if ended {
+                return Ok(Response::SessionClosed { session: id, already: true });
+            }
+            return Err(api(e));
+        }
+    };
+    let waits = !kills.is_empty();
+    for k in kills {
+        a.registry.do_send(registry::Kill { worker: k.worker, lease: k.lease, reason: KillReason::Cancelled });
+    }
+    if waits {
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Ok(n)) => {
+                    if matches!(&*n, Notice::TaskEnded { job, .. } if *job == id) {
+                        break;
+                    }
+                }
+                Ok(Err(RecvError::Lagged(_))) => {}
+                // The worker may be away: the session is closed in the store all the same,
+                // and its worker tears it down when it hears.
+                Ok(Err(RecvError::Closed)) | Err(_) => break,
+            }
+        }
+    }
+    Ok(Response::SessionClosed { session: id, already: false })
+}
