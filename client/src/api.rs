@@ -140,6 +140,11 @@ pub struct Responses {
 }
 
 impl Responses {
+    /// The stream itself, for what follows the frames read so far (a copy's raw bytes).
+    pub fn into_raw(self) -> quinn::RecvStream {
+        self.recv
+    }
+
     /// The next response; an `Error` response becomes a `Fail` with its exit code.
     pub async fn next(&mut self) -> Result<Option<Response>, Fail> {
         match read_frame::<_, Response>(&mut self.recv).await {

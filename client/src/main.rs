@@ -170,6 +170,17 @@ enum Cmd {
     /// Run a command in a session: its output streams live (stdout and stderr apart),
     /// and berth exits with its exit code (124 if it timed out).
     Exec(session::ExecArgs),
+    /// Copy a file or directory into or out of a session's workspace (modes and
+    /// symlinks kept): `berth cp PATH SID:DEST` or `berth cp SID:PATH DEST`.
+    Cp {
+        /// What to copy: a local path, or SID:PATH in a session's workspace.
+        #[arg(value_parser = session::cp_side)]
+        src: session::CpSide,
+        /// Where to: SID:DEST in a session's workspace, or a local path (an existing
+        /// directory receives the copy in it).
+        #[arg(value_parser = session::cp_side)]
+        dst: session::CpSide,
+    },
     /// Print shell completions.
     Completions {
         /// The shell: bash, zsh, fish, elvish or powershell.
@@ -396,6 +407,7 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
         }
         Cmd::Session { command } => session::command(client, command, style).await,
         Cmd::Exec(a) => session::exec(client, &a).await,
+        Cmd::Cp { src, dst } => session::cp(client, src, dst).await,
         Cmd::Completions { .. } | Cmd::Dev(_) => Ok(0),
     }
 }

@@ -55,6 +55,20 @@ pub enum SessionCmd {
         /// The session: its id or a unique prefix.
         #[arg(value_parser = job_selector)]
         session: JobSelector,
+        /// Download the workspace into DIR first (made if missing, merged into if not).
+        #[arg(long, value_name = "DIR")]
+        sync_out: Option<std::path::PathBuf>,
+    },
+    /// Freeze a container session: commit its filesystem and workspace to an image
+    /// (`berth-frozen:TAG`); the session ends. `session open --from-frozen TAG` starts
+    /// a new one from it.
+    Freeze {
+        /// The session: its id or a unique prefix.
+        #[arg(value_parser = job_selector)]
+        session: JobSelector,
+        /// The image's tag (default: the session's short id).
+        #[arg(long, value_parser = |s: &str| berth_shared::job::validate_tag(s).map(|()| s.to_string()))]
+        tag: Option<String>,
     },
     /// List your sessions, newest first.
     List {
@@ -97,6 +111,12 @@ pub struct OpenArgs {
     /// the docker executor); without it, a process slot and its workspace.
     #[arg(long, value_parser = |s: &str| berth_shared::job::validate_image(s).map(|()| s.to_string()))]
     pub image: Option<String>,
+    /// Start from a frozen job's or session's image (`berth-frozen:TAG`).
+    #[arg(long, value_name = "TAG", conflicts_with = "image", value_parser = |s: &str| berth_shared::job::validate_tag(s).map(|()| s.to_string()))]
+    pub from_frozen: Option<String>,
+    /// Upload DIR's contents into the workspace before the id is printed.
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<std::path::PathBuf>,
     /// The container's network: `none` (the default), `bridge` or a network's name.
     #[arg(long, value_parser = |s: &str| berth_shared::job::validate_network(s).map(|()| s.to_string()))]
     pub network: Option<String>,
@@ -191,7 +211,8 @@ pub fn open_spec(a: &OpenArgs) -> Result<JobSpec, Fail> {
     spec.constraints = a.constraints.clone();
     spec.pools = a.pools.clone();
     spec.account = a.account.clone();
-    match (&a.image, &a.network) {
+    let image = a.from_frozen.as_ref().map(|t| format!("{}:{t}", berth_shared::job::FROZEN_REPO)).or_else(|| a.image.clone());
+    match (&image, &a.network) {
         (Some(image), network) => spec.executor = Executor::Docker { image: image.clone(), network: network.clone() },
         (None, Some(_)) => return Err(Fail::usage("--network applies to container sessions: give --image too")),
         (None, None) => {}
@@ -214,6 +235,15 @@ pub async fn open(client: &mut Client, a: &OpenArgs) -> Result<u8, Fail> {
                 }
             }
             Ok(Some(Response::SessionReady { session, worker })) => {
+                if let Some(dir) = &a.workdir {
+                    let sel = JobSelector { prefix: session.to_string(), index: None };
+                    let mut from = dir.clone().into_os_string();
+                    from.push("/.");
+                    if let Err(mut f) = copy_in(client, std::path::Path::new(&from), sel, ".").await {
+                        f.message = format!("--workdir {}: {} (session {session} is open: `berth session close {session}` ends it)", dir.display(), f.message);
+                        return Err(f);
+                    }
+                }
                 if a.json {
                     out!("{}", json!({ "id": session.to_string(), "worker": worker }))?;
                 } else {
@@ -311,7 +341,20 @@ fn ended(end: &ExecEnd) -> u8 {
 pub async fn command(client: &mut Client, cmd: SessionCmd, style: Style) -> Result<u8, Fail> {
     match cmd {
         SessionCmd::Open(a) => open(client, &a).await,
-        SessionCmd::Close { session } => {
+        SessionCmd::Freeze { session, tag } => {
+            let image = client.ask(&Request::Freeze { job: session, tag }, answer!(Response::Frozen { image, .. } => image)).await?;
+            out!("{}", show::clean(&image))?;
+            note!("froze the session into {image} (its filesystem and workspace; not the memory of its processes); it has ended");
+            Ok(0)
+        }
+        SessionCmd::Close { session, sync_out } => {
+            if let Some(dir) = &sync_out {
+                let s = copy_out(client, session.clone(), ".", dir).await.map_err(|mut f| {
+                    f.message = format!("--sync-out {}: {} (the session was left open)", dir.display(), f.message);
+                    f
+                })?;
+                note!("downloaded the workspace into {}: {} files, {} bytes", dir.display(), s.files, s.bytes);
+            }
             let (id, already) =
                 client.ask(&Request::CloseSession { session }, answer!(Response::SessionClosed { session, already } => (session, already))).await?;
             note!("{}", if already { format!("session {id} had already ended") } else { format!("closed session {id}") });
@@ -466,4 +509,129 @@ pub fn list_text(style: Style, rows: &[SessionSummary]) -> String {
         })
         .collect();
     show::table(style, &["SESSION", "STATE", "WORKER", "EXECS", "OPENED", "NAME"], &rows)
+}
+
+/// One side of `berth cp`: a local path, or `SID:PATH` in a session's workspace (a
+/// side whose part before the first `:` has no `/`, as `docker cp` reads it; write a
+/// local path with a `:` as `./a:b`).
+#[derive(Clone, Debug)]
+pub enum CpSide {
+    Local(std::path::PathBuf),
+    Session(JobSelector, String),
+}
+
+pub fn cp_side(s: &str) -> Result<CpSide, String> {
+    match s.split_once(':') {
+        Some((sid, path)) if !sid.is_empty() && !sid.contains('/') => {
+            let sel = job_selector(sid)?;
+            let path = if path.is_empty() { ".".to_string() } else { path.to_string() };
+            berth_shared::session::check_relative("the session path", &path)?;
+            Ok(CpSide::Session(sel, path))
+        }
+        _ if s.is_empty() => Err("an empty path".into()),
+        _ => Ok(CpSide::Local(s.into())),
+    }
+}
+
+/// The name a copy's entries are under: the path's last component (`.` for a
+/// directory's contents: `DIR/.`, or the workspace itself).
+fn last_name(path: &str) -> String {
+    match path.trim_end_matches('/').rsplit('/').next() {
+        None | Some("") | Some(".") => ".".into(),
+        Some(n) => n.to_string(),
+    }
+}
+
+/// `berth cp`: copies a file or directory (modes and symlinks kept) into or out of a
+/// session's workspace.
+pub async fn cp(client: &mut Client, src: CpSide, dst: CpSide) -> Result<u8, Fail> {
+    match (src, dst) {
+        (CpSide::Local(from), CpSide::Session(session, dest)) => {
+            let s = copy_in(client, &from, session, &dest).await?;
+            note!("copied {} files, {} directories, {} links ({} bytes)", s.0, s.1, s.2, s.3);
+            Ok(0)
+        }
+        (CpSide::Session(session, path), CpSide::Local(to)) => {
+            let s = copy_out(client, session, &path, &to).await?;
+            note!("copied {} files, {} directories, {} links ({} bytes)", s.files, s.dirs, s.symlinks, s.bytes);
+            Ok(0)
+        }
+        (CpSide::Local(_), CpSide::Local(_)) => Err(Fail::usage("one side of `berth cp` is a session's: SID:PATH")),
+        (CpSide::Session(..), CpSide::Session(..)) => Err(Fail::usage("copy between two sessions through a local directory: one side of `berth cp` is local")),
+    }
+}
+
+/// Sends `from` (a file or directory) into a session: saved as `dest`, or in it when
+/// `dest` is a directory there. Returns files, directories, links, bytes.
+pub async fn copy_in(client: &Client, from: &std::path::Path, session: JobSelector, dest: &str) -> Result<(u64, u64, u64, u64), Fail> {
+    let meta = std::fs::symlink_metadata(from).map_err(|e| Fail::usage(format!("{}: {e}", from.display())))?;
+    let name = if meta.is_dir() && from.to_string_lossy().trim_end_matches('/').ends_with("/.") {
+        ".".to_string()
+    } else {
+        match from.file_name() {
+            Some(n) => n.to_string_lossy().into_owned(),
+            None => ".".to_string(),
+        }
+    };
+    let req = Request::CopyIn { session, dest: dest.to_string(), name: name.clone() };
+    let (mut r, send) = client.open_with_input(&req).await?;
+    let Some(send) = send else { return Err(Fail::new(EXIT_FAILURE, "no stream to send the copy on")) };
+    match r.next().await? {
+        Some(Response::CopyReady) => {}
+        Some(other) => return Err(unexpected(other)),
+        None => return Err(Fail::lost("the coordinator ended the copy before it began")),
+    }
+    let from = from.to_path_buf();
+    let packing = tokio::task::spawn_blocking(move || {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, tokio_util::io::SyncIoBridge::new(send));
+        let r = berth_shared::archive::pack(&from, &name, &mut out).map_err(|e| e.to_string());
+        let r = r.and_then(|s| std::io::Write::flush(&mut out).map(|()| s).map_err(|e| format!("cannot send the copy: {e}")));
+        if let Ok(bridge) = out.into_inner() {
+            let mut send = bridge.into_inner();
+            let _ = send.finish();
+        }
+        r
+    });
+    let packed = packing.await.map_err(|e| Fail::new(EXIT_FAILURE, format!("the copy stopped: {e}")))?;
+    packed.map_err(|e| Fail::usage(format!("cannot copy: {e}")))?;
+    match r.next().await? {
+        Some(Response::Copied { files, dirs, symlinks, bytes }) => Ok((files, dirs, symlinks, bytes)),
+        Some(other) => Err(unexpected(other)),
+        None => Err(Fail::lost("the coordinator ended the copy before it was unpacked")),
+    }
+}
+
+/// Fetches `path` of a session into `to`: saved as `to`, or in it when `to` is a
+/// directory (`.`, the workspace, fills `to` with its contents).
+pub async fn copy_out(client: &Client, session: JobSelector, path: &str, to: &std::path::Path) -> Result<berth_shared::archive::UnpackStats, Fail> {
+    let name = last_name(path);
+    let mut r = client.open(&Request::CopyOut { session, path: path.to_string() }).await?;
+    match r.next().await? {
+        Some(Response::CopyReady) => {}
+        Some(other) => return Err(unexpected(other)),
+        None => return Err(Fail::lost("the coordinator ended the copy before it began")),
+    }
+    let recv = r.into_raw();
+    let to = to.to_path_buf();
+    let unpacking = tokio::task::spawn_blocking(move || -> Result<berth_shared::archive::UnpackStats, String> {
+        let input = std::io::BufReader::with_capacity(1 << 20, tokio_util::io::SyncIoBridge::new(recv));
+        if to.is_dir() {
+            return berth_shared::archive::unpack(&to, input, None).map_err(|e| e.to_string());
+        }
+        // Saved under a new name: unpacked beside it first, then moved into place.
+        let parent = match to.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let scratch = parent.join(format!(".berth-copy-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&scratch).map_err(|e| format!("cannot write into {}: {e}", parent.display()))?;
+        let r = berth_shared::archive::unpack(&scratch, input, None).map_err(|e| e.to_string()).and_then(|s| {
+            let from = if name == "." { scratch.clone() } else { scratch.join(&name) };
+            std::fs::rename(&from, &to).map_err(|e| format!("cannot save the copy as {}: {e}", to.display()))?;
+            Ok(s)
+        });
+        let _ = std::fs::remove_dir_all(&scratch);
+        r
+    });
+    unpacking.await.map_err(|e| Fail::new(EXIT_FAILURE, format!("the copy stopped: {e}")))?.map_err(|e| Fail::lost(format!("the copy failed: {e}")))
 }

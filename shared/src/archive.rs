@@ -197,7 +197,7 @@ pub fn resolve_in(root: &Path, rel: &str) -> Result<PathBuf, ArchiveError> {
 }
 
 /// Checks the name entries are packed under: relative, with at least one plain
-/// component and no `..`.
+/// component and no `..`; or `.`: a directory's contents, under `./`.
 fn check_name(name: &str) -> Result<PathBuf, ArchiveError> {
     let refuse = |reason: &str| ArchiveError::Name { name: name.to_string(), reason: reason.to_string() };
     if name.contains('\0') {
@@ -215,6 +215,9 @@ fn check_name(name: &str) -> Result<PathBuf, ArchiveError> {
         }
     }
     if out.as_os_str().is_empty() {
+        if name.split('/').any(|p| p == ".") {
+            return Ok(PathBuf::from("."));
+        }
         return Err(refuse("it is empty"));
     }
     Ok(out)
@@ -261,6 +264,9 @@ impl<R: Read> Read for Exact<R> {
 /// name, so the same tree gives the same stream.
 pub fn pack(src: &Path, name: &str, out: impl Write) -> Result<PackStats, ArchiveError> {
     let top = check_name(name)?;
+    if top == Path::new(".") && !fs::symlink_metadata(src).map_err(io_err("look at", src))?.is_dir() {
+        return Err(ArchiveError::Name { name: name.to_string(), reason: "only a directory's contents are packed as `.`".into() });
+    }
     let mut b = Builder::new(out);
     b.mode(HeaderMode::Complete);
     b.follow_symlinks(false);
@@ -565,7 +571,14 @@ mod tests {
         assert_eq!(names.iter().map(|n| n.trim_end_matches('/')).collect::<Vec<_>>(), ["proj", "proj/a.txt"]);
         assert!(matches!(pack(&src, "../x", Vec::new()), Err(ArchiveError::Name { .. })));
         assert!(matches!(pack(&src, "/x", Vec::new()), Err(ArchiveError::Name { .. })));
-        assert!(matches!(pack(&src, ".", Vec::new()), Err(ArchiveError::Name { .. })));
+        assert!(matches!(pack(&src, "", Vec::new()), Err(ArchiveError::Name { .. })));
+        // A directory's contents, under `./`.
+        let mut tar = Vec::new();
+        pack(&src, ".", &mut tar).unwrap();
+        let mut ar = tar::Archive::new(&tar[..]);
+        let names: Vec<String> = ar.entries().unwrap().map(|e| String::from_utf8(e.unwrap().path_bytes().into_owned()).unwrap()).collect();
+        assert_eq!(names.iter().map(|n| n.trim_end_matches('/')).collect::<Vec<_>>(), [".", "a.txt"]);
+        assert!(matches!(pack(&src.join("a.txt"), ".", Vec::new()), Err(ArchiveError::Name { .. })));
     }
 
     #[test]

@@ -205,6 +205,10 @@ fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
 pub const PEER_BI_STREAMS: u32 = 32;
 pub const PEER_UNI_STREAMS: u32 = 16;
 
+/// Copies into and out of sessions a worker serves at once (streams the coordinator
+/// opens to it).
+pub const COPY_STREAMS: u32 = 8;
+
 /// The output streams a registered worker with `slots` slots may have open at once:
 /// one per running attempt, and as many again for streams still being read to their
 /// end as the slot's next attempt starts, or sent again.
@@ -259,8 +263,9 @@ pub fn client_config(ca_pem: &str, identity: Option<&CertKey>) -> Result<quinn::
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(quic));
-    // The coordinator opens no streams towards its peers.
-    cc.transport_config(transport(Duration::from_secs(15), 0, 0));
+    // The coordinator opens bi streams towards a worker only, one per copy into or
+    // out of a session it holds (more wait for one to end).
+    cc.transport_config(transport(Duration::from_secs(15), COPY_STREAMS, 0));
     Ok(cc)
 }
 

@@ -206,6 +206,37 @@ pub enum Request {
     Sessions {
         limit: u32,
     },
+    /// Copy into a session's workspace: answered `CopyReady`, after which the client
+    /// sends a tar stream (raw bytes, to the end of its stream) whose entries are
+    /// under `name`, then `Copied`. An existing directory `dest` receives `name` in it;
+    /// otherwise `name` is saved as `dest`.
+    CopyIn {
+        session: JobSelector,
+        dest: String,
+        name: String,
+    },
+    /// Copy out of a session's workspace: `CopyReady`, then a tar stream of `path`
+    /// (raw bytes, to the end of the stream), entries under its last component.
+    CopyOut {
+        session: JobSelector,
+        path: String,
+    },
+}
+
+/// The first frame of a stream the coordinator opens to a worker for a session's copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyRequest {
+    In { lease: LeaseId, dest: String, name: String },
+    Out { lease: LeaseId, path: String },
+}
+
+/// A worker's answers on a copy stream: `Ready` (then, copying out, the tar's bytes),
+/// and, copying in, `Done` or `Failed` once the tar is unpacked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyReply {
+    Ready,
+    Done { files: u64, dirs: u64, symlinks: u64, bytes: u64 },
+    Failed(String),
 }
 
 /// What a client sends after an `Exec` that reads stdin.
@@ -463,6 +494,14 @@ pub enum Response {
     },
     Session(Box<SessionStatus>),
     Sessions(Vec<SessionSummary>),
+    /// The copy's other end is ready: the tar's bytes follow (raw, to the end of the stream).
+    CopyReady,
+    Copied {
+        files: u64,
+        dirs: u64,
+        symlinks: u64,
+        bytes: u64,
+    },
 }
 
 // ---------------------------------------------------------------- worker protocol

@@ -4,6 +4,7 @@
 //! attempts alive.
 
 pub mod contain;
+pub mod copy;
 pub mod executor;
 pub mod host;
 pub mod identity;

@@ -299,6 +299,22 @@ impl Handler<Tell> for WorkerRegistry {
     }
 }
 
+/// The connection of a worker registered here, to open a stream on (a session's copy).
+#[derive(Message)]
+#[rtype(result = "Option<quinn::Connection>")]
+pub struct ConnectionOf {
+    pub worker: String,
+}
+
+impl Handler<ConnectionOf> for WorkerRegistry {
+    type Result = Option<quinn::Connection>;
+    fn handle(&mut self, m: ConnectionOf, _: &mut Self::Context) -> Self::Result {
+        let live = self.workers.get(&m.worker).is_some_and(|e| e.tx.is_some());
+        let h = self.holders.get(&m.worker)?;
+        (live && self.workers.get(&m.worker).is_some_and(|e| e.conn_id == h.conn_id)).then(|| h.conn.clone())
+    }
+}
+
 /// Record a drain flag change (the store holds the durable one).
 #[derive(Message)]
 #[rtype(result = "()")]

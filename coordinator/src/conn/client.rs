@@ -202,6 +202,8 @@ async fn answer(
             let session = visible(shared, &session, &scope).await?;
             return super::session::exec_output(shared, send, session, exec, follow).await;
         }
+        Request::CopyIn { session, dest, name } => return super::session::copy_in(shared, send, recv.take(), &scope, session, dest, name).await,
+        Request::CopyOut { session, path } => return super::session::copy_out(shared, send, &scope, session, path).await,
         Request::CloseSession { session } => super::session::close(shared, who, role, visible(shared, &session, &scope).await?).await?,
         Request::SessionStatus { session } => {
             let mut st = query(&a.reader, move |r| r.session(&session, &scope)).await.map_err(api)?;

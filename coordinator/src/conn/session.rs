@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_shared::codec::read_frame;
+use berth_shared::codec::{read_frame, write_frame};
 use berth_shared::ids::{JobId, JobSelector};
 use berth_shared::job::{JobSpec, JobState};
 use berth_shared::session::ExecSpec;
-use berth_shared::wire::{ApiError, CoordMsg, ErrorKind, KillReason, OutStream, Response, Role, StdinFrame};
+use berth_shared::wire::{ApiError, CoordMsg, CopyReply, CopyRequest, ErrorKind, KillReason, OutStream, Response, Role, StdinFrame};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use super::client::{send_frame, submit};
@@ -270,4 +270,79 @@ pub async fn close(shared: &Shared, who: &str, role: Role, session: JobSelector)
         }
     }
     Ok(Response::SessionClosed { session: id, already: false })
+}
+
+/// Checks a copy's path (inside the workspace) and, copying in, the name its entries
+/// are under (one component).
+fn check_copy(path: &str, name: Option<&str>) -> Result<(), ApiError> {
+    let invalid = |m: String| ApiError::new(ErrorKind::Invalid, m);
+    berth_shared::session::check_relative("the session path", path).map_err(invalid)?;
+    if let Some(n) = name {
+        if n.is_empty() || n == ".." || n.contains('/') || n.contains('\0') {
+            return Err(invalid(format!("`{}` is not a file name to copy as", berth_shared::text::escape(n))));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the copy stream to the session's worker and waits for it to be ready.
+async fn copy_stream(
+    shared: &Shared,
+    scope: &Scope,
+    session: JobSelector,
+    req: impl FnOnce(berth_shared::ids::LeaseId) -> CopyRequest,
+) -> Result<(quinn::SendStream, quinn::RecvStream), ApiError> {
+    let a = &shared.actors;
+    let scope = scope.clone();
+    let (id, worker, lease) = query(&a.reader, move |r| r.session_lease(&session, &scope)).await.map_err(api)?;
+    let unreachable =
+        || ApiError::new(ErrorKind::Refused, format!("session {id}'s worker {worker} is not connected to this coordinator now: try again once it reconnects"));
+    let conn = a.registry.send(registry::ConnectionOf { worker: worker.clone() }).await.map_err(mailbox)?.ok_or_else(unreachable)?;
+    let (mut wsend, mut wrecv) = conn.open_bi().await.map_err(|_| unreachable())?;
+    write_frame(&mut wsend, &req(lease)).await.map_err(|_| unreachable())?;
+    match read_frame::<_, CopyReply>(&mut wrecv).await {
+        Ok(Some(CopyReply::Ready)) => Ok((wsend, wrecv)),
+        Ok(Some(CopyReply::Failed(why))) => Err(ApiError::new(ErrorKind::Refused, why)),
+        _ => Err(unreachable()),
+    }
+}
+
+/// Copies a tar stream from the client into a session's workspace, through its worker.
+pub async fn copy_in(
+    shared: &Shared,
+    send: &mut quinn::SendStream,
+    recv: Option<quinn::RecvStream>,
+    scope: &Scope,
+    session: JobSelector,
+    dest: String,
+    name: String,
+) -> Result<(), ApiError> {
+    check_copy(&dest, Some(&name))?;
+    let mut recv = recv.ok_or_else(|| ApiError::new(ErrorKind::Internal, "the copy's stream is gone"))?;
+    let (mut wsend, mut wrecv) = copy_stream(shared, scope, session, |lease| CopyRequest::In { lease, dest, name }).await?;
+    send_frame(send, &Response::CopyReady).await?;
+    let lost = |e: std::io::Error| ApiError::new(ErrorKind::Internal, format!("the copy was cut off: {e}"));
+    if let Err(e) = tokio::io::copy(&mut recv, &mut wsend).await {
+        let _ = wsend.reset(1u32.into());
+        return Err(lost(e));
+    }
+    let _ = wsend.finish();
+    match read_frame::<_, CopyReply>(&mut wrecv).await {
+        Ok(Some(CopyReply::Done { files, dirs, symlinks, bytes })) => send_frame(send, &Response::Copied { files, dirs, symlinks, bytes }).await,
+        Ok(Some(CopyReply::Failed(why))) => Err(ApiError::new(ErrorKind::Refused, why)),
+        _ => Err(ApiError::new(ErrorKind::Internal, "the session's worker went away during the copy")),
+    }
+}
+
+/// Copies a tar stream of a path of a session's workspace to the client.
+pub async fn copy_out(shared: &Shared, send: &mut quinn::SendStream, scope: &Scope, session: JobSelector, path: String) -> Result<(), ApiError> {
+    check_copy(&path, None)?;
+    let (_wsend, mut wrecv) = copy_stream(shared, scope, session, |lease| CopyRequest::Out { lease, path }).await?;
+    send_frame(send, &Response::CopyReady).await?;
+    if let Err(e) = tokio::io::copy(&mut wrecv, send).await {
+        // Cut off: the client must not take what it got for the whole.
+        let _ = send.reset(1u32.into());
+        return Err(ApiError::new(ErrorKind::Internal, format!("the copy was cut off: {e}")));
+    }
+    Ok(())
 }

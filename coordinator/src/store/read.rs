@@ -156,6 +156,25 @@ impl<D: Db> ReadView<D> {
 }
 
 impl<D: Db> Reader for ReadView<D> {
+    fn session_lease(&mut self, sel: &JobSelector, scope: &Scope) -> Result<(JobId, String, berth_shared::ids::LeaseId), StoreError> {
+        let (job_seq, id) = self.resolve(sel, scope)?;
+        if self.spec(job_seq)?.session.is_none() {
+            return Err(invalid(format!("job {id} is not a session: `berth session open` makes one")));
+        }
+        let row = self.db.query_opt("SELECT state, worker, lease FROM tasks WHERE job_seq = ?1 AND idx = 0", p![job_seq])?;
+        let (state, worker, lease) = match row {
+            Some(r) => (state_of(&r.str(0)?), r.opt_str(1)?, r.opt_str(2)?),
+            None => (JobState::Queued, None, None),
+        };
+        match (state, worker, lease.and_then(|l| l.parse::<uuid::Uuid>().ok())) {
+            (JobState::Running, Some(w), Some(l)) => Ok((id, w, berth_shared::ids::LeaseId(l))),
+            (s, _, _) => {
+                let what = if s.is_terminal() { format!("has ended ({s})") } else { "is still opening".to_string() };
+                Err(StoreError::Api(ApiError::new(ErrorKind::Refused, format!("session {id} {what}: nothing to copy to or from"))))
+            }
+        }
+    }
+
     fn execs(&mut self, job_seq: i64) -> Result<Vec<ExecInfo>, StoreError> {
         let session_over = self.summary(job_seq)?.state.is_terminal();
         let rows =

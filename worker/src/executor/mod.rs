@@ -78,6 +78,11 @@ pub trait Executor: Send + Sync {
         job.spool.close();
         let _ = reports.send(Report::Ended(job.assignment.lease, Ended { outcome: not_started(Some(125), error), frozen: None }));
     }
+    /// Who owns what is copied into a slot's workspace (the slot's user), when not the
+    /// worker.
+    fn workspace_owner(&self, _slot: usize) -> Option<(u32, u32)> {
+        None
+    }
     /// Runs one exec in a session this executor opened (`Report::ExecEnded` once).
     fn exec(&self, e: ExecJob, reports: Reports) {
         e.spool.close();

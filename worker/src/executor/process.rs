@@ -72,6 +72,10 @@ impl Executor for ProcessExecutor {
         Some(self.contain.summary())
     }
 
+    fn workspace_owner(&self, slot: usize) -> Option<(u32, u32)> {
+        self.contain.slot(slot).identity.map(|i| (i.uid, i.gid))
+    }
+
     fn open_session(&self, job: Job<'_>, reports: Reports) {
         let lease = job.assignment.lease;
         let slot = self.contain.slot(job.slot);

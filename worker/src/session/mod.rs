@@ -104,6 +104,8 @@ struct Driver {
     reports: Reports,
     /// This process, for the coordinator (`Register::instance`).
     instance: uuid::Uuid,
+    /// The sessions open here, for copies into and out of their workspaces.
+    sessions: crate::copy::Sessions,
 }
 
 /// Runs the worker until `shutdown` resolves.
@@ -153,7 +155,7 @@ async fn run_on(mut cfg: WorkerConfig, host: Option<HostInfo>, shutdown: impl Fu
     };
     let instance = uuid::Uuid::new_v4();
     tracing::info!(%instance, "this worker process");
-    let mut driver = Driver { cfg, host, executors, clean: HashSet::new(), reports, instance };
+    let mut driver = Driver { cfg, host, executors, clean: HashSet::new(), reports, instance, sessions: Default::default() };
     tokio::pin!(shutdown);
     loop {
         let dialed = tokio::select! {
@@ -341,6 +343,7 @@ impl Driver {
                     }
                 }
                 Action::CleanSlot(slot) => {
+                    self.sessions.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, d| d.slot != slot);
                     if prepare_workspace(&self.workspace(slot)).is_ok() {
                         self.clean.insert(slot);
                     }
@@ -411,6 +414,8 @@ impl Driver {
         let controls = Controls { kill: at.kill.subscribe(), freeze: at.freeze.subscribe() };
         let job = Job { assignment: &at.a, gpus: &at.gpus, slot, launch, spool: at.spool.clone(), controls, span };
         if at.a.spec.session.is_some() {
+            let dir = crate::copy::SessionDir { slot, workspace: self.workspace(slot), owner: exec.workspace_owner(slot) };
+            self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(lease, dir);
             exec.open_session(job, self.reports.clone());
         } else {
             exec.spawn(job, self.reports.clone());
@@ -509,6 +514,7 @@ impl Driver {
                 }
             }
         });
+        let copies = tokio::spawn(crate::copy::accept(conn.clone(), self.sessions.clone()));
         let mut link = Some(Link { conn: conn.clone(), send, senders: HashMap::new(), out: Vec::new() });
         self.apply(state, &mut link);
         let spool_dir = self.cfg.work_dir.join("spool");
@@ -564,6 +570,7 @@ impl Driver {
             }
         };
         reader.abort();
+        copies.abort();
         drop(link);
         match &ended {
             Closed::Shutdown => conn.close(0u32.into(), b"worker shutting down"),
