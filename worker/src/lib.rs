@@ -3,6 +3,7 @@
 //! on-disk spool, heartbeats its leases, and reconnects with backoff keeping its
 //! attempts alive.
 
+pub mod agent;
 pub mod contain;
 pub mod copy;
 pub mod executor;

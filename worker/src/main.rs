@@ -95,6 +95,14 @@ enum Sub {
         #[arg(long)]
         name: Option<String>,
     },
+    /// The agent of a Docker session: PID 1 of its container, running each exec asked
+    /// for on the socket (the worker starts it; not for people).
+    #[command(hide = true)]
+    Agent {
+        /// The unix socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+    },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -121,8 +129,10 @@ fn main() -> ExitCode {
 use berth_shared::logs::chain;
 
 fn real_main(cli: Cli) -> Result<(), (u8, String)> {
-    if let Some(Sub::Sweep { work_dir, name }) = cli.command {
-        return sweep(&work_dir, name);
+    match cli.command {
+        Some(Sub::Sweep { work_dir, name }) => return sweep(&work_dir, name),
+        Some(Sub::Agent { socket }) => return berth_worker::agent::main(&socket).map_err(|e| (1, e)),
+        None => {}
     }
     for e in &cli.executors {
         if !berth_worker::executor::names().any(|n| n == e) {
