@@ -351,6 +351,7 @@ pub fn workers_text(style: Style, ws: &[WorkerInfo]) -> String {
                 clean(&w.name).into_owned(),
                 state,
                 format!("{}/{}", w.running, w.slots),
+                slot_states(&w.slot_states),
                 clean(&w.pool).into_owned(),
                 format!("{} cpu, {} MiB, {} gpu", w.host.cpus, w.host.mem_mib, w.host.gpus.len()),
                 containment(style, &w.host.containment),
@@ -358,7 +359,23 @@ pub fn workers_text(style: Style, ws: &[WorkerInfo]) -> String {
             ]
         })
         .collect();
-    table(style, &["NAME", "STATE", "LEASES/SLOTS", "POOL", "HOST", "PROCESS JOBS", "LAST HEARTBEAT"], &rows)
+    table(style, &["NAME", "STATE", "LEASES/SLOTS", "SLOT STATES", "POOL", "HOST", "PROCESS JOBS", "LAST HEARTBEAT"], &rows)
+}
+
+/// How many slots are in each state, busiest first (`2 executing, 1 acquired, 1 available`).
+fn slot_states(states: &[String]) -> String {
+    if states.is_empty() {
+        return "-".into();
+    }
+    let order = ["error", "executing", "acquired", "releasing", "available"];
+    let mut parts = Vec::new();
+    for o in order {
+        let n = states.iter().filter(|s| s.split([' ', ':']).next() == Some(o)).count();
+        if n > 0 {
+            parts.push(format!("{n} {o}"));
+        }
+    }
+    clean(&parts.join(", ")).into_owned()
 }
 
 /// How a worker contains its process jobs, in a word or two (`--json` has the whole).
@@ -395,6 +412,7 @@ pub fn workers_json(ws: &[WorkerInfo]) -> Value {
                     "host": w.host,
                     "leases": w.leases.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
                     "last_heartbeat": w.last_heartbeat.map(|t| t.to_rfc3339()),
+                    "slot_states": w.slot_states,
                 })
             })
             .collect(),

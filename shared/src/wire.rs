@@ -410,6 +410,9 @@ pub struct WorkerInfo {
     pub host: HostInfo,
     pub leases: Vec<LeaseId>,
     pub last_heartbeat: Option<DateTime<Utc>>,
+    /// Each slot's state as the worker last said (`available`, `acquired`,
+    /// `executing`, `releasing`, `error (why)`).
+    pub slot_states: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -594,6 +597,8 @@ pub enum WorkerMsg {
     WantFit { n: u32, free: FreeResources },
     /// An exec of a session ended (sent once its output is all acknowledged).
     ExecFinished { lease: LeaseId, exec: u32, outcome: Outcome },
+    /// Each slot's state (sent when a session's slot changes, and with heartbeats).
+    Slots { states: Vec<String> },
 }
 
 /// One task handed to a worker.

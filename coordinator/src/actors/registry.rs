@@ -33,6 +33,7 @@ struct Entry {
     leases: HashSet<LeaseId>,
     last_heartbeat: Option<DateTime<Utc>>,
     drained: bool,
+    slot_states: Vec<String>,
 }
 
 /// The connection that holds a worker's name, from its admission until it ends.
@@ -117,6 +118,7 @@ impl Handler<Connect> for WorkerRegistry {
                 leases: m.leases.into_iter().collect(),
                 last_heartbeat: Some(Utc::now()),
                 drained: m.drained,
+                slot_states: Vec::new(),
             },
         );
     }
@@ -299,6 +301,24 @@ impl Handler<Tell> for WorkerRegistry {
     }
 }
 
+/// A worker said what state each of its slots is in.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SlotStates {
+    pub name: String,
+    pub states: Vec<String>,
+}
+
+impl Handler<SlotStates> for WorkerRegistry {
+    type Result = ();
+    fn handle(&mut self, m: SlotStates, _: &mut Self::Context) {
+        if let Some(e) = self.workers.get_mut(&m.name) {
+            // Bounded by what it registered with.
+            e.slot_states = m.states.into_iter().take(e.slots as usize).map(|s| s.chars().take(200).collect()).collect();
+        }
+    }
+}
+
 /// The connection of a worker registered here, to open a stream on (a session's copy).
 #[derive(Message)]
 #[rtype(result = "Option<quinn::Connection>")]
@@ -417,6 +437,7 @@ impl Handler<List> for WorkerRegistry {
                 host: e.host.clone(),
                 leases: e.leases.iter().copied().collect(),
                 last_heartbeat: e.last_heartbeat,
+                slot_states: if e.tx.is_some() { e.slot_states.clone() } else { Vec::new() },
             })
             .collect();
         for (name, drained) in m.enrolled {
@@ -432,6 +453,7 @@ impl Handler<List> for WorkerRegistry {
                     host: HostInfo::default(),
                     leases: Vec::new(),
                     last_heartbeat: None,
+                    slot_states: Vec::new(),
                 });
             }
         }

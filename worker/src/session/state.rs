@@ -192,6 +192,8 @@ pub struct State {
     backoff: Duration,
     /// The worker stops: nothing more starts.
     stopping: bool,
+    /// A session's slot changed state since the coordinator was last told.
+    slots_changed: bool,
     actions: VecDeque<Action>,
 }
 
@@ -208,13 +210,36 @@ impl State {
             started: VecDeque::new(),
             backoff: FIRST_BACKOFF,
             stopping: false,
+            slots_changed: false,
             actions: VecDeque::new(),
         }
     }
 
     /// The next thing for the driver to do.
     pub fn poll_action(&mut self) -> Option<Action> {
+        if self.actions.is_empty() && self.slots_changed {
+            self.slots_changed = false;
+            if self.link.is_some() {
+                return Some(Action::Send(WorkerMsg::Slots { states: self.slot_states() }));
+            }
+        }
         self.actions.pop_front()
+    }
+
+    /// Each slot's state, as the coordinator is told.
+    pub fn slot_states(&self) -> Vec<String> {
+        self.slots.states().iter().map(ToString::to_string).collect()
+    }
+
+    /// Moves a slot, logging a move its table refuses (a bug: the state is kept).
+    fn slot_to(&mut self, slot: usize, next: crate::slot::SlotState, session: bool) {
+        if self.slots.state(slot) == &next {
+            return;
+        }
+        if let Err(e) = self.slots.set(slot, next) {
+            tracing::error!(error = %e, "a slot move the slot table refuses (a bug in berth)");
+        }
+        self.slots_changed |= session;
     }
 
     pub fn attempt(&self, lease: LeaseId) -> Option<&Attempt> {
@@ -339,6 +364,7 @@ impl State {
         l.beat_at = now + l.beat_every;
         let leases = self.held();
         self.actions.push_back(Action::Send(WorkerMsg::Heartbeat { leases }));
+        self.actions.push_back(Action::Send(WorkerMsg::Slots { states: self.slot_states() }));
         Ok(())
     }
 
@@ -468,8 +494,16 @@ impl State {
                         run.done = Some(outcome);
                         run.stdin = None;
                     }
-                    if ses.execs.values().all(|r| r.done.is_some()) {
+                    let idle = ses.execs.values().all(|r| r.done.is_some());
+                    if idle {
                         ses.idle_since = Some(now);
+                    }
+                    let slot =
+                        self.attempts.get(&lease).and_then(|a| if idle && a.session.as_ref().is_some_and(|s| s.expired.is_none()) { a.slot } else { None });
+                    if let Some(slot) = slot {
+                        if self.slots.state(slot) == &crate::slot::SlotState::Executing {
+                            self.slot_to(slot, crate::slot::SlotState::Acquired, true);
+                        }
                     }
                 }
                 self.maybe_finish_exec(lease, exec);
@@ -511,6 +545,7 @@ impl State {
             // Emptied now (what a job leaves is not kept), the directory kept.
             self.actions.push_back(Action::CleanSlot(slot));
             self.slots.release(slot);
+            self.slots_changed |= at.session.is_some();
         }
         if at.stale {
             self.forget(lease);
@@ -584,7 +619,14 @@ impl State {
             };
             at.slot = Some(slot);
             at.phase = Phase::Running;
+            let session = at.session.is_some();
             self.actions.push_back(Action::Start { lease, slot });
+            if session {
+                // Held for the session, executing only while an exec runs.
+                self.slots_changed = true;
+            } else {
+                self.slot_to(slot, crate::slot::SlotState::Executing, false);
+            }
             if self.link.is_some() {
                 self.actions.push_back(Action::Stream(lease));
             }
@@ -650,7 +692,11 @@ impl State {
                         run.kill.send_replace(Some(reason));
                     }
                 }
+                let session_slot = if at.session.is_some() { at.slot } else { None };
                 self.actions.push_back(Action::Kill { lease, reason });
+                if let Some(slot) = session_slot {
+                    self.slot_to(slot, crate::slot::SlotState::Releasing, true);
+                }
             }
             Phase::Done(_) => {
                 if at.stale {
@@ -728,6 +774,9 @@ impl State {
         self.actions.push_back(Action::Exec { lease, exec });
         if self.link.is_some() {
             self.actions.push_back(Action::StreamExec { lease, exec, restart: false });
+        }
+        if let Some(slot) = self.attempts.get(&lease).and_then(|a| a.slot) {
+            self.slot_to(slot, crate::slot::SlotState::Executing, true);
         }
     }
 

@@ -330,6 +330,7 @@ fn act(
                 let m = job_store::ExecFinish { worker: name.to_string(), lease, exec, outcome };
                 ask(a, m, ev_tx, move |result| Input::ExecFinished { lease, exec, result });
             }
+            Action::SlotStates(states) => a.registry.do_send(registry::SlotStates { name: name.to_string(), states }),
             Action::ImageRemoved { image, error } => a.registry.do_send(registry::ImageRemoved { worker: name.to_string(), image, error }),
             Action::Leases { added, removed, heartbeat } => a.registry.do_send(registry::Leases { name: name.to_string(), added, removed, heartbeat }),
             Action::Send(m) => queue(pending, &m),

@@ -307,7 +307,7 @@ async fn three_unanswered_heartbeats_lose_the_link_and_any_frame_answers() {
     for i in 0..3 {
         assert_eq!(f.s.next_timeout(), Some(Instant::now()), "beat {i}");
         f.s.timeout(Instant::now()).expect("beat");
-        assert!(matches!(sent(&f.actions()).as_slice(), [WorkerMsg::Heartbeat { .. }]));
+        assert!(matches!(sent(&f.actions()).as_slice(), [WorkerMsg::Heartbeat { .. }, WorkerMsg::Slots { .. }]));
         advance(every).await;
     }
     // An answer resets the count.
@@ -399,4 +399,75 @@ fn output_the_coordinator_could_not_store_is_sent_again_when_asked_and_the_resul
     assert_eq!(spool.first_unacked(), 1, "the stream starts at the first chunk not acknowledged");
     let a = f.frame(CoordMsg::OutputAck { lease: run.lease, stream: OutStream::Stdout, seq: 2 });
     assert_eq!(finished(&a), [run.lease], "everything acknowledged: the result goes");
+}
+
+/// A session: its slot is held (acquired) once it starts, executing while an exec
+/// runs, and its end waits for every exec's end to be acknowledged.
+#[tokio::test(start_paused = true)]
+async fn a_session_holds_its_slot_and_ends_after_its_execs() {
+    let mut f = fixture(1, 0);
+    f.connect();
+    let mut t = task(0);
+    t.spec.session = Some(berth_shared::session::SessionSpec { idle_ttl_ms: 60_000, max_lifetime_ms: 3_600_000 });
+    let lease = t.lease;
+    f.assign(vec![t]);
+    f.actions();
+    assert_eq!(f.s.slot_states(), ["acquired"]);
+    f.s.report(Instant::now(), Report::Started(lease));
+    assert!(sent(&f.actions()).contains(&&WorkerMsg::Started { lease }), "ready is said at once");
+    let spec = berth_shared::session::ExecSpec { argv: vec!["true".into()], env: vec![], timeout_ms: None, cwd: None, stdin: false };
+    let a = f.frame(CoordMsg::Exec { lease, exec: 1, spec });
+    assert!(a.iter().any(|a| matches!(a, Action::Exec { exec: 1, .. })), "{a:?}");
+    assert_eq!(f.s.slot_states(), ["executing"]);
+    let done = Outcome { exit_code: Some(0), signal: None, timed_out: false, killed: false, runtime_ms: 1, error: None };
+    if let Some(s) = f.s.attempt(lease).and_then(|a| a.session.as_ref()) {
+        s.execs[&1].spool.close();
+    }
+    f.s.report(Instant::now(), Report::ExecEnded(lease, 1, done.clone()));
+    let a = f.actions();
+    assert!(sent(&a).iter().any(|m| matches!(m, WorkerMsg::ExecFinished { exec: 1, .. })), "{a:?}");
+    assert_eq!(f.s.slot_states(), ["acquired"]);
+    // Closed while its exec's end is not yet acknowledged: the session's result waits.
+    f.frame(CoordMsg::Kill { lease, reason: KillReason::Cancelled });
+    assert_eq!(f.s.slot_states(), ["releasing"]);
+    if let Some(a) = f.s.attempt(lease) {
+        a.spool.close();
+    }
+    f.s.report(Instant::now(), Report::Ended(lease, Ended { outcome: done.clone(), frozen: None }));
+    assert!(!sent(&f.actions()).iter().any(|m| matches!(m, WorkerMsg::Finished { .. })), "not before the exec's end is acknowledged");
+    assert_eq!(f.s.slot_states(), ["available"]);
+    let a = f.frame(CoordMsg::ExecFinishedAck { lease, exec: 1 });
+    assert!(sent(&a).iter().any(|m| matches!(m, WorkerMsg::Finished { .. })), "{a:?}");
+}
+
+/// An idle session closes by itself after its idle TTL, as `expired`.
+#[tokio::test(start_paused = true)]
+async fn an_idle_session_expires() {
+    let mut f = fixture(1, 0);
+    f.connect();
+    let mut t = task(0);
+    t.spec.session = Some(berth_shared::session::SessionSpec { idle_ttl_ms: 2_000, max_lifetime_ms: 3_600_000 });
+    let lease = t.lease;
+    f.assign(vec![t]);
+    f.s.report(Instant::now(), Report::Started(lease));
+    f.actions();
+    advance(Duration::from_millis(1_999)).await;
+    f.s.timeout(Instant::now()).expect("timeout");
+    assert!(!f.actions().iter().any(|a| matches!(a, Action::Kill { .. })));
+    advance(Duration::from_millis(1)).await;
+    assert!(f.s.next_timeout().is_some_and(|t| t <= Instant::now()));
+    f.s.timeout(Instant::now()).expect("timeout");
+    assert!(f.actions().iter().any(|a| matches!(a, Action::Kill { reason: KillReason::TimedOut, .. })));
+    if let Some(a) = f.s.attempt(lease) {
+        a.spool.close();
+    }
+    let killed = Outcome { exit_code: None, signal: None, timed_out: true, killed: false, runtime_ms: 2_000, error: None };
+    f.s.report(Instant::now(), Report::Ended(lease, Ended { outcome: killed, frozen: None }));
+    let a = f.actions();
+    let finished = sent(&a).into_iter().find_map(|m| match m {
+        WorkerMsg::Finished { outcome, .. } => Some(outcome.clone()),
+        _ => None,
+    });
+    let o = finished.expect("the session's end");
+    assert!(o.timed_out && o.error.as_deref().is_some_and(|e| e.starts_with("expired: ") && e.contains("idle TTL")), "{o:?}");
 }

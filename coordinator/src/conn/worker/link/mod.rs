@@ -81,6 +81,7 @@ pub enum Action {
         exec: u32,
         outcome: Outcome,
     },
+    SlotStates(Vec<String>),
     ImageRemoved {
         image: String,
         error: Option<String>,
@@ -194,6 +195,7 @@ impl Link {
             WorkerMsg::Finished { lease, outcome } => out.push(Action::Finish { lease, outcome }),
             WorkerMsg::Heartbeat { leases } => out.push(Action::Heartbeat { leases }),
             WorkerMsg::ExecFinished { lease, exec, outcome } => out.push(Action::ExecFinish { lease, exec, outcome }),
+            WorkerMsg::Slots { states } => out.push(Action::SlotStates(states)),
             WorkerMsg::Frozen { lease, image, outcome } => out.push(Action::Frozen { lease, image, outcome }),
             WorkerMsg::ImageRemoved { image, error } => out.push(Action::ImageRemoved { image, error }),
             WorkerMsg::Register { .. } => out.push(Action::Close("Register sent twice")),
