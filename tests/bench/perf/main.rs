@@ -28,6 +28,9 @@
 //!    resident memory with them connected (and per connection).
 //! 6. Docker: container jobs through berth against a `docker run --rm IMG true` loop at
 //!    the same parallelism, with the test image of the end-to-end harness.
+//! 7. Sessions (process): an exec's round trip on an open session against spawning
+//!    `true`; open to ready; 64 sessions x 50 execs against the executor's raw rate at
+//!    64; `berth cp` of 256 MiB in and out against a bare QUIC stream.
 //!
 //! ```text
 //! cargo build --release --workspace && cargo bench -p berth-e2e --bench perf [-- --quick] [-- --json FILE]
@@ -48,6 +51,7 @@ mod env;
 mod latency;
 mod output;
 mod scale;
+mod sessions;
 mod store;
 mod table;
 mod trivial;
@@ -103,7 +107,7 @@ fn parse_args() -> Result<Opts> {
             "--only" => {
                 let v = value("--only")?;
                 o.only =
-                    Some(v.split(',').map(|s| s.trim().parse::<u8>().with_context(|| format!("--only `{v}`: scenario numbers 1-6"))).collect::<Result<_>>()?);
+                    Some(v.split(',').map(|s| s.trim().parse::<u8>().with_context(|| format!("--only `{v}`: scenario numbers 1-7"))).collect::<Result<_>>()?);
             }
             "--sim-workers" => o.sim_workers = Some(value("--sim-workers")?.parse().context("--sim-workers N")?),
             "-h" | "--help" => {
@@ -239,7 +243,7 @@ fn real_main() -> Result<()> {
         env.scale.budget
     );
     type Scenario = fn(&Env) -> Result<Vec<Row>>;
-    let scenarios: [(u8, &str, &str, Scenario); 7] = [
+    let scenarios: [(u8, &str, &str, Scenario); 8] = [
         (1, "1", "e2e: trivial jobs", trivial::scenario_1),
         (2, "2", "submit-to-start latency", latency::scenario_2),
         (3, "3", "store alone", store::scenario_3),
@@ -247,6 +251,7 @@ fn real_main() -> Result<()> {
         (5, "5a", "scale: 1M array", scale::scenario_5_array),
         (5, "5d", "scale: simulated workers", scale::scenario_5_workers),
         (6, "6", "docker", docker::scenario_6),
+        (7, "7", "sessions", sessions::scenario_7),
     ];
     let mut rows = Vec::new();
     for (n, id, name, f) in scenarios {

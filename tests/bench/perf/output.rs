@@ -19,7 +19,7 @@ use crate::until;
 /// The harness's own QUIC transfer: `bytes` over one unidirectional stream on loopback,
 /// with berth's TLS and transport settings, written in berth's chunk size; the server
 /// reads and discards. Timed from the first write to the server's last byte.
-async fn quic_transfer(bytes: u64) -> Result<Duration> {
+pub(crate) async fn quic_transfer(bytes: u64) -> Result<Duration> {
     use berth_shared::tls::{client_config, server_config, Ca};
     let ca = Ca::generate("perf")?;
     let server = ca.issue_server(&["localhost".to_string()])?;
