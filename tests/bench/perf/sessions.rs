@@ -70,6 +70,9 @@ fn spawn_floor() -> Result<f64> {
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
+/// A round's p50 and p99.
+type P = (Option<f64>, Option<f64>);
+
 fn ms(a: Option<f64>, b: Option<f64>) -> String {
     format!("p50 {} / p99 {} ms", a.map_or("n/a".into(), num), b.map_or("n/a".into(), num))
 }
@@ -156,7 +159,7 @@ pub fn scenario_7(env: &Env) -> Result<Vec<Row>> {
     let cp = copy_rounds(env, &c, &raw, scratch.path(), end);
     drop(raw);
     let note = rounds.note;
-    let med = |v: &[(Option<f64>, Option<f64>)], pick: fn(&(Option<f64>, Option<f64>)) -> Option<f64>| median(&v.iter().filter_map(pick).collect::<Vec<_>>());
+    let med = |v: &[P], pick: fn(&P) -> Option<f64>| median(&v.iter().filter_map(pick).collect::<Vec<_>>());
     let (e50, e99) = (med(&exec_p, |x| x.0), med(&exec_p, |x| x.1));
     let (f50, f99) = (med(&floor_p, |x| x.0), med(&floor_p, |x| x.1));
     let (o50, o99) = (med(&open_p, |x| x.0), med(&open_p, |x| x.1));
