@@ -7,6 +7,7 @@ mod cli;
 mod contain;
 mod disk;
 mod docker;
+mod docker_sessions;
 mod drain;
 mod flood;
 mod gpus;

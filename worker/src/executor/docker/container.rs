@@ -94,24 +94,7 @@ async fn attempt(engine: &Engine, launch: &Launch, c: &ContainerSpec, spool: &Ar
         }
     }
     let env: Vec<String> = launch.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let host = HostConfig {
-        binds: Some(vec![format!("{}:{WORKSPACE_IN_CONTAINER}", launch.workspace.display())]),
-        network_mode: Some(c.network.clone()),
-        nano_cpus: c.nano_cpus,
-        memory: c.memory_bytes,
-        // The same as `memory`: no swap on top of the limit.
-        memory_swap: c.memory_bytes,
-        pids_limit: Some(c.pids_limit),
-        device_requests: (!c.gpus.is_empty()).then(|| {
-            vec![DeviceRequest {
-                driver: Some("nvidia".into()),
-                device_ids: Some(c.gpus.clone()),
-                capabilities: Some(vec![vec!["gpu".into()]]),
-                ..Default::default()
-            }]
-        }),
-        ..Default::default()
-    };
+    let host = host_config(c, vec![format!("{}:{WORKSPACE_IN_CONTAINER}", launch.workspace.display())]);
     let body = ContainerCreateBody {
         image: Some(c.image.clone()),
         cmd: Some(launch.argv.clone()),
@@ -210,7 +193,7 @@ async fn attempt(engine: &Engine, launch: &Launch, c: &ContainerSpec, spool: &Ar
                     from_image.cloned().unwrap_or_else(|| format!("{k}="))
                 })
                 .collect();
-            return match freeze_into(engine, c, launch, &tag, blank_env).await {
+            return match freeze_into(engine, c, launch, &tag, blank_env, None).await {
                 Ok(image) => {
                     tracing::info!(image = %image, "attempt frozen");
                     Ended { outcome, frozen: Some(image) }
@@ -225,6 +208,29 @@ async fn attempt(engine: &Engine, launch: &Launch, c: &ContainerSpec, spool: &Ar
     }
     outcome.runtime_ms = begin.elapsed().as_millis() as u64;
     Ended { outcome, frozen: None }
+}
+
+/// The engine's side of a container berth makes: its mounts, network, limits (no swap on
+/// top of the memory limit) and GPUs.
+pub(super) fn host_config(c: &ContainerSpec, binds: Vec<String>) -> HostConfig {
+    HostConfig {
+        binds: Some(binds),
+        network_mode: Some(c.network.clone()),
+        nano_cpus: c.nano_cpus,
+        memory: c.memory_bytes,
+        // The same as `memory`: no swap on top of the limit.
+        memory_swap: c.memory_bytes,
+        pids_limit: Some(c.pids_limit),
+        device_requests: (!c.gpus.is_empty()).then(|| {
+            vec![DeviceRequest {
+                driver: Some("nvidia".into()),
+                device_ids: Some(c.gpus.clone()),
+                capabilities: Some(vec![vec!["gpu".into()]]),
+                ..Default::default()
+            }]
+        }),
+        ..Default::default()
+    }
 }
 
 /// Copies the container's output frames to the spool (frames over the chunk limit in
@@ -251,7 +257,7 @@ async fn pump(mut output: std::pin::Pin<Box<dyn futures::Stream<Item = Result<Lo
 /// The container's exit code, once it has stopped. A broken wait (the engine
 /// restarted, the connection dropped) is followed by asking the engine whether the
 /// container still runs, and waiting again.
-async fn wait_exit(docker: &Docker, name: &str) -> Result<i64, String> {
+pub(super) async fn wait_exit(docker: &Docker, name: &str) -> Result<i64, String> {
     let mut failures = 0u32;
     loop {
         let mut waiting = docker.wait_container(name, None::<WaitContainerOptions>);
@@ -290,7 +296,7 @@ async fn oom_killed(docker: &Docker, name: &str) -> bool {
 }
 
 /// SIGTERM, then SIGKILL after `grace` (the engine does both).
-async fn stop(docker: &Docker, name: &str, grace: Duration) {
+pub(super) async fn stop(docker: &Docker, name: &str, grace: Duration) {
     let t = grace.as_secs().max(1).min(i32::MAX as u64) as i32;
     if let Err(e) = docker.stop_container(name, Some(StopContainerOptionsBuilder::new().t(t).build())).await {
         // 304: already stopped.

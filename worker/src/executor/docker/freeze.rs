@@ -30,15 +30,24 @@ async fn create_helper(docker: &Docker, name: &str, image: &str, labels: HashMap
     docker.create_container(Some(CreateContainerOptionsBuilder::new().name(name).build()), body).await.map(|_| ()).map_err(|e| message(&e))
 }
 
-/// Commits the stopped container, with a copy of its workspace, to `berth-frozen:TAG`.
-pub(super) async fn freeze_into(engine: &Engine, c: &ContainerSpec, launch: &Launch, tag: &str, env: Vec<String>) -> Result<String, String> {
+/// Commits the stopped container, with a copy of its workspace, to `berth-frozen:TAG`,
+/// with `launch.argv` as its command and, when given, `entrypoint` as its entrypoint
+/// (a session's container runs berth's agent, which must not stay in the image).
+pub(super) async fn freeze_into(
+    engine: &Engine,
+    c: &ContainerSpec,
+    launch: &Launch,
+    tag: &str,
+    env: Vec<String>,
+    entrypoint: Option<Vec<String>>,
+) -> Result<String, String> {
     let docker = engine.client();
     berth_shared::job::validate_tag(tag)?;
     let image = format!("{FROZEN_REPO}:{tag}");
     let workspace_dir = format!("/.berth/ws/{}", c.lease());
     // 1. The container as it is, untagged: the final image builds on it.
     let opts = CommitContainerOptionsBuilder::new().container(&c.name).pause(false).comment("berth freeze (intermediate)").build();
-    let config = ContainerConfig { env: Some(env.clone()), labels: Some(frozen_labels(c, false, "")), ..Default::default() };
+    let config = ContainerConfig { env: Some(env.clone()), entrypoint: entrypoint.clone(), labels: Some(frozen_labels(c, false, "")), ..Default::default() };
     let stage = docker.commit_container(opts, config).await.map_err(|e| format!("cannot commit the container: {}", message(&e)))?.id;
     let helper = format!("{}-freeze", c.name);
     let tar = launch.workspace.with_extension("freeze.tar");
@@ -58,8 +67,13 @@ pub(super) async fn freeze_into(engine: &Engine, c: &ContainerSpec, launch: &Lau
             .map_err(|e| format!("cannot copy the workspace into the image: {}", message(&e)))?;
         // 3. The whole, tagged, with the job's command as its own.
         let opts = CommitContainerOptionsBuilder::new().container(&helper).repo(FROZEN_REPO).tag(tag).pause(false).comment("berth freeze").build();
-        let config =
-            ContainerConfig { env: Some(env), cmd: Some(launch.argv.clone()), labels: Some(frozen_labels(c, true, &workspace_dir)), ..Default::default() };
+        let config = ContainerConfig {
+            env: Some(env),
+            cmd: Some(launch.argv.clone()),
+            entrypoint,
+            labels: Some(frozen_labels(c, true, &workspace_dir)),
+            ..Default::default()
+        };
         docker.commit_container(opts, config).await.map_err(|e| format!("cannot commit the frozen image: {}", message(&e)))?;
         Ok::<(), String>(())
     }

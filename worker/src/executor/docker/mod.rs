@@ -24,10 +24,12 @@
 //! Here: the engine connection and berth's label names. `spec`: the container spec of an
 //! attempt and the labels put on containers and images; `container`: one attempt's
 //! container from create to remove; `freeze`: commits to an image, and seeding a
-//! workspace from one.
+//! workspace from one; `session`: a session's container, held with berth's agent as its
+//! entrypoint, and its execs.
 
 mod container;
 mod freeze;
+mod session;
 mod spec;
 
 use std::collections::HashMap;
@@ -127,18 +129,22 @@ async fn open_engine(s: &Setup<'_>) -> Result<Opened, WorkerError> {
     let mut swept = crate::sweep::Swept::default();
     crate::sweep::containers(&engine, &cfg.name, &crate::sweep::Held::Nothing, crate::sweep::now_secs(), &mut swept).await;
     crate::sweep::images(&engine, &cfg.name, &mut swept).await;
+    // The directories of sessions an earlier run held (their containers went above).
+    let containers = cfg.work_dir.join("containers");
+    if let Ok(rd) = std::fs::read_dir(&containers) {
+        for e in rd.flatten().filter(|e| e.path().is_dir()) {
+            if std::fs::remove_dir_all(e.path()).is_ok() {
+                swept.removed.push(format!("session directory {}", e.path().display()));
+            }
+        }
+    }
     for line in &swept.removed {
         tracing::warn!(removed = %line, "swept what an earlier run of this worker left behind");
     }
     for line in &swept.failed {
         tracing::error!(error = %line, "sweep");
     }
-    Ok(Opened::Offered(Box::new(DockerExecutor {
-        engine,
-        worker: cfg.name.clone(),
-        pids_limit: cfg.contain.pids_limit,
-        containers: cfg.work_dir.join("containers"),
-    })))
+    Ok(Opened::Offered(Box::new(DockerExecutor { engine, worker: cfg.name.clone(), pids_limit: cfg.contain.pids_limit, containers })))
 }
 
 impl Executor for DockerExecutor {
@@ -174,6 +180,14 @@ impl Executor for DockerExecutor {
 
     fn freezes(&self) -> bool {
         true
+    }
+
+    fn open_session(&self, job: Job<'_>, reports: Reports) {
+        session::open(self, job, reports);
+    }
+
+    fn exec(&self, e: super::ExecJob, reports: Reports) {
+        session::exec(self, e, reports);
     }
 
     fn remove_image(&self, image: String, reports: Option<Reports>) -> bool {
