@@ -62,6 +62,26 @@ impl Client {
         Ok(d.conn)
     }
 
+    /// Dials again (the next coordinator in the profile if this one is down), for up to
+    /// `patience`: after a lost connection, to pick up where a stream left off.
+    pub async fn reconnect(&mut self, patience: Duration) -> Result<(), Fail> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match Self::dial(&self.endpoint, &self.profile).await {
+                Ok(conn) => {
+                    self.conn = conn;
+                    return Ok(());
+                }
+                Err(f) if f.lost && tokio::time::Instant::now() + backoff < deadline => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(f) => return Err(f),
+            }
+        }
+    }
+
     /// Sends a request that is safe to repeat (it carries an idempotency key): when the
     /// coordinator is lost or does not answer in time, reconnects — to the next
     /// coordinator in the profile if that one is down — and sends it again, for up to

@@ -301,15 +301,36 @@ pub async fn exec(client: &mut Client, a: &ExecArgs) -> Result<u8, Fail> {
         });
     }
     let mut exec = None;
+    // Chunks printed per stream: where to pick up after a lost connection.
+    let mut printed = (0u64, 0u64);
     loop {
-        match r.next().await? {
+        let next = match r.next().await {
+            Ok(n) => n,
+            Err(f) if f.lost && exec.is_some() && !a.detach => {
+                // The coordinator went away (a restart, a blip): the exec runs on, and
+                // its output is kept; follow it again from where this left off.
+                let n = exec.unwrap_or_default();
+                note!("lost the coordinator while following exec {n}; reconnecting");
+                client.reconnect(Duration::from_secs(120)).await?;
+                r = client.open(&Request::ExecOutput { session: a.session.clone(), exec: n, follow: true, after: printed }).await?;
+                continue;
+            }
+            Err(f) => return Err(f),
+        };
+        match next {
             Some(Response::ExecStarted { exec: n }) => {
                 exec = Some(n);
                 if a.detach {
                     out!("{n}")?;
                 }
             }
-            Some(Response::Output { stream, data }) => write_output(stream, &data)?,
+            Some(Response::Output { stream, data }) => {
+                match stream {
+                    OutStream::Stdout => printed.0 += 1,
+                    OutStream::Stderr => printed.1 += 1,
+                }
+                write_output(stream, &data)?
+            }
             Some(Response::ExecEnded(end)) => return Ok(ended(&end)),
             Some(Response::End) if a.detach => return Ok(0),
             Some(other) => return Err(unexpected(other)),
@@ -379,7 +400,7 @@ pub async fn command(client: &mut Client, cmd: SessionCmd, style: Style) -> Resu
                     }
                 }
             };
-            let mut r = client.open(&Request::ExecOutput { session, exec, follow }).await?;
+            let mut r = client.open(&Request::ExecOutput { session, exec, follow, after: (0, 0) }).await?;
             loop {
                 match r.next().await? {
                     Some(Response::Output { stream, data }) => write_output(stream, &data)?,

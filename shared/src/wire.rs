@@ -190,11 +190,14 @@ pub enum Request {
         exec: ExecSpec,
         detach: bool,
     },
-    /// A recorded exec's output; with `follow`, until it ends (then `ExecEnded`).
+    /// A recorded exec's output after the first `after` chunks of stdout and of
+    /// stderr (what a client printed before its connection was lost); with `follow`,
+    /// until it ends (then `ExecEnded`).
     ExecOutput {
         session: JobSelector,
         exec: u32,
         follow: bool,
+        after: (u64, u64),
     },
     /// Close a session (idempotent).
     CloseSession {

@@ -198,9 +198,9 @@ async fn answer(
             let stdin = if exec.stdin { recv.take() } else { None };
             return super::session::exec(shared, send, stdin, &scope, session, exec, detach).await;
         }
-        Request::ExecOutput { session, exec, follow } => {
+        Request::ExecOutput { session, exec, follow, after } => {
             let session = visible(shared, &session, &scope).await?;
-            return super::session::exec_output(shared, send, session, exec, follow).await;
+            return super::session::exec_output(shared, send, session, exec, follow, after).await;
         }
         Request::CopyIn { session, dest, name } => return super::session::copy_in(shared, send, recv.take(), &scope, session, dest, name).await,
         Request::CopyOut { session, path } => return super::session::copy_out(shared, send, &scope, session, path).await,

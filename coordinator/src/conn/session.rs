@@ -136,14 +136,21 @@ pub async fn exec(
 }
 
 /// A recorded exec's output; with `follow`, until it ends.
-pub async fn exec_output(shared: &Shared, send: &mut quinn::SendStream, session: JobSelector, exec: u32, follow_it: bool) -> Result<(), ApiError> {
+pub async fn exec_output(
+    shared: &Shared,
+    send: &mut quinn::SendStream,
+    session: JobSelector,
+    exec: u32,
+    follow_it: bool,
+    after: (u64, u64),
+) -> Result<(), ApiError> {
     let a = &shared.actors;
     let mut rx = follow(shared).await?;
     let (_, id) = {
         let sel = session.clone();
         query(&a.reader, move |r| r.resolve(&sel, &Scope::All)).await.map_err(api)?
     };
-    stream_exec(shared, send, &mut rx, id, exec, (0, 0), follow_it).await
+    stream_exec(shared, send, &mut rx, id, exec, after, follow_it).await
 }
 
 /// The sequence number sent last on one stream.
