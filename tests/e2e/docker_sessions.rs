@@ -161,6 +161,9 @@ fn a_docker_session_holds_one_container_for_its_execs() {
         let mut times = rt.block_on(agent_round_trips(socket, 200))?;
         let p50 = percentile(&mut times, 50);
         eprintln!("agent socket round trip of `true` (n=200): p50 {p50:?}, p90 {:?}, max {:?}", percentile(&mut times, 90), percentile(&mut times, 100));
+        // The floor: what one fork and exec of `true` costs in this container, timed inside.
+        let (_, _, floor) = exec(&c, &sid, &["sh", "-c", "time sh -c 'for i in $(seq 200); do /bin/true; done'"])?;
+        eprintln!("200 fork+exec of /bin/true by a shell in the container: {}", floor.lines().next().unwrap_or("").trim());
         // And through berth: client, coordinator, worker, agent and back.
         let mut times = Vec::new();
         for _ in 0..30 {
@@ -168,7 +171,17 @@ fn a_docker_session_holds_one_container_for_its_execs() {
             assert_eq!(exec(&c, &sid, &["true"])?.0, 0);
             times.push(t.elapsed());
         }
-        eprintln!("`berth exec SID -- true` (n=30, a client process each): p50 {:?}", percentile(&mut times, 50));
+        eprintln!("`berth exec SID -- true` in a Docker session (n=30, a client process each): p50 {:?}", percentile(&mut times, 50));
+        // The same through a process session, for comparison: what is not the container's.
+        let psid = open(&c, &[])?;
+        let mut times = Vec::new();
+        for _ in 0..30 {
+            let t = Instant::now();
+            assert_eq!(exec(&c, &psid, &["true"])?.0, 0);
+            times.push(t.elapsed());
+        }
+        eprintln!("`berth exec SID -- true` in a process session (n=30): p50 {:?}", percentile(&mut times, 50));
+        close(&c, &psid)?;
 
         let dir = c.path("w-w1").join("containers").join(&lease);
         assert!(dir.is_dir());
