@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use berth_e2e::docker::{available, containers_with, docker_ok, test_image, TestImage};
 use berth_e2e::{bin, run_timeout, wait_until, Cluster};
 use serde_json::Value;
@@ -51,12 +51,9 @@ fn open(c: &Cluster, args: &[&str]) -> Result<String> {
         bail!("session open failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     }
     let sid = String::from_utf8(out.stdout)?.trim().to_string();
-    // `session open` answers once the coordinator has the session claimed (the claim
-    // sets the task's start), which can be before the worker's container is ready: an
-    // exec then is refused as "still opening". Wait for the worker's word.
-    wait_until("the session's container to be ready", Duration::from_secs(30), || {
-        exec(c, &sid, &["true"]).is_ok_and(|(code, _, err)| code == 0 || !err.contains("still opening"))
-    })?;
+    // Open answers once the worker said the container is ready: the first exec runs.
+    let (code, _, err) = exec(c, &sid, &["true"])?;
+    ensure!(code == 0, "the first exec after open: exit {code}: {err}");
     Ok(sid)
 }
 

@@ -44,13 +44,18 @@ pub async fn open(shared: &Shared, send: &mut quinn::SendStream, who: &str, scop
     let a = &shared.actors;
     let sel = JobSelector { prefix: job.to_string(), index: None };
     loop {
-        let st = {
+        let (st, ready) = {
             let sel = sel.clone();
-            query(&a.reader, move |r| r.status(&sel, &Scope::All)).await.map_err(api)?
+            query(&a.reader, move |r| {
+                let (seq, _) = r.resolve(&sel, &Scope::All)?;
+                Ok((r.status(&sel, &Scope::All)?, r.session_ready(seq)?))
+            })
+            .await
+            .map_err(api)?
         };
         if let Some(t) = st.task.as_ref() {
             match t.state {
-                JobState::Running if t.started_at.is_some() => {
+                JobState::Running if ready => {
                     let worker = t.worker.clone().unwrap_or_default();
                     return send_frame(send, &Response::SessionReady { session: job, worker }).await;
                 }

@@ -428,6 +428,8 @@ impl Scope {
 /// Read queries, answered from a read connection. Those that name jobs take the
 /// caller's `Scope`.
 pub trait Reader {
+    /// Whether a session's worker has said its sandbox is ready.
+    fn session_ready(&mut self, job_seq: i64) -> Result<bool, StoreError>;
     /// A ready session's worker and lease (`Refused` while it opens or once it ended).
     fn session_lease(&mut self, sel: &JobSelector, scope: &Scope) -> Result<(JobId, String, LeaseId), StoreError>;
     /// A session's execs, in order.

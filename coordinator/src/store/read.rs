@@ -156,6 +156,14 @@ impl<D: Db> ReadView<D> {
 }
 
 impl<D: Db> Reader for ReadView<D> {
+    fn session_ready(&mut self, job_seq: i64) -> Result<bool, StoreError> {
+        let r = self.db.query_opt("SELECT ready_at FROM tasks WHERE job_seq = ?1 AND idx = 0 AND state = 'running'", p![job_seq])?;
+        Ok(match r {
+            Some(r) => r.opt_i64(0)?.is_some(),
+            None => false,
+        })
+    }
+
     fn session_lease(&mut self, sel: &JobSelector, scope: &Scope) -> Result<(JobId, String, berth_shared::ids::LeaseId), StoreError> {
         let (job_seq, id) = self.resolve(sel, scope)?;
         if self.spec(job_seq)?.session.is_none() {
@@ -191,7 +199,11 @@ impl<D: Db> Reader for ReadView<D> {
         let execs = self.execs(job_seq)?;
         let task = job.task.as_ref();
         let executing = execs.iter().any(ExecInfo::running);
-        let state = SessionState::of(task.map_or(job.summary.state, |t| t.state), task.and_then(|t| t.reason.as_deref()), executing);
+        let mut state = SessionState::of(task.map_or(job.summary.state, |t| t.state), task.and_then(|t| t.reason.as_deref()), executing);
+        if state == SessionState::Ready && !self.session_ready(job_seq)? {
+            // Claimed, its sandbox not ready yet.
+            state = SessionState::Opening;
+        }
         let (estimate, charged) = {
             let r = self.db.query_one("SELECT attempt_estimate FROM jobs WHERE seq = ?1", p![job_seq])?;
             let est = decimal(&r.str(0)?, &job.summary.id.to_string())?;
@@ -213,7 +225,7 @@ impl<D: Db> Reader for ReadView<D> {
             &format!(
                 "SELECT j.seq, j.id, j.name, j.state, j.owner, j.created_at, j.ended_at, t.state, t.worker, t.reason,
                         (SELECT COUNT(*) FROM execs e WHERE e.job_seq = j.seq),
-                        (SELECT COUNT(*) FROM execs e WHERE e.job_seq = j.seq AND e.ended_at IS NULL)
+                        (SELECT COUNT(*) FROM execs e WHERE e.job_seq = j.seq AND e.ended_at IS NULL), t.ready_at
                  FROM jobs j LEFT JOIN tasks t ON t.job_seq = j.seq AND t.idx = 0
                  WHERE j.kind = 'session' AND {visible} ORDER BY j.seq DESC LIMIT ?1"
             ),
@@ -227,7 +239,10 @@ impl<D: Db> Reader for ReadView<D> {
                 Ok(SessionSummary {
                     id: job_id(&r.str(1)?)?,
                     name: r.opt_str(2)?,
-                    state: SessionState::of(task_state, reason.as_deref(), r.i64(11)? > 0),
+                    state: match SessionState::of(task_state, reason.as_deref(), r.i64(11)? > 0) {
+                        SessionState::Ready if r.opt_i64(12)?.is_none() => SessionState::Opening,
+                        s => s,
+                    },
                     owner: r.str(4)?,
                     worker: r.opt_str(8)?,
                     opened_at: from_ms(r.i64(5)?),

@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS tasks(
     reason TEXT,
     charged TEXT NOT NULL DEFAULT '0',
     queued_at INTEGER,
+    ready_at INTEGER,
     PRIMARY KEY(job_seq, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_queued ON tasks(job_seq, idx) WHERE state = 'queued';

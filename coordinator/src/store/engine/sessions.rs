@@ -30,8 +30,11 @@ impl<D: Db> Store<D> {
             p![ms(now), lease.to_string(), worker],
         )?;
         if let Some(r) = row {
-            let meta = self.meta(r.i64(0)?)?;
+            let job_seq = r.i64(0)?;
+            let meta = self.meta(job_seq)?;
             if meta.spec.session.is_some() {
+                // The claim dates a task's start; a session is ready only once its worker says so.
+                self.db.exec("UPDATE tasks SET ready_at = ?1 WHERE job_seq = ?2 AND idx = 0", p![ms(now), job_seq])?;
                 s.notices.push(Notice::SessionReady { job: meta.id, worker: worker.to_string() });
             }
         }
