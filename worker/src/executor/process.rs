@@ -345,9 +345,23 @@ async fn run_inner(
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.kind() == std::io::ErrorKind::PermissionDenied { 126 } else { 127 };
             spool.close();
-            return fail(code, format!("cannot start `{program}`: {e}"));
+            // A PATH search reports EACCES when any directory on the PATH was not
+            // searchable by the job's user, even if the program is in none of them.
+            let path = base_env(&launch.workspace, identity.as_ref())
+                .into_iter()
+                .chain(launch.env.iter().cloned())
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rfind(|(k, _)| k == "PATH");
+            let missing = !program.contains('/') && path.is_some_and(|(_, p)| !std::env::split_paths(&p).any(|d| d.join(program).exists()));
+            if e.kind() == std::io::ErrorKind::PermissionDenied && !missing {
+                return fail(126, format!("cannot start `{program}`: {e}"));
+            }
+            if missing {
+                return fail(127, format!("cannot start `{program}`: not found on the PATH"));
+            }
+            return fail(127, format!("cannot start `{program}`: {e}"));
         }
     };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
