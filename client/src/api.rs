@@ -31,18 +31,41 @@ pub fn profile_path(flag: Option<&Path>) -> Result<PathBuf, Fail> {
     Ok(base.join("berth").join("profile.toml"))
 }
 
+/// Reads the profile found as `profile_path` says.
+pub fn load_profile(flag: Option<&Path>) -> Result<Profile, Fail> {
+    let path = profile_path(flag)?;
+    Profile::from_file(&path).map_err(|e| Fail::new(EXIT_AUTH, format!("{e} (make one with `berth-coordinator user add`, or run `berth dev`)")))
+}
+
+/// One connection to a coordinator. Every method takes `&self`, so a client is shared
+/// (behind an `Arc`) by tasks and threads: requests are independent bi streams on the
+/// one connection, and a reconnect swaps the connection for all of them.
 pub struct Client {
-    conn: quinn::Connection,
+    conn: std::sync::Mutex<quinn::Connection>,
     endpoint: quinn::Endpoint,
     profile: Profile,
 }
 
 impl Client {
     pub async fn connect(profile_flag: Option<&Path>) -> Result<Client, Fail> {
-        let path = profile_path(profile_flag)?;
-        let profile =
-            Profile::from_file(&path).map_err(|e| Fail::new(EXIT_AUTH, format!("{e} (make one with `berth-coordinator user add`, or run `berth dev`)")))?;
+        let profile = load_profile(profile_flag)?;
         Self::with_profile(&profile).await
+    }
+
+    /// The connection in use now.
+    fn conn(&self) -> quinn::Connection {
+        // A poisoned lock only means another thread panicked while swapping in a
+        // connection; the value it holds is a whole connection either way.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_conn(&self, conn: quinn::Connection) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+    }
+
+    /// The profile this client connected with.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
     }
 
     pub async fn with_profile(profile: &Profile) -> Result<Client, Fail> {
@@ -50,7 +73,7 @@ impl Client {
         let v6 = profile.coordinators.first().is_some_and(|a| a.starts_with('['));
         let endpoint = client_endpoint(tls, v6).map_err(|e| Fail::new(EXIT_FAILURE, format!("cannot open a UDP socket: {e}")))?;
         let conn = Self::dial(&endpoint, profile).await?;
-        Ok(Client { conn, endpoint, profile: profile.clone() })
+        Ok(Client { conn: std::sync::Mutex::new(conn), endpoint, profile: profile.clone() })
     }
 
     /// Connects to the first of the profile's coordinators that answers.
@@ -64,13 +87,13 @@ impl Client {
 
     /// Dials again (the next coordinator in the profile if this one is down), for up to
     /// `patience`: after a lost connection, to pick up where a stream left off.
-    pub async fn reconnect(&mut self, patience: Duration) -> Result<(), Fail> {
+    pub async fn reconnect(&self, patience: Duration) -> Result<(), Fail> {
         let deadline = tokio::time::Instant::now() + patience;
         let mut backoff = Duration::from_millis(100);
         loop {
             match Self::dial(&self.endpoint, &self.profile).await {
                 Ok(conn) => {
-                    self.conn = conn;
+                    self.set_conn(conn);
                     return Ok(());
                 }
                 Err(f) if f.lost && tokio::time::Instant::now() + backoff < deadline => {
@@ -86,7 +109,7 @@ impl Client {
     /// coordinator is lost or does not answer in time, reconnects — to the next
     /// coordinator in the profile if that one is down — and sends it again, for up to
     /// `patience`.
-    pub async fn call_idempotent(&mut self, req: &Request, patience: Duration) -> Result<Response, Fail> {
+    pub async fn call_idempotent(&self, req: &Request, patience: Duration) -> Result<Response, Fail> {
         let deadline = tokio::time::Instant::now() + patience;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -100,7 +123,7 @@ impl Client {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     if let Ok(conn) = Self::dial(&self.endpoint, &self.profile).await {
-                        self.conn = conn;
+                        self.set_conn(conn);
                     }
                 }
                 other => return other,
@@ -118,19 +141,21 @@ impl Client {
             )),
             other => Fail::new(EXIT_FAILURE, format!("cannot encode the request: {other}")),
         })?;
-        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| Fail::lost(format!("lost the coordinator: {e}")))?;
+        let conn = self.conn();
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| Fail::lost(format!("lost the coordinator: {e}")))?;
         send.write_all(&frame).await.map_err(|e| Fail::lost(format!("cannot send the request: {e}")))?;
         let _ = send.finish();
-        Ok(Responses { recv, conn: self.conn.clone() })
+        Ok(Responses { recv, conn })
     }
 
     /// As `open`, keeping the request's stream open for what the caller sends after it
     /// (an exec's stdin).
     pub async fn open_with_input(&self, req: &Request) -> Result<(Responses, Option<quinn::SendStream>), Fail> {
         let frame = encode(req).map_err(|e| Fail::new(EXIT_FAILURE, format!("cannot encode the request: {e}")))?;
-        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| Fail::lost(format!("lost the coordinator: {e}")))?;
+        let conn = self.conn();
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| Fail::lost(format!("lost the coordinator: {e}")))?;
         send.write_all(&frame).await.map_err(|e| Fail::lost(format!("cannot send the request: {e}")))?;
-        Ok((Responses { recv, conn: self.conn.clone() }, Some(send)))
+        Ok((Responses { recv, conn }, Some(send)))
     }
 
     /// Sends a request that has exactly one answer.
@@ -150,7 +175,7 @@ impl Client {
     }
 
     pub fn close(&self) {
-        self.conn.close(0u32.into(), b"bye");
+        self.conn().close(0u32.into(), b"bye");
     }
 }
 
@@ -194,6 +219,7 @@ pub fn unexpected(r: Response) -> Fail {
 
 /// The `take` of `Client::ask` for one shape of answer: `answer!(Response::List(jobs) =>
 /// jobs)` is the list, and any other answer is given back.
+#[macro_export]
 macro_rules! answer {
     ($shape:pat => $out:expr) => {
         |r: berth_shared::wire::Response| match r {
@@ -202,4 +228,4 @@ macro_rules! answer {
         }
     };
 }
-pub(crate) use answer;
+pub use crate::answer;

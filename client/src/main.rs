@@ -4,9 +4,7 @@
 //! quietly), and user text through `show::clean`.
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
-mod api;
 mod dev;
-mod exit;
 mod out;
 mod session;
 mod show;
@@ -15,6 +13,7 @@ mod submit;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use berth::{api, copy, exit};
 use berth_shared::ids::{JobSelector, TaskRef};
 use berth_shared::job::JobState;
 use berth_shared::wire::{Request, Response};
