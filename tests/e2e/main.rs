@@ -17,3 +17,4 @@ mod leases;
 mod partition;
 mod postgres;
 mod security;
+mod sessions;
