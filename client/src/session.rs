@@ -18,7 +18,7 @@ use crate::copy::{copy_in, copy_out};
 use crate::exit::{Fail, EXIT_FAILURE};
 use crate::out::{note, out};
 use crate::show::{self, Style};
-use crate::submit::parse_kv;
+use crate::submit::{parse_cpus, parse_kv};
 
 fn job_selector(s: &str) -> Result<JobSelector, String> {
     let sel: JobSelector = s.parse()?;
@@ -26,13 +26,6 @@ fn job_selector(s: &str) -> Result<JobSelector, String> {
         return Err(format!("`{s}`: a session has no :{i}; give its id"));
     }
     Ok(sel)
-}
-
-fn parse_cpus(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(c) if c.is_finite() && c > 0.0 && c <= 4096.0 => Ok(c),
-        _ => Err(format!("`{s}` is not a positive number of CPUs")),
-    }
 }
 
 fn positive_duration(s: &str) -> Result<Duration, String> {

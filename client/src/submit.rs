@@ -23,7 +23,7 @@ pub fn parse_kv(s: &str) -> Result<(String, String), String> {
     }
 }
 
-fn parse_cpus(s: &str) -> Result<f64, String> {
+pub fn parse_cpus(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(c) if c.is_finite() && c > 0.0 && c <= 4096.0 => Ok(c),
         _ => Err(format!("`{s}` is not a positive number of CPUs")),

@@ -33,6 +33,12 @@ pub async fn accept(conn: quinn::Connection, sessions: Sessions) {
     }
 }
 
+/// Answers a copy that cannot be made, with why, and ends the stream.
+async fn refuse(send: &mut quinn::SendStream, why: String) {
+    let _ = write_frame(send, &CopyReply::Failed(why)).await;
+    let _ = send.finish();
+}
+
 async fn serve(mut send: quinn::SendStream, mut recv: quinn::RecvStream, sessions: Sessions) {
     let req = match read_frame::<_, CopyRequest>(&mut recv).await {
         Ok(Some(r)) => r,
@@ -42,8 +48,7 @@ async fn serve(mut send: quinn::SendStream, mut recv: quinn::RecvStream, session
         CopyRequest::In { lease, .. } | CopyRequest::Out { lease, .. } => *lease,
     };
     let Some(dir) = sessions.lock().unwrap_or_else(|p| p.into_inner()).get(&lease).cloned() else {
-        let _ = write_frame(&mut send, &CopyReply::Failed("the session is not open on this worker".into())).await;
-        let _ = send.finish();
+        refuse(&mut send, "the session is not open on this worker".into()).await;
         return;
     };
     match req {
@@ -51,8 +56,7 @@ async fn serve(mut send: quinn::SendStream, mut recv: quinn::RecvStream, session
             let target = match target_in(&dir.workspace, &dest, &name) {
                 Ok(t) => t,
                 Err(why) => {
-                    let _ = write_frame(&mut send, &CopyReply::Failed(why)).await;
-                    let _ = send.finish();
+                    refuse(&mut send, why).await;
                     return;
                 }
             };
@@ -79,8 +83,7 @@ async fn serve(mut send: quinn::SendStream, mut recv: quinn::RecvStream, session
             let src = match src {
                 Ok(p) => p,
                 Err(why) => {
-                    let _ = write_frame(&mut send, &CopyReply::Failed(why)).await;
-                    let _ = send.finish();
+                    refuse(&mut send, why).await;
                     return;
                 }
             };

@@ -371,7 +371,7 @@ impl State {
     /// A frame from the coordinator. `spool` makes an assigned attempt's spool (`None`:
     /// it could not, and the task is left to its lease's expiry).
     /// `spool` makes the spool of an attempt (exec 0) or of an exec of a session.
-    pub fn frame(&mut self, now: Instant, m: CoordMsg, mut spool: impl FnMut(LeaseId, u32) -> Option<Arc<Spool>>) -> Result<(), WorkerError> {
+    pub fn frame(&mut self, _now: Instant, m: CoordMsg, mut spool: impl FnMut(LeaseId, u32) -> Option<Arc<Spool>>) -> Result<(), WorkerError> {
         if let Some(l) = self.link.as_mut() {
             l.unanswered = 0;
         }
@@ -430,7 +430,7 @@ impl State {
                 }
                 _ => tracing::debug!(lease = %lease, "asked to resend output of an attempt not streaming here; ignored"),
             },
-            CoordMsg::Exec { lease, exec, spec } => self.exec(now, lease, exec, spec, &mut spool),
+            CoordMsg::Exec { lease, exec, spec } => self.exec(lease, exec, spec, &mut spool),
             CoordMsg::ExecStdin { lease, exec, data, eof } => {
                 if let Some(run) = self.exec_run(lease, exec) {
                     if let Some(tx) = run.stdin.as_ref() {
@@ -722,7 +722,7 @@ impl State {
     }
 
     /// The coordinator asks for an exec in a session this worker holds.
-    fn exec(&mut self, now: Instant, lease: LeaseId, exec: u32, spec: ExecSpec, spool: &mut impl FnMut(LeaseId, u32) -> Option<Arc<Spool>>) {
+    fn exec(&mut self, lease: LeaseId, exec: u32, spec: ExecSpec, spool: &mut impl FnMut(LeaseId, u32) -> Option<Arc<Spool>>) {
         let refuse = |why: &str| berth_shared::job::Outcome {
             exit_code: None,
             signal: None,
@@ -766,7 +766,6 @@ impl State {
             (None, None)
         };
         ses.idle_since = None;
-        let _ = now;
         ses.execs.insert(
             exec,
             ExecRun { spec, spool: file, kill: watch::channel(None).0, stdin, stdin_rx: std::sync::Mutex::new(stdin_rx), done: None, finish_sent: false },
