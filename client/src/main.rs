@@ -13,7 +13,7 @@ mod submit;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use berth::{api, copy, exit};
+use berth::{api, copy, exit, json, spec};
 use berth_shared::ids::{JobSelector, TaskRef};
 use berth_shared::job::JobState;
 use berth_shared::wire::{Request, Response};

@@ -8,14 +8,15 @@ use std::time::Duration;
 use berth_shared::codec::write_frame;
 use berth_shared::duration::{format_duration, parse_duration, parse_size_mib};
 use berth_shared::ids::JobSelector;
-use berth_shared::job::{Command, Executor, JobSpec};
-use berth_shared::session::{exit_code_of, ExecEnd, ExecInfo, ExecSpec, SessionSpec, DEFAULT_IDLE_TTL, DEFAULT_MAX_LIFETIME};
+use berth_shared::job::{Command, JobSpec};
+use berth_shared::session::{exit_code_of, ExecEnd, ExecSpec};
 use berth_shared::wire::{OutStream, Request, Response, SessionStatus, SessionSummary, StdinFrame};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::api::{answer, unexpected, Client};
 use crate::copy::{copy_in, copy_out};
 use crate::exit::{Fail, EXIT_FAILURE};
+use crate::json::{held, session_list_json as list_json, session_status_json as status_json};
 use crate::out::{note, out};
 use crate::show::{self, Style};
 use crate::submit::{parse_cpus, parse_kv};
@@ -186,33 +187,25 @@ pub struct ExecArgs {
 
 /// The session's spec from the flags.
 pub fn open_spec(a: &OpenArgs) -> Result<JobSpec, Fail> {
-    let idle = a.idle_ttl.unwrap_or(DEFAULT_IDLE_TTL);
-    let lifetime = a.max_lifetime.unwrap_or(DEFAULT_MAX_LIFETIME);
-    let mut spec = JobSpec::new(Command::Argv(Vec::new()));
-    spec.name = a.name.clone();
-    spec.session = Some(SessionSpec { idle_ttl_ms: idle.as_millis() as u64, max_lifetime_ms: lifetime.as_millis() as u64 });
-    spec.max_runtime_ms = Some(lifetime.as_millis() as u64);
-    spec.max_attempts = 1;
-    spec.env = a.env.clone();
-    spec.secrets = a.secrets.clone();
-    if let Some(c) = a.cpus {
-        spec.resources.millicpus = (c * 1000.0).round() as u32;
-    }
-    spec.resources.mem_mib = a.mem.unwrap_or(0);
-    spec.resources.gpus = a.gpus.unwrap_or(0);
-    spec.resources.gpu_model = a.gpu_model.clone();
-    spec.resources.min_vram_mib = a.min_vram;
-    spec.constraints = a.constraints.clone();
-    spec.pools = a.pools.clone();
-    spec.account = a.account.clone();
-    let image = a.from_frozen.as_ref().map(|t| format!("{}:{t}", berth_shared::job::FROZEN_REPO)).or_else(|| a.image.clone());
-    match (&image, &a.network) {
-        (Some(image), network) => spec.executor = Executor::Docker { image: image.clone(), network: network.clone() },
-        (None, Some(_)) => return Err(Fail::usage("--network applies to container sessions: give --image too")),
-        (None, None) => {}
-    }
-    spec.validate().map_err(Fail::usage)?;
-    Ok(spec)
+    let o = crate::spec::SessionOptions {
+        name: a.name.clone(),
+        image: a.image.clone(),
+        from_frozen: a.from_frozen.clone(),
+        network: a.network.clone(),
+        cpus: a.cpus,
+        mem_mib: a.mem,
+        gpus: a.gpus,
+        gpu_model: a.gpu_model.clone(),
+        min_vram_mib: a.min_vram,
+        constraints: a.constraints.clone(),
+        pools: a.pools.clone(),
+        account: a.account.clone(),
+        env: a.env.clone(),
+        secrets: a.secrets.clone(),
+        idle_ttl: a.idle_ttl,
+        max_lifetime: a.max_lifetime,
+    };
+    crate::spec::session_spec(&o)
 }
 
 pub async fn open(client: &mut Client, a: &OpenArgs) -> Result<u8, Fail> {
@@ -406,44 +399,6 @@ pub async fn command(client: &mut Client, cmd: SessionCmd, style: Style) -> Resu
     }
 }
 
-fn exec_json(e: &ExecInfo) -> Value {
-    json!({
-        "exec": e.exec,
-        "command": e.argv,
-        "started_at": e.started_at.to_rfc3339(),
-        "ended_at": e.ended_at.map(|t| t.to_rfc3339()),
-        "exit_code": e.exit_code,
-        "timed_out": e.timed_out,
-        "reason": e.reason,
-    })
-}
-
-fn held(st: &SessionStatus) -> Option<Duration> {
-    let t = st.job.task.as_ref()?;
-    let start = t.started_at?;
-    let end = t.ended_at.unwrap_or_else(chrono::Utc::now);
-    (end - start).to_std().ok()
-}
-
-pub fn status_json(st: &SessionStatus) -> Value {
-    let t = st.job.task.as_ref();
-    json!({
-        "id": st.job.summary.id.to_string(),
-        "name": st.job.summary.name,
-        "state": st.state.as_str(),
-        "owner": st.job.summary.owner,
-        "worker": t.and_then(|t| t.worker.clone()),
-        "opened_at": st.job.summary.submitted_at.to_rfc3339(),
-        "ready_at": t.and_then(|t| t.started_at).map(|x| x.to_rfc3339()),
-        "ended_at": t.and_then(|t| t.ended_at).map(|x| x.to_rfc3339()),
-        "held_s": held(st).map(|d| d.as_secs_f64()),
-        "reason": t.and_then(|t| t.reason.clone()),
-        "reserved_usd": st.reserved.normalize().to_string(),
-        "spent_usd": st.spent.normalize().to_string(),
-        "execs": st.execs.iter().map(exec_json).collect::<Vec<_>>(),
-    })
-}
-
 pub fn status_text(style: Style, st: &SessionStatus) -> String {
     let t = st.job.task.as_ref();
     let mut s = String::new();
@@ -486,26 +441,6 @@ pub fn status_text(style: Style, st: &SessionStatus) -> String {
 
 fn shell_words(argv: &[String]) -> String {
     show::command_text(&Command::Argv(argv.to_vec()))
-}
-
-pub fn list_json(rows: &[SessionSummary]) -> Value {
-    Value::Array(
-        rows.iter()
-            .map(|r| {
-                json!({
-                    "id": r.id.to_string(),
-                    "name": r.name,
-                    "state": r.state.as_str(),
-                    "owner": r.owner,
-                    "worker": r.worker,
-                    "opened_at": r.opened_at.to_rfc3339(),
-                    "ended_at": r.ended_at.map(|t| t.to_rfc3339()),
-                    "execs": r.execs,
-                    "reason": r.reason,
-                })
-            })
-            .collect(),
-    )
 }
 
 pub fn list_text(style: Style, rows: &[SessionSummary]) -> String {

@@ -6,12 +6,14 @@
 use std::io::IsTerminal;
 
 use berth_shared::duration::{format_duration, format_size};
-use berth_shared::job::{Command, Counts, Event, Executor, JobState, LABEL_FROZEN_IMAGE, LABEL_RESUMED_FROM};
+use berth_shared::job::{Counts, Executor, JobState, LABEL_FROZEN_IMAGE, LABEL_RESUMED_FROM};
 use berth_shared::wire::{CoordinatorHealth, FrozenImage, JobStatus, JobSummary, WorkerInfo};
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::exit::Fail;
+use crate::json::label;
+pub use crate::json::{budgets_json, command_text, health_json, images_json, list_json, status_json, workers_json};
 use crate::out::out;
 
 /// User text as it may be shown: control characters and bidirectional overrides
@@ -154,75 +156,6 @@ pub fn counts_text(c: &Counts) -> String {
     parts.join(", ")
 }
 
-pub fn command_text(c: &Command) -> String {
-    match c {
-        Command::Argv(v) => v.iter().map(|a| if a.contains(' ') || a.is_empty() { format!("'{a}'") } else { a.clone() }).collect::<Vec<_>>().join(" "),
-        Command::Script(s) => format!("sh -c '{}'", s.replace('\n', "; ")),
-    }
-}
-
-fn counts_json(c: &Counts) -> Value {
-    let mut m = serde_json::Map::new();
-    for s in JobState::ALL {
-        m.insert(s.as_str().into(), json!(c.get(s)));
-    }
-    Value::Object(m)
-}
-
-fn event_json(e: &Event) -> Value {
-    json!({
-        "time": e.time.to_rfc3339(),
-        "index": e.index,
-        "state": e.state.as_str(),
-        "attempt": e.attempt,
-        "worker": e.worker,
-        "reason": e.reason,
-    })
-}
-
-pub fn summary_json(s: &JobSummary) -> Value {
-    json!({
-        "id": s.id.to_string(),
-        "name": s.name,
-        "state": s.state.as_str(),
-        "tasks": s.tasks,
-        "counts": counts_json(&s.counts),
-        "owner": s.owner,
-        "account": s.account,
-        "submitted_at": s.submitted_at.to_rfc3339(),
-        "ended_at": s.ended_at.map(|t| t.to_rfc3339()),
-        "waiting": s.reason,
-    })
-}
-
-pub fn status_json(st: &JobStatus) -> Value {
-    let mut v = summary_json(&st.summary);
-    let t = st.task.as_ref();
-    if let Value::Object(m) = &mut v {
-        if let Some(t) = t {
-            m.insert("state".into(), json!(t.state.as_str()));
-            m.insert("index".into(), json!(t.index));
-        }
-        m.insert("exit_code".into(), json!(t.and_then(|t| t.exit_code)));
-        m.insert("attempts".into(), json!(t.map(|t| t.attempt)));
-        m.insert("worker".into(), json!(t.and_then(|t| t.worker.clone())));
-        m.insert("started_at".into(), json!(t.and_then(|t| t.started_at).map(|x| x.to_rfc3339())));
-        m.insert("task_ended_at".into(), json!(t.and_then(|t| t.ended_at).map(|x| x.to_rfc3339())));
-        m.insert("runtime_ms".into(), json!(t.and_then(|t| t.runtime_ms)));
-        m.insert("reason".into(), json!(t.and_then(|t| t.reason.clone())));
-        m.insert("command".into(), json!(command_text(&st.spec.command)));
-        m.insert("max_output".into(), json!(st.spec.max_output));
-        if let Executor::Docker { image, network } = &st.spec.executor {
-            m.insert("image".into(), json!(image));
-            m.insert("network".into(), json!(network.clone().unwrap_or_else(|| "none".into())));
-        }
-        m.insert("resumed_from".into(), json!(label(st, LABEL_RESUMED_FROM)));
-        m.insert("frozen_image".into(), json!(label(st, LABEL_FROZEN_IMAGE)));
-        m.insert("events".into(), Value::Array(st.events.iter().map(event_json).collect()));
-    }
-    v
-}
-
 pub fn status_text(style: Style, st: &JobStatus) -> String {
     let s = &st.summary;
     let mut rows: Vec<(&str, String)> = vec![("job", s.id.to_string())];
@@ -314,10 +247,6 @@ pub fn print<T: ?Sized>(json: bool, style: Style, answer: &T, as_json: fn(&T) ->
     Ok(0)
 }
 
-pub fn list_json(jobs: &[JobSummary]) -> Value {
-    Value::Array(jobs.iter().map(summary_json).collect())
-}
-
 pub fn list_text(style: Style, jobs: &[JobSummary]) -> String {
     let rows: Vec<Vec<String>> = jobs
         .iter()
@@ -397,33 +326,6 @@ fn containment(style: Style, c: &berth_shared::wire::Containment) -> String {
     }
 }
 
-pub fn workers_json(ws: &[WorkerInfo]) -> Value {
-    Value::Array(
-        ws.iter()
-            .map(|w| {
-                json!({
-                    "name": w.name,
-                    "connected": w.connected,
-                    "drained": w.drained,
-                    "slots": w.slots,
-                    "running": w.running,
-                    "pool": w.pool,
-                    "labels": w.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
-                    "host": w.host,
-                    "leases": w.leases.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
-                    "last_heartbeat": w.last_heartbeat.map(|t| t.to_rfc3339()),
-                    "slot_states": w.slot_states,
-                })
-            })
-            .collect(),
-    )
-}
-
-/// A label of the job (berth's own are set by the coordinator).
-fn label<'a>(st: &'a JobStatus, key: &str) -> Option<&'a str> {
-    st.spec.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-}
-
 pub fn images_text(style: Style, list: &[FrozenImage]) -> String {
     let rows: Vec<Vec<String>> = list
         .iter()
@@ -436,23 +338,6 @@ pub fn images_text(style: Style, list: &[FrozenImage]) -> String {
         })
         .collect();
     table(style, &["IMAGE", "FROZEN FROM", "WORKER", "OWNER", "FROZEN AT"], &rows)
-}
-
-pub fn images_json(list: &[FrozenImage]) -> Value {
-    Value::Array(
-        list.iter()
-            .map(|i| {
-                json!({
-                    "image": i.image,
-                    "job": i.job.to_string(),
-                    "index": i.index,
-                    "worker": i.worker,
-                    "owner": i.owner,
-                    "created_at": i.created_at.to_rfc3339(),
-                })
-            })
-            .collect(),
-    )
 }
 
 pub fn budgets_text(style: Style, rows: &[berth_shared::wire::BudgetInfo]) -> String {
@@ -471,24 +356,6 @@ pub fn budgets_text(style: Style, rows: &[berth_shared::wire::BudgetInfo]) -> St
         })
         .collect();
     table(style, &["ACCOUNT", "MONTH", "RUN CAP", "MONTH CAP", "RESERVED", "SPENT", "LEFT"], &rows)
-}
-
-/// Amounts as strings: exact, never a float.
-pub fn budgets_json(rows: &[berth_shared::wire::BudgetInfo]) -> Value {
-    Value::Array(
-        rows.iter()
-            .map(|b| {
-                json!({
-                    "account": b.account,
-                    "month": b.month,
-                    "run_cap": b.run_cap.to_string(),
-                    "month_cap": b.month_cap.to_string(),
-                    "reserved": b.reserved.to_string(),
-                    "spent": b.spent.to_string(),
-                })
-            })
-            .collect(),
-    )
 }
 
 /// What a store that cannot write means for the user, in one line (`None`: it writes).
@@ -517,19 +384,6 @@ pub fn health_text(style: Style, h: &CoordinatorHealth) -> String {
         ("output cap", format!("{} per attempt, unless a job sets --max-output", format_size(h.default_max_output))),
     ];
     rows.iter().map(|(k, v)| format!("{}  {}\n", style.bold(&format!("{k:<11}")), v)).collect()
-}
-
-pub fn health_json(h: &CoordinatorHealth) -> Value {
-    json!({
-        "coordinator": h.coordinator,
-        "store": {
-            "writable": h.store.writable,
-            "disk_full": h.store.disk_full,
-            "since": h.store.since.map(|t| t.to_rfc3339()),
-            "reason": h.store.reason,
-        },
-        "default_max_output": h.default_max_output,
-    })
 }
 
 #[cfg(test)]
