@@ -122,6 +122,7 @@ pub fn run(args: DevArgs) -> Result<u8, Fail> {
         contain: Default::default(),
         secrets: Default::default(),
         limits: Default::default(),
+        docker: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(fail)?;
     let code = rt.block_on(async move {

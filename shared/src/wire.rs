@@ -18,7 +18,7 @@ pub use crate::resources::{gpu_matches, FreeResources};
 
 /// Bumped whenever a message shape changes. 2: a worker's `Register` names its
 /// process (`instance`) and the coordinator may answer `CoordMsg::InUse`.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The ALPN token: the framing (a hello first, then length-prefixed frames), which
 /// every protocol version keeps, so a peer of another version is told so in words by
 /// the hello rather than failing the TLS handshake.
@@ -612,6 +612,9 @@ pub struct Assignment {
     pub index: Option<u32>,
     pub attempt: u32,
     pub spec: JobSpec,
+    /// Who submitted it (a session's owner: only its own sessions share a packed
+    /// container).
+    pub owner: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

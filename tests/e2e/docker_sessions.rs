@@ -4,7 +4,8 @@
 //! timeout killing that exec's tree and nothing else; close removing the container; a
 //! killed worker's session container swept when it returns; freeze and a session opened
 //! from the frozen image; the round trip of `true` over the agent's socket and through
-//! `berth exec`. Under `CI=true` they run (an engine that does not answer is a
+//! `berth exec`; packed containers shared by one owner's sessions, a neighbour closed
+//! while the other runs on; warm pools. Under `CI=true` they run (an engine that does not answer is a
 //! failure); elsewhere, without an engine, each prints a skip line.
 //!
 //! Everything these tests make in the engine carries a label (`berth.test=1` through
@@ -196,7 +197,16 @@ fn a_docker_session_holds_one_container_for_its_execs() {
 
 async fn agent_round_trips(socket: PathBuf, n: usize) -> Result<Vec<Duration>> {
     use berth_worker::agent::proto::Request;
-    let req = Request { argv: vec!["true".into()], env: Vec::new(), cwd: "/workspace".into(), stdin: false, timeout_ms: None, grace_ms: 2000 };
+    let req = Request {
+        argv: vec!["true".into()],
+        env: Vec::new(),
+        cwd: "/workspace".into(),
+        stdin: false,
+        timeout_ms: None,
+        grace_ms: 2000,
+        member: None,
+        kill_member: false,
+    };
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
@@ -291,4 +301,162 @@ fn a_frozen_session_opens_again_from_its_image() {
     rm.args(["rmi", &frozen]);
     let _ = run_timeout(rm, Duration::from_secs(60));
     check(&c, r);
+}
+
+/// The containers the worker keeps outside attempts (`pack-…`, `warm-…` records in its
+/// `containers/`), as their names.
+fn kept(c: &Cluster, prefix: &str) -> Vec<String> {
+    let dir = c.path("w-w1").join("containers");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().filter(|n| n.starts_with(prefix)).map(|n| format!("berth-{n}"))).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn running(name: &str) -> bool {
+    inspect(name).is_ok_and(|i| i["State"]["Running"] == true)
+}
+
+#[test]
+fn packed_sessions_share_a_container_and_one_closing_leaves_its_neighbour_running() {
+    let test = "packed_sessions_share_a_container_and_one_closing_leaves_its_neighbour_running";
+    if !available(test) {
+        return;
+    }
+    let img = test_image().expect("the test image is made");
+    let mut c = Cluster::start_with_ttl("30s").expect("the cluster starts");
+    c.spawn_worker_with("w1", 4, &["--executor", "process,docker", "--docker-pack", "3"]).expect("w1 starts");
+    c.wait_worker_connected("w1", true).expect("w1 connects");
+    let r = (|| -> Result<()> {
+        let a = open(&c, &["--image", &img.name, "--cpus", "0.5", "--mem", "64m"])?;
+        let b = open(&c, &["--image", &img.name, "--cpus", "0.5", "--mem", "64m"])?;
+        let packs = kept(&c, "pack-");
+        ensure!(packs.len() == 1, "one packed container for both: {packs:?}");
+        let pack = packs[0].clone();
+        // Packed sessions have no container of their own.
+        ensure!(session_containers(&a).is_empty() && session_containers(&b).is_empty(), "no container of their own");
+        let info = inspect(&pack)?;
+        assert_eq!(info["Config"]["Labels"]["berth.role"], "pack", "{}", info["Config"]["Labels"]);
+        wait_until("the pack's limits to be both sessions'", Duration::from_secs(10), || {
+            inspect(&pack).is_ok_and(|i| i["HostConfig"]["NanoCpus"].as_i64() == Some(1_000_000_000) && i["HostConfig"]["Memory"].as_i64() == Some(128 << 20))
+        })?;
+        // Each in a workspace of its own, as BERTH_WORKSPACE says.
+        let wa = sh(&c, &a, "pwd; echo $BERTH_WORKSPACE")?;
+        let wb = sh(&c, &b, "pwd; echo $BERTH_WORKSPACE")?;
+        let (pa, pb) = (wa.lines().next().unwrap_or("").to_string(), wb.lines().next().unwrap_or("").to_string());
+        ensure!(pa.starts_with("/workspaces/") && pb.starts_with("/workspaces/") && pa != pb, "{wa:?} {wb:?}");
+        ensure!(wa.lines().nth(1) == Some(pa.as_str()) && wb.lines().nth(1) == Some(pb.as_str()), "{wa:?} {wb:?}");
+        sh(&c, &a, "echo mine > f")?;
+        assert_eq!(sh(&c, &b, "ls")?, "", "b's workspace is its own");
+        // Copies go to the session's own workspace.
+        let src = c.path("packed-in.txt");
+        std::fs::write(&src, "copied\n")?;
+        let out = c.berth(&["cp", &src.to_string_lossy(), &format!("{b}:in.txt")]);
+        ensure!(out.status.success(), "cp: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(sh(&c, &b, "cat in.txt")?, "copied\n");
+        // Each runs something in the background, one of them out of its group.
+        for (sid, what) in [(&a, "setsid sleep 2001 & sleep 2003"), (&b, "sleep 2002")] {
+            let (code, _, err) = exec_in(&c, sid, &["--detach"], &["sh", "-c", what], None)?;
+            ensure!(code == 0, "{err}");
+        }
+        wait_until("both to run", Duration::from_secs(10), || sh(&c, &b, "ps").is_ok_and(|p| p.contains("sleep 2001") && p.contains("sleep 2002")))?;
+
+        // Another user's session of the same image is not packed with theirs: it gets a
+        // packed container of its own.
+        let bob = c.path("bob.toml");
+        c.user("bob", "submitter", &bob)?;
+        let out = c.berth_as(&bob, &["session", "open", "--image", &img.name]);
+        ensure!(out.status.success(), "bob's open: {}", String::from_utf8_lossy(&out.stderr));
+        let bobs = String::from_utf8(out.stdout)?.trim().to_string();
+        let both = kept(&c, "pack-");
+        ensure!(both.len() == 2 && both.contains(&pack), "bob's pack is another: {both:?}");
+        let out = c.berth_as(&bob, &["session", "close", &bobs]);
+        ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        wait_until("bob's pack to be gone", Duration::from_secs(15), || kept(&c, "pack-") == packs)?;
+
+        // a closes: its processes end, b's run on, and so does the container.
+        close(&c, &a)?;
+        wait_until("a's processes to end", Duration::from_secs(15), || sh(&c, &b, "ps").is_ok_and(|p| !p.contains("sleep 2001") && !p.contains("sleep 2003")))?;
+        let ps = sh(&c, &b, "ps")?;
+        assert!(ps.contains("sleep 2002"), "the neighbour runs on:\n{ps}");
+        assert!(running(&pack));
+        assert_eq!(sh(&c, &b, "cat in.txt")?, "copied\n");
+        wait_until("the pack's limits to be b's alone", Duration::from_secs(10), || {
+            inspect(&pack).is_ok_and(|i| i["HostConfig"]["NanoCpus"].as_i64() == Some(500_000_000))
+        })?;
+        // A freeze of a packed session fails with the reason (and ends it).
+        let out = c.berth(&["freeze", &b, "--tag", &format!("e2e-packed-{}", std::process::id())]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success() && err.contains("packed"), "freeze of a packed session: {} {err}", out.status);
+        wait_until("the packed container to be gone with its last session", Duration::from_secs(15), || {
+            inspect(&pack).is_err() && kept(&c, "pack-").is_empty()
+        })?;
+        let packs_dir = c.path("w-w1").join("packs");
+        wait_until("the packed workspaces to be gone", Duration::from_secs(10), || std::fs::read_dir(&packs_dir).is_ok_and(|mut d| d.next().is_none()))?;
+        Ok(())
+    })();
+    check(&c, r);
+    drop(c);
+    drop(img);
+}
+
+#[test]
+fn a_warm_pool_opens_sessions_in_containers_already_started() {
+    let test = "a_warm_pool_opens_sessions_in_containers_already_started";
+    if !available(test) {
+        return;
+    }
+    let img = test_image().expect("the test image is made");
+    let mut c = Cluster::start_with_ttl("30s").expect("the cluster starts");
+    let warm = format!("{}=2", img.name);
+    c.spawn_worker_with("w1", 4, &["--executor", "process,docker", "--warm", &warm]).expect("w1 starts");
+    c.wait_worker_connected("w1", true).expect("w1 connects");
+    let r = (|| -> Result<()> {
+        let ready = |c: &Cluster| {
+            kept(c, "warm-").into_iter().filter(|n| c.path("w-w1").join("containers").join(&n["berth-".len()..]).join("agent.sock").exists()).count()
+        };
+        wait_until("two warm containers", Duration::from_secs(30), || ready(&c) == 2)?;
+        let before = kept(&c, "warm-");
+        let t = Instant::now();
+        let out = c.berth(&["session", "open", "--image", &img.name, "--cpus", "0.5", "--mem", "64m"]);
+        let took = t.elapsed();
+        ensure!(out.status.success(), "open: {}", String::from_utf8_lossy(&out.stderr));
+        let sid = String::from_utf8(out.stdout)?.trim().to_string();
+        eprintln!("`berth session open` from the warm pool: {took:?} (a client process included)");
+        // It runs in one of the warm containers: no container of its own was made.
+        let host = sh(&c, &sid, "hostname")?.trim().to_string();
+        let taken: Vec<&String> = before.iter().filter(|n| inspect(n).is_ok_and(|i| i["Id"].as_str().is_some_and(|id| id.starts_with(&host)))).collect();
+        ensure!(taken.len() == 1, "the session's container {host} is one of the warm ones {before:?}");
+        ensure!(session_containers(&sid).is_empty(), "no container made for it");
+        let info = inspect(taken[0])?;
+        assert_eq!(
+            (info["HostConfig"]["NanoCpus"].as_i64(), info["HostConfig"]["Memory"].as_i64()),
+            (Some(500_000_000), Some(64 << 20)),
+            "the session's limits"
+        );
+        assert_eq!(sh(&c, &sid, "pwd; echo $BERTH_WORKSPACE; echo x > f; cat f")?, "/workspace\n/workspace\nx\n");
+        // Its workspace is the slot's: copies reach it.
+        let src = c.path("warm-in.txt");
+        std::fs::write(&src, "copied\n")?;
+        let out = c.berth(&["cp", &src.to_string_lossy(), &format!("{sid}:in.txt")]);
+        ensure!(out.status.success(), "cp: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(sh(&c, &sid, "cat in.txt")?, "copied\n");
+        // The pool refills in the background.
+        wait_until("the pool to be refilled", Duration::from_secs(30), || ready(&c) == 3)?;
+        let name = taken[0].clone();
+        close(&c, &sid)?;
+        wait_until("the session's container to be gone", Duration::from_secs(15), || inspect(&name).is_err())?;
+        // A stopping worker removes its idle warm containers.
+        let idle = kept(&c, "warm-");
+        ensure!(idle.len() == 2, "{idle:?}");
+        c.worker("w1").context("w1")?.stop(Duration::from_secs(20));
+        for n in &idle {
+            ensure!(inspect(n).is_err(), "warm container {n} outlived its worker");
+        }
+        Ok(())
+    })();
+    check(&c, r);
+    drop(c);
+    drop(img);
 }

@@ -101,6 +101,7 @@ impl RawWorker {
             contain: Default::default(),
             secrets: Default::default(),
             limits: Default::default(),
+            docker: Default::default(),
         };
         let id = berth_worker::identity::load_or_enrol(&cfg).await?;
         let endpoint = client_endpoint(client_config(ca_pem, Some(&id))?, false)?;

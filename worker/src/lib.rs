@@ -36,6 +36,8 @@ pub struct WorkerConfig {
     pub contain: contain::ContainConfig,
     /// The secrets this worker holds for jobs (`--secrets`).
     pub secrets: secrets::Secrets,
+    /// How the Docker executor holds sessions (packing, warm pools).
+    pub docker: executor::docker::DockerOptions,
 }
 
 #[derive(Debug, thiserror::Error)]

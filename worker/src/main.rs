@@ -46,6 +46,14 @@ struct Cli {
     /// Docker engine answers).
     #[arg(long = "executor", value_delimiter = ',', default_value = "process")]
     executors: Vec<String>,
+    /// Up to N Docker sessions of one owner and one image share one container, each in
+    /// a workspace directory of its own, the container's limits the sum of theirs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    docker_pack: u32,
+    /// Keep N containers of IMG started and idle for Docker sessions (repeatable), so
+    /// opening one does not wait for a container to start.
+    #[arg(long = "warm", value_name = "IMG=N", value_parser = parse_warm)]
+    warm: Vec<(String, usize)>,
     /// The most processes (and threads) one job may hold at once, in its cgroup or container.
     #[arg(long, alias = "docker-pids-limit", default_value_t = 4096, value_parser = clap::value_parser!(i64).range(16..=4_194_304))]
     pids_limit: i64,
@@ -115,6 +123,18 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// `--warm IMG=N`: an image and how many of its containers to keep warm (1 to 64).
+fn parse_warm(s: &str) -> Result<(String, usize), String> {
+    let Some((image, n)) = s.rsplit_once('=') else { return Err(format!("invalid --warm `{s}`: use IMAGE=N")) };
+    if image.is_empty() || image.contains(char::is_whitespace) {
+        return Err(format!("invalid --warm `{s}`: the image name is empty or has spaces"));
+    }
+    match n.parse::<usize>() {
+        Ok(n @ 1..=64) => Ok((image.to_string(), n)),
+        _ => Err(format!("invalid --warm `{s}`: N must be a whole number from 1 to 64")),
+    }
+}
+
 fn main() -> ExitCode {
     // What the worker makes (certificate, key, spool, workspaces) is its user's alone.
     // The work dir and its `slots/` are then 0700; the code that runs jobs as other
@@ -181,6 +201,7 @@ fn real_main(cli: Cli) -> Result<(), (u8, String)> {
             cgroups: !cli.no_cgroups,
         },
         secrets,
+        docker: berth_worker::executor::docker::DockerOptions { pack: cli.docker_pack as usize, warm: cli.warm },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| (1, format!("cannot start the runtime: {e}")))?;
     rt.block_on(berth_worker::session::run_on_host(cfg, host, shutdown_signal())).map_err(|e| (1, chain(&e)))

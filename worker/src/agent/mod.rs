@@ -41,6 +41,8 @@ use proto::{Bytes, Exit, FromAgent, Request, ToAgent};
 
 /// The marker every process of an exec carries in its environment.
 pub const TOKEN_VAR: &str = "BERTH_EXEC_TOKEN";
+/// The marker every process of a packed session carries (`Request::member`).
+pub const MEMBER_VAR: &str = "BERTH_PACK_MEMBER";
 /// What one read of an exec's pipe may take (one output frame, one spool chunk).
 const READ_BUF: usize = berth_shared::wire::MAX_CHUNK_BYTES;
 /// After its main process exits, an exec's output is read this long at most (a process
@@ -160,14 +162,52 @@ fn signal_exec(pgid: i32, token: &str, sig: Signal) {
     if pgid > 1 {
         let _ = killpg(Pid::from_raw(pgid), sig);
     }
-    for pid in marked(token) {
+    for pid in marked(TOKEN_VAR, token) {
         let _ = kill(Pid::from_raw(pid), sig);
     }
 }
 
-/// The processes whose environment holds `BERTH_EXEC_TOKEN=token`.
-fn marked(token: &str) -> Vec<i32> {
-    let needle = format!("{TOKEN_VAR}={token}\0").into_bytes();
+/// Ends every process of a packed session (`Request::kill_member`): SIGTERM, up to the
+/// grace for them to go, then SIGKILL to what is left.
+async fn kill_member(member: &str, grace: Duration) {
+    let signal_all = |sig| {
+        let left = marked(MEMBER_VAR, member);
+        for pid in &left {
+            let _ = kill(Pid::from_raw(*pid), sig);
+        }
+        left.len()
+    };
+    // Watched by pidfd (their exits go to the reaper, not here), taken before the signal.
+    let watched: Vec<_> = marked(MEMBER_VAR, member).into_iter().filter_map(exit_of).collect();
+    if signal_all(Signal::SIGTERM) == 0 {
+        return;
+    }
+    let gone = async {
+        for fd in watched {
+            let _ = fd.readable().await;
+        }
+    };
+    let _ = tokio::time::timeout(grace, gone).await;
+    signal_all(Signal::SIGKILL);
+}
+
+/// A pidfd of a process (readable once it has exited) on the runtime, when the
+/// process still exists.
+#[allow(unsafe_code)]
+fn exit_of(pid: i32) -> Option<tokio::io::unix::AsyncFd<OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags, and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: a descriptor just made for this process, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the OwnedFd stays open, and the same, for as long as the AsyncFd owns it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+}
+
+/// The processes whose environment holds `var=value`.
+fn marked(var: &str, value: &str) -> Vec<i32> {
+    let needle = format!("{var}={value}\0").into_bytes();
     let me = std::process::id() as i32;
     let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
     rd.flatten()
@@ -228,6 +268,11 @@ fn grow_pipe(fd: &OwnedFd) {
 }
 
 async fn run(agent: &Agent, id: u64, req: Request, mut rd: tokio::net::unix::OwnedReadHalf, wr: &mut tokio::net::unix::OwnedWriteHalf) -> Exit {
+    if req.kill_member {
+        let Some(member) = &req.member else { return failed(2, "kill_member without a member".into()) };
+        kill_member(member, Duration::from_millis(req.grace_ms)).await;
+        return Exit { code: Some(0), ..Default::default() };
+    }
     let Some(program) = req.argv.first() else { return failed(127, "an empty command".into()) };
     let token = uuid::Uuid::new_v4().simple().to_string();
     let mut cmd = std::process::Command::new(program);
@@ -237,6 +282,9 @@ async fn run(agent: &Agent, id: u64, req: Request, mut rd: tokio::net::unix::Own
     }
     if !req.env.iter().any(|(k, _)| k == "HOME") && !agent.base_env.iter().any(|(k, _)| k == "HOME") {
         cmd.env("HOME", "/root");
+    }
+    if let Some(member) = &req.member {
+        cmd.env(MEMBER_VAR, member);
     }
     cmd.env(TOKEN_VAR, &token)
         .current_dir(&req.cwd)
@@ -421,6 +469,8 @@ mod tests {
             stdin: false,
             timeout_ms: None,
             grace_ms: 500,
+            member: None,
+            kill_member: false,
         }
     }
 
@@ -506,5 +556,47 @@ mod tests {
         }
         times.sort();
         eprintln!("agent round trip of `true` on the host: p50 {:?}, p90 {:?}, max {:?}", times[100], times[180], times[199]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_members_leaving_ends_its_processes_and_no_neighbours() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = agent(dir.path());
+        // Two members, each with an exec whose tree also left its group.
+        let run = |member: &str| {
+            let mut r = req("setsid sleep 300 & echo ready; sleep 300");
+            r.member = Some(member.into());
+            let (socket, (tx, rx)) = (socket.clone(), mpsc::unbounded_channel::<ToAgent>());
+            let (ready_tx, ready_rx) = oneshot::channel();
+            let mut ready_tx = Some(ready_tx);
+            let h = tokio::spawn(async move {
+                let _keep = tx;
+                call(&socket, &r, rx, |_, _| {
+                    if let Some(t) = ready_tx.take() {
+                        let _ = t.send(());
+                    }
+                })
+                .await
+            });
+            (h, ready_rx)
+        };
+        let (a, a_ready) = run("a");
+        let (mut b, b_ready) = run("b");
+        a_ready.await.expect("a runs");
+        b_ready.await.expect("b runs");
+        assert_eq!((marked(MEMBER_VAR, "a").len(), marked(MEMBER_VAR, "b").len()), (3, 3), "sh and two sleeps each");
+        let mut k = req("");
+        (k.member, k.kill_member, k.grace_ms) = (Some("a".into()), true, 500);
+        let (_, _, exit) = exec(&socket, k, vec![]).await;
+        assert_eq!(exit.code, Some(0), "{exit:?}");
+        let a_exit = tokio::time::timeout(Duration::from_secs(5), a).await.expect("a's exec ends").expect("joined").expect("answered");
+        assert_eq!(a_exit.code, Some(143), "{a_exit:?}");
+        assert!(marked(MEMBER_VAR, "a").is_empty(), "nothing of a is left");
+        assert_eq!(marked(MEMBER_VAR, "b").len(), 3, "b runs on");
+        assert!(tokio::time::timeout(Duration::from_millis(200), &mut b).await.is_err(), "b's exec is still running");
+        let mut k = req("");
+        (k.member, k.kill_member) = (Some("b".into()), true);
+        exec(&socket, k, vec![]).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), b).await.expect("b's exec ends");
     }
 }

@@ -20,6 +20,12 @@ pub struct Request {
     pub timeout_ms: Option<u64>,
     /// How long a SIGTERM'd exec gets before SIGKILL.
     pub grace_ms: u64,
+    /// In a packed container: the session it belongs to (marked in the environment of
+    /// its processes as `BERTH_PACK_MEMBER`, so that session's leaving ends them all).
+    pub member: Option<String>,
+    /// Not an exec: end every process of `member` (SIGTERM, the grace, SIGKILL), then
+    /// answer one exit.
+    pub kill_member: bool,
 }
 
 /// The worker's frames after the request.
@@ -112,6 +118,8 @@ mod tests {
             stdin: true,
             timeout_ms: Some(5),
             grace_ms: 2000,
+            member: Some("m".into()),
+            kill_member: false,
         };
         assert_eq!(decode::<Request>(&encode(&r).expect("encodes")[4..]).expect("decodes"), r);
         let out = FromAgent::Output { stream: 1, data: Bytes(vec![7; 1000]) };

@@ -9,7 +9,7 @@
 pub mod docker;
 pub mod process;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,10 +54,20 @@ pub fn names() -> impl Iterator<Item = &'static str> {
 pub trait Executor: Send + Sync {
     /// Its name (`--executor`, and `berth_shared::job::Executor::name` of its jobs).
     fn name(&self) -> &'static str;
-    /// Where its jobs see their workspace (`BERTH_WORKSPACE`), when not at its path on
-    /// this host.
-    fn workspace_in_job(&self) -> Option<&'static str> {
+    /// Where its jobs see the workspace at `workspace` (`BERTH_WORKSPACE`), when not at
+    /// its path on this host.
+    fn workspace_in_job(&self, _workspace: &Path) -> Option<String> {
         None
+    }
+    /// Where a session's workspace is when the executor keeps it elsewhere than in the
+    /// slot's own directory (a packed container's): asked once, as the session starts,
+    /// right before `open_session`.
+    fn session_workspace(&self, _a: &Assignment, _slot: usize) -> Option<PathBuf> {
+        None
+    }
+    /// Tears down what it holds outside attempts (warm sandboxes) as the worker stops.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
     }
     /// Starts one attempt on the runtime; what happens to it comes back on `reports`
     /// (`Report::Started` once it runs, `Report::Ended` always, once).

@@ -106,6 +106,8 @@ struct Driver {
     instance: uuid::Uuid,
     /// The sessions open here, for copies into and out of their workspaces.
     sessions: crate::copy::Sessions,
+    /// Slots whose session's workspace is not the slot's own directory (packed).
+    elsewhere: std::collections::HashMap<usize, std::path::PathBuf>,
 }
 
 /// Runs the worker until `shutdown` resolves.
@@ -132,7 +134,7 @@ async fn run_on(mut cfg: WorkerConfig, host: Option<HostInfo>, shutdown: impl Fu
     };
     let asked = cfg.executors.clone();
     let executors = open_executors(&mut cfg).await?;
-    for d in ["spool", "slots", "groups", "containers"] {
+    for d in ["spool", "slots", "groups", "containers", "packs", "warm"] {
         let p = cfg.work_dir.join(d);
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).map_err(|source| WorkerError::WorkDir { path: p.clone(), source })?;
@@ -155,7 +157,7 @@ async fn run_on(mut cfg: WorkerConfig, host: Option<HostInfo>, shutdown: impl Fu
     };
     let instance = uuid::Uuid::new_v4();
     tracing::info!(%instance, "this worker process");
-    let mut driver = Driver { cfg, host, executors, clean: HashSet::new(), reports, instance, sessions: Default::default() };
+    let mut driver = Driver { cfg, host, executors, clean: HashSet::new(), reports, instance, sessions: Default::default(), elsewhere: Default::default() };
     tokio::pin!(shutdown);
     loop {
         let dialed = tokio::select! {
@@ -344,6 +346,13 @@ impl Driver {
                 }
                 Action::CleanSlot(slot) => {
                     self.sessions.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, d| d.slot != slot);
+                    if let Some(elsewhere) = self.elsewhere.remove(&slot) {
+                        if let Err(e) = std::fs::remove_dir_all(&elsewhere) {
+                            if e.kind() != std::io::ErrorKind::NotFound {
+                                tracing::warn!(error = %e, dir = %elsewhere.display(), "cannot remove a session's workspace");
+                            }
+                        }
+                    }
                     if prepare_workspace(&self.workspace(slot)).is_ok() {
                         self.clean.insert(slot);
                     }
@@ -364,8 +373,13 @@ impl Driver {
         self.executors.iter().find(|e| e.name() == name).map(|e| e.as_ref())
     }
 
+    /// The workspace of what runs in `slot`: the slot's own directory, or where its
+    /// session's executor keeps it (`Executor::session_workspace`).
     fn workspace(&self, slot: usize) -> std::path::PathBuf {
-        self.cfg.work_dir.join("slots").join(slot.to_string())
+        match self.elsewhere.get(&slot) {
+            Some(p) => p.clone(),
+            None => self.cfg.work_dir.join("slots").join(slot.to_string()),
+        }
     }
 
     /// Hands an attempt to its executor in its slot's workspace.
@@ -374,10 +388,7 @@ impl Driver {
         let workspace = self.workspace(slot);
         let prepared = if self.clean.remove(&slot) { Ok(()) } else { prepare_workspace(&workspace) };
         let exec = self.executor(&at.a);
-        let seen = match exec.and_then(|e| e.workspace_in_job()) {
-            Some(p) => std::borrow::Cow::Borrowed(p),
-            None => workspace.to_string_lossy(),
-        };
+        let seen = exec.and_then(|e| e.workspace_in_job(&workspace)).unwrap_or_else(|| workspace.to_string_lossy().into_owned());
         let env = job_env(&at.a, &at.gpus, !self.host.gpus.is_empty(), slot, &seen, &self.cfg.name, &self.cfg.secrets);
         let refused = match (prepared, env, exec) {
             (Err(e), _, _) => Err((None, format!("cannot prepare the slot workspace: {e}"))),
@@ -394,7 +405,7 @@ impl Driver {
             )),
             (Ok(()), Ok(env), Some(exec)) => Ok((env, exec)),
         };
-        let (env, exec) = match refused {
+        let (mut env, exec) = match refused {
             Ok(ok) => ok,
             Err((code, error)) => {
                 at.spool.close();
@@ -402,6 +413,23 @@ impl Driver {
                 return;
             }
         };
+        let (mut workspace, mut placed) = (workspace, None);
+        if at.a.spec.session.is_some() {
+            if let Some(elsewhere) = exec.session_workspace(&at.a, slot) {
+                if let Err(e) = std::fs::create_dir_all(&elsewhere) {
+                    tracing::warn!(error = %e, dir = %elsewhere.display(), "cannot make the session's workspace; its open fails");
+                }
+                let seen = exec.workspace_in_job(&elsewhere).unwrap_or_else(|| elsewhere.to_string_lossy().into_owned());
+                for (k, v) in env.iter_mut() {
+                    if k == "BERTH_WORKSPACE" {
+                        *v = seen.clone();
+                    }
+                }
+                placed = Some(elsewhere.clone());
+                workspace = elsewhere;
+            }
+        }
+        let workspace_of_session = workspace.clone();
         let launch = Launch {
             argv: at.a.spec.command.argv(),
             env,
@@ -414,9 +442,12 @@ impl Driver {
         let controls = Controls { kill: at.kill.subscribe(), freeze: at.freeze.subscribe() };
         let job = Job { assignment: &at.a, gpus: &at.gpus, slot, launch, spool: at.spool.clone(), controls, span };
         if at.a.spec.session.is_some() {
-            let dir = crate::copy::SessionDir { slot, workspace: self.workspace(slot), owner: exec.workspace_owner(slot) };
+            let dir = crate::copy::SessionDir { slot, workspace: workspace_of_session, owner: exec.workspace_owner(slot) };
             self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(lease, dir);
             exec.open_session(job, self.reports.clone());
+            if let Some(p) = placed {
+                self.elsewhere.insert(slot, p);
+            }
         } else {
             exec.spawn(job, self.reports.clone());
         }
@@ -440,10 +471,7 @@ impl Driver {
                 Err(e) => return ended(format!("--cwd: {e}")),
             },
         };
-        let seen = match executor.workspace_in_job() {
-            Some(p) => std::borrow::Cow::Borrowed(p),
-            None => workspace.to_string_lossy(),
-        };
+        let seen = executor.workspace_in_job(&workspace).unwrap_or_else(|| workspace.to_string_lossy().into_owned());
         let mut env = match job_env(&at.a, &at.gpus, !self.host.gpus.is_empty(), slot, &seen, &self.cfg.name, &self.cfg.secrets) {
             Ok(env) => env,
             Err(e) => return ended(e),
@@ -474,6 +502,9 @@ impl Driver {
                 }
             }
             self.apply(state, &mut None);
+        }
+        for e in &self.executors {
+            e.shutdown().await;
         }
     }
 

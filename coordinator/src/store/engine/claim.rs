@@ -101,7 +101,14 @@ impl<D: Db> Store<D> {
             let meta = self.meta(job_seq)?;
             self.event(job_seq, Some(idx).filter(|_| meta.is_array), now, JobState::Running, pick.attempt, Some(worker), Some(&pick.reason))?;
             self.shift(job_seq, JobState::Queued, JobState::Running, 1, s)?;
-            out.tasks.push(Assignment { lease, job: meta.id, index: Self::task_index(&meta, idx), attempt: pick.attempt, spec: (*meta.spec).clone() });
+            out.tasks.push(Assignment {
+                lease,
+                job: meta.id,
+                index: Self::task_index(&meta, idx),
+                attempt: pick.attempt,
+                spec: (*meta.spec).clone(),
+                owner: meta.owner.clone(),
+            });
         }
         let end = round.finish();
         // Cursors that advanced (to their end, or part of the way).

@@ -115,6 +115,7 @@ struct JobMeta {
     is_array: bool,
     spec: Arc<JobSpec>,
     /// The account charged and the month its reservation was made in.
+    owner: String,
     account: String,
     month: String,
     /// The reserved upper bound of one attempt of one task (zero: nothing reserved).
@@ -643,7 +644,15 @@ impl<D: Db> Store<D> {
         let spec = super::schema::decode_spec(&row.blob(2)?).ok_or_else(|| StoreError::Corrupt { job: id.clone() })?;
         let account = row.opt_str(4)?.unwrap_or(row.str(3)?);
         let attempt_estimate = decimal(&row.str(6)?, &id)?;
-        let m = Arc::new(JobMeta { id: job_id(&id)?, is_array: row.bool(1)?, spec: Arc::new(spec), account, month: row.str(5)?, attempt_estimate });
+        let m = Arc::new(JobMeta {
+            id: job_id(&id)?,
+            is_array: row.bool(1)?,
+            spec: Arc::new(spec),
+            owner: row.str(3)?,
+            account,
+            month: row.str(5)?,
+            attempt_estimate,
+        });
         if self.fresh_jobs.contains(&job_seq) {
             return Ok(m);
         }

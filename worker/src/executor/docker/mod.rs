@@ -25,10 +25,12 @@
 //! attempt and the labels put on containers and images; `container`: one attempt's
 //! container from create to remove; `freeze`: commits to an image, and seeding a
 //! workspace from one; `session`: a session's container, held with berth's agent as its
-//! entrypoint, and its execs.
+//! entrypoint, and its execs; `pool`: warm containers waiting for sessions, and
+//! containers packed with several sessions.
 
 mod container;
 mod freeze;
+mod pool;
 mod session;
 mod spec;
 
@@ -98,6 +100,16 @@ pub struct Engine {
 /// The executor's name (`--executor docker`).
 pub const NAME: &str = "docker";
 
+/// How the Docker executor holds sessions.
+#[derive(Clone, Debug, Default)]
+pub struct DockerOptions {
+    /// Up to this many sessions of one owner, image and network share one container
+    /// (`--docker-pack`; below 2: none does).
+    pub pack: usize,
+    /// Containers kept started and idle for sessions, per image (`--warm IMG=N`).
+    pub warm: Vec<(String, usize)>,
+}
+
 /// The docker executor as a worker offers it: its engine, and where it records the
 /// containers of running attempts (`containers/<lease>`).
 pub struct DockerExecutor {
@@ -105,6 +117,9 @@ pub struct DockerExecutor {
     worker: String,
     pids_limit: i64,
     containers: PathBuf,
+    places: session::Places,
+    warm: Option<std::sync::Arc<pool::Warm>>,
+    packs: std::sync::Arc<pool::Packs>,
 }
 
 /// Connects to the engine when the executor is asked for (an engine that does not
@@ -144,7 +159,14 @@ async fn open_engine(s: &Setup<'_>) -> Result<Opened, WorkerError> {
     for line in &swept.failed {
         tracing::error!(error = %line, "sweep");
     }
-    Ok(Opened::Offered(Box::new(DockerExecutor { engine, worker: cfg.name.clone(), pids_limit: cfg.contain.pids_limit, containers })))
+    let pids_limit = cfg.contain.pids_limit;
+    let packs = pool::Packs::new(cfg.docker.pack, cfg.work_dir.join("packs"), containers.clone(), cfg.name.clone(), pids_limit);
+    let warm = (!cfg.docker.warm.is_empty())
+        .then(|| pool::Warm::new(engine.clone(), cfg.name.clone(), pids_limit, containers.clone(), cfg.work_dir.join("warm"), cfg.docker.warm.clone()));
+    if let Some(w) = &warm {
+        w.fill();
+    }
+    Ok(Opened::Offered(Box::new(DockerExecutor { engine, worker: cfg.name.clone(), pids_limit, containers, places: Default::default(), warm, packs })))
 }
 
 impl Executor for DockerExecutor {
@@ -152,8 +174,23 @@ impl Executor for DockerExecutor {
         NAME
     }
 
-    fn workspace_in_job(&self) -> Option<&'static str> {
-        Some(WORKSPACE_IN_CONTAINER)
+    fn workspace_in_job(&self, workspace: &std::path::Path) -> Option<String> {
+        match workspace.file_name() {
+            Some(slot) if self.packs.holds(workspace) => Some(format!("{}/{}", pool::PACK_ROOT_IN_CONTAINER, slot.to_string_lossy())),
+            _ => Some(WORKSPACE_IN_CONTAINER.into()),
+        }
+    }
+
+    fn session_workspace(&self, a: &berth_shared::wire::Assignment, slot: usize) -> Option<PathBuf> {
+        self.packs.place(self.engine.cluster(), a, slot)
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            if let Some(w) = &self.warm {
+                w.shutdown().await;
+            }
+        })
     }
 
     fn spawn(&self, job: Job<'_>, reports: Reports) {

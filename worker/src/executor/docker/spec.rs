@@ -126,7 +126,7 @@ mod tests {
         spec.resources.millicpus = 1500;
         spec.resources.mem_mib = 32;
         spec.max_runtime_ms = Some(60_000);
-        let a = Assignment { lease: LeaseId::new(), job: JobId::new(), index: Some(4), attempt: 2, spec };
+        let a = Assignment { lease: LeaseId::new(), job: JobId::new(), index: Some(4), attempt: 2, spec, owner: "alice".into() };
         let now = UNIX_EPOCH + Duration::from_secs(1_000);
         let c = ContainerSpec::for_attempt(&a, "w1", "c1", 512, Duration::from_secs(2), now).expect("a docker task");
         assert_eq!(c.name, format!("berth-{}", a.lease));
@@ -152,7 +152,7 @@ mod tests {
     fn frozen_images_carry_no_attempt_labels() {
         let mut spec = JobSpec::new(Command::Argv(vec!["true".into()]));
         spec.executor = Executor::Docker { image: "busybox:1".into(), network: None };
-        let a = Assignment { lease: LeaseId::new(), job: JobId::new(), index: None, attempt: 1, spec };
+        let a = Assignment { lease: LeaseId::new(), job: JobId::new(), index: None, attempt: 1, spec, owner: "alice".into() };
         let c = ContainerSpec::for_attempt(&a, "w1", "c1", 512, Duration::from_secs(2), UNIX_EPOCH).expect("a docker task");
         let l = frozen_labels(&c, true, "/.berth/ws/x");
         // A container made from the image must not pass for an attempt of w1's.

@@ -26,7 +26,7 @@ fn fixture(slots: usize, prefetch: usize) -> Fixture {
 fn task(millicpus: u32) -> Assignment {
     let mut spec = JobSpec::new(Command::Argv(vec!["true".into()]));
     spec.resources.millicpus = millicpus;
-    Assignment { lease: LeaseId::new(), job: JobId::new(), index: None, attempt: 1, spec }
+    Assignment { lease: LeaseId::new(), job: JobId::new(), index: None, attempt: 1, spec, owner: "alice".into() }
 }
 
 fn done() -> Ended {

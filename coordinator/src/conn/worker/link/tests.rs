@@ -12,7 +12,7 @@ const TTL: Duration = Duration::from_secs(30);
 fn assignment(millicpus: u32) -> Assignment {
     let mut spec = JobSpec::new(Command::Argv(vec!["true".into()]));
     spec.resources.millicpus = millicpus;
-    Assignment { lease: LeaseId::new(), job: JobId::new(), index: None, attempt: 1, spec }
+    Assignment { lease: LeaseId::new(), job: JobId::new(), index: None, attempt: 1, spec, owner: "alice".into() }
 }
 
 fn outcome() -> Outcome {
