@@ -29,6 +29,10 @@ pub struct DevArgs {
     /// Where the coordinator listens.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: std::net::SocketAddr,
+    /// Executors the local worker offers (comma-separated): process, docker (offered
+    /// when the Docker engine answers).
+    #[arg(long = "executor", value_delimiter = ',', default_value = "process")]
+    pub executors: Vec<String>,
 }
 
 fn default_dir() -> PathBuf {
@@ -53,6 +57,10 @@ pub fn run(args: DevArgs) -> Result<u8, Fail> {
     let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     if slots == 0 || slots > 4096 {
         return Err(Fail::usage(format!("--slots {slots} is out of range: use 1 to 4096")));
+    }
+    if let Some(bad) = args.executors.iter().find(|e| !berth_worker::executor::names().any(|n| n == e.as_str())) {
+        let known: Vec<&str> = berth_worker::executor::names().collect();
+        return Err(Fail::usage(format!("--executor {bad}: unknown (berth knows {})", known.join(", "))));
     }
     berth_coordinator::init(&dir, &[]).map_err(fail)?;
 
@@ -117,7 +125,7 @@ pub fn run(args: DevArgs) -> Result<u8, Fail> {
         prefetch: 2,
         pool: "default".into(),
         labels: Vec::new(),
-        executors: vec!["process".into()],
+        executors: args.executors.clone(),
         server_name: Some("localhost".into()),
         contain: Default::default(),
         secrets: Default::default(),
@@ -139,7 +147,8 @@ pub fn run(args: DevArgs) -> Result<u8, Fail> {
             }
         } else {
             note!(
-                "berth dev: coordinator at {addr}, worker `local` with {slots} slots; try `BERTH_PROFILE={} berth submit -- echo hi`; Ctrl-C stops",
+                "berth dev: coordinator at {addr}, worker `local` with {slots} slots ({}); try `BERTH_PROFILE={} berth submit -- echo hi`; Ctrl-C stops",
+                args.executors.join(", "),
                 profile_path.display()
             );
             let _ = tokio::signal::ctrl_c().await;

@@ -20,7 +20,7 @@ use berth_shared::wire::{Request, Response};
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::api::{answer, unexpected, Client};
-use crate::exit::{Fail, EXIT_USAGE};
+use crate::exit::{Fail, EXIT_FAILURE, EXIT_USAGE};
 use crate::out::{note, out};
 use crate::show::Style;
 
@@ -187,6 +187,13 @@ enum Cmd {
     },
     /// Run a coordinator and a local worker in the foreground.
     Dev(dev::DevArgs),
+    /// The agent of a Docker session that `berth dev`'s in-process worker opened: its
+    /// containers run this binary as their PID 1 (not for people).
+    #[command(hide = true)]
+    Agent {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -295,6 +302,7 @@ fn real_main(cli: Cli) -> Result<u8, Fail> {
             Ok(0)
         }
         Cmd::Dev(args) => dev::run(args),
+        Cmd::Agent { socket } => berth_worker::agent::main(&socket).map(|()| 0).map_err(|e| Fail::new(EXIT_FAILURE, e)),
         command => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Fail::new(1, e.to_string()))?;
             rt.block_on(async move {
@@ -407,7 +415,7 @@ async fn command_main(client: &mut Client, command: Cmd) -> Result<u8, Fail> {
         Cmd::Session { command } => session::command(client, command, style).await,
         Cmd::Exec(a) => session::exec(client, &a).await,
         Cmd::Cp { src, dst } => session::cp(client, src, dst).await,
-        Cmd::Completions { .. } | Cmd::Dev(_) => Ok(0),
+        Cmd::Completions { .. } | Cmd::Dev(_) | Cmd::Agent { .. } => Ok(0),
     }
 }
 

@@ -460,3 +460,38 @@ fn a_warm_pool_opens_sessions_in_containers_already_started() {
     drop(c);
     drop(img);
 }
+
+#[test]
+fn berth_dev_offers_docker_sessions_when_asked() {
+    let test = "berth_dev_offers_docker_sessions_when_asked";
+    if !available(test) {
+        return;
+    }
+    let img = test_image().expect("the test image is made");
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let r = (|| -> Result<()> {
+        let mut cmd = Command::new(bin("berth"));
+        cmd.args(["dev", "--slots", "2", "--executor", "process,docker", "--data-dir"]).arg(dir.path().join("dev"));
+        let (mut dev, profile) = berth_e2e::spawn_ready("berth dev", cmd, &dir.path().join("dev.log"), "ready profile=", Duration::from_secs(60))?;
+        let berth = |args: &[&str]| -> Result<std::process::Output> {
+            let mut c = Command::new(bin("berth"));
+            c.args(args).env("BERTH_PROFILE", &profile).env("NO_COLOR", "1");
+            run_timeout(c, Duration::from_secs(60))
+        };
+        let out = berth(&["session", "open", "--image", &img.name])?;
+        ensure!(out.status.success(), "open: {}", String::from_utf8_lossy(&out.stderr));
+        let sid = String::from_utf8(out.stdout)?.trim().to_string();
+        let out = berth(&["exec", &sid, "--", "sh", "-c", "pwd; cat /etc/hostname >/dev/null && echo in-a-container"])?;
+        assert_eq!(String::from_utf8(out.stdout)?, "/workspace\nin-a-container\n", "{}", String::from_utf8_lossy(&out.stderr));
+        ensure!(session_containers(&sid).len() == 1, "one container for the session");
+        ensure!(berth(&["session", "close", &sid])?.status.success());
+        wait_until("the session's container to be gone", Duration::from_secs(15), || session_containers(&sid).is_empty())?;
+        dev.signal(nix::sys::signal::Signal::SIGINT);
+        dev.wait_exit(Duration::from_secs(20))?;
+        Ok(())
+    })();
+    drop(img);
+    if let Err(e) = r {
+        panic!("{e:?}");
+    }
+}
