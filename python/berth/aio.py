@@ -326,15 +326,18 @@ class Session:
         return loads(await _call(self.client._core.session_status, self.id))
 
     async def close(self) -> bool:
-        """Closes the session (idempotent; concurrent calls share one close)."""
-        if self._closed and self._closing is None:
+        """Closes the session (idempotent: True when it had already ended; concurrent
+        calls share one close)."""
+        if self._closed:
             return True
         if self._closing is None:
             self._closing = asyncio.ensure_future(_call(self.client._core.close_session, self.id))
         try:
-            _, already = await self._closing
-        finally:
-            self._closed = True
+            _, already = await asyncio.shield(self._closing)
+        except BaseException:
+            self._closing = None
+            raise
+        self._closed = True
         return already
 
 
