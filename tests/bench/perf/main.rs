@@ -31,6 +31,8 @@
 //! 7. Sessions (process): an exec's round trip on an open session against spawning
 //!    `true`; open to ready; 64 sessions x 50 execs against the executor's raw rate at
 //!    64; `berth cp` of 256 MiB in and out against a bare QUIC stream.
+//! 8. Docker sessions: an exec's round trip against `docker exec CONTAINER true`; open
+//!    to ready against a raw create + start of the same image; open from a warm pool.
 //!
 //! ```text
 //! cargo build --release --workspace && cargo bench -p berth-e2e --bench perf [-- --quick] [-- --json FILE]
@@ -47,6 +49,7 @@
 //! the rows; `env` what the scenarios share; one module per scenario.
 
 mod docker;
+mod docker_sessions;
 mod env;
 mod latency;
 mod output;
@@ -107,7 +110,7 @@ fn parse_args() -> Result<Opts> {
             "--only" => {
                 let v = value("--only")?;
                 o.only =
-                    Some(v.split(',').map(|s| s.trim().parse::<u8>().with_context(|| format!("--only `{v}`: scenario numbers 1-7"))).collect::<Result<_>>()?);
+                    Some(v.split(',').map(|s| s.trim().parse::<u8>().with_context(|| format!("--only `{v}`: scenario numbers 1-8"))).collect::<Result<_>>()?);
             }
             "--sim-workers" => o.sim_workers = Some(value("--sim-workers")?.parse().context("--sim-workers N")?),
             "-h" | "--help" => {
@@ -243,7 +246,7 @@ fn real_main() -> Result<()> {
         env.scale.budget
     );
     type Scenario = fn(&Env) -> Result<Vec<Row>>;
-    let scenarios: [(u8, &str, &str, Scenario); 8] = [
+    let scenarios: [(u8, &str, &str, Scenario); 9] = [
         (1, "1", "e2e: trivial jobs", trivial::scenario_1),
         (2, "2", "submit-to-start latency", latency::scenario_2),
         (3, "3", "store alone", store::scenario_3),
@@ -252,6 +255,7 @@ fn real_main() -> Result<()> {
         (5, "5d", "scale: simulated workers", scale::scenario_5_workers),
         (6, "6", "docker", docker::scenario_6),
         (7, "7", "sessions", sessions::scenario_7),
+        (8, "8", "docker sessions", docker_sessions::scenario_8),
     ];
     let mut rows = Vec::new();
     for (n, id, name, f) in scenarios {

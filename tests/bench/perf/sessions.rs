@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::env::Env;
 use crate::table::{list, num, RatioStyle, Row, Verdict};
 
-fn session_spec() -> JobSpec {
+pub(crate) fn session_spec() -> JobSpec {
     let mut spec = JobSpec::new(JobCommand::Argv(Vec::new()));
     let s = SessionSpec { idle_ttl_ms: 600_000, max_lifetime_ms: 3_600_000 };
     spec.max_runtime_ms = Some(s.max_lifetime_ms);
@@ -32,14 +32,19 @@ fn session_spec() -> JobSpec {
 
 /// Opens a session on an open connection; its id once it is ready.
 async fn open(raw: &Raw) -> Result<JobId> {
-    let resps = raw.request(&Request::OpenSession { spec: session_spec(), idempotency_key: uuid::Uuid::new_v4() }).await?;
+    open_spec(raw, session_spec()).await
+}
+
+/// Opens a session of `spec`; its id once it is ready.
+pub(crate) async fn open_spec(raw: &Raw, spec: JobSpec) -> Result<JobId> {
+    let resps = raw.request(&Request::OpenSession { spec, idempotency_key: uuid::Uuid::new_v4() }).await?;
     match resps.as_slice() {
         [.., Response::SessionReady { session, .. }] => Ok(*session),
         other => bail!("open answered {other:?}"),
     }
 }
 
-async fn close(raw: &Raw, id: JobId) -> Result<()> {
+pub(crate) async fn close(raw: &Raw, id: JobId) -> Result<()> {
     match raw.request(&Request::CloseSession { session: sel(id) }).await?.as_slice() {
         [Response::SessionClosed { .. }] => Ok(()),
         other => bail!("close answered {other:?}"),
@@ -51,7 +56,7 @@ fn sel(id: JobId) -> JobSelector {
 }
 
 /// Runs `true` in a session; the exit code must come back 0.
-async fn exec_true(raw: &Raw, id: JobId) -> Result<()> {
+pub(crate) async fn exec_true(raw: &Raw, id: JobId) -> Result<()> {
     let exec = ExecSpec { argv: vec!["true".into()], env: vec![], timeout_ms: None, cwd: None, stdin: false };
     let resps = raw.request(&Request::Exec { session: sel(id), exec, detach: false }).await?;
     match resps.last() {
@@ -71,9 +76,9 @@ fn spawn_floor() -> Result<f64> {
 }
 
 /// A round's p50 and p99.
-type P = (Option<f64>, Option<f64>);
+pub(crate) type P = (Option<f64>, Option<f64>);
 
-fn ms(a: Option<f64>, b: Option<f64>) -> String {
+pub(crate) fn ms(a: Option<f64>, b: Option<f64>) -> String {
     format!("p50 {} / p99 {} ms", a.map_or("n/a".into(), num), b.map_or("n/a".into(), num))
 }
 
