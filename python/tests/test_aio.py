@@ -19,7 +19,7 @@ def test_32_concurrent_sessions_on_one_loop(cluster):
         try:
 
             async def trajectory(i: int):
-                async with client.session(cpus=0.1, pool="default", idle_ttl="2m") as s:
+                async with client.session(pool="default", idle_ttl="2m") as s:
                     outs = []
                     for step in range(3):
                         r = await s.exec(["sh", "-c", f"echo {i}:{step}; echo e >&2"])
