@@ -429,12 +429,13 @@ fn a_warm_pool_opens_sessions_in_containers_already_started() {
         let taken: Vec<&String> = before.iter().filter(|n| inspect(n).is_ok_and(|i| i["Id"].as_str().is_some_and(|id| id.starts_with(&host)))).collect();
         ensure!(taken.len() == 1, "the session's container {host} is one of the warm ones {before:?}");
         ensure!(session_containers(&sid).is_empty(), "no container made for it");
-        let info = inspect(taken[0])?;
-        assert_eq!(
-            (info["HostConfig"]["NanoCpus"].as_i64(), info["HostConfig"]["Memory"].as_i64()),
-            (Some(500_000_000), Some(64 << 20)),
-            "the session's limits"
-        );
+        // The session's limits hold from its first exec (set in the container's cgroup),
+        // and the engine's record follows.
+        let mem = sh(&c, &sid, "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max")?;
+        assert_eq!(mem.trim(), (64u64 << 20).to_string(), "the session's memory limit inside its container");
+        wait_until("the engine to record the session's limits", Duration::from_secs(10), || {
+            inspect(taken[0]).is_ok_and(|i| i["HostConfig"]["NanoCpus"].as_i64() == Some(500_000_000) && i["HostConfig"]["Memory"].as_i64() == Some(64 << 20))
+        })?;
         assert_eq!(sh(&c, &sid, "pwd; echo $BERTH_WORKSPACE; echo x > f; cat f")?, "/workspace\n/workspace\nx\n");
         // Its workspace is the slot's: copies reach it.
         let src = c.path("warm-in.txt");

@@ -100,7 +100,12 @@ fn unescape(s: &str) -> String {
 /// This process's cgroup in each hierarchy: (controllers, path); v2 is the one with
 /// hierarchy id 0 and no controllers.
 fn own_cgroups() -> io::Result<Vec<(u32, Vec<String>, String)>> {
-    let text = fs::read_to_string("/proc/self/cgroup")?;
+    cgroups_of("self")
+}
+
+/// A process's cgroups (`pid`: a number, or `self`), as `own_cgroups`.
+fn cgroups_of(pid: &str) -> io::Result<Vec<(u32, Vec<String>, String)>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
     Ok(text
         .lines()
         .filter_map(|l| {
@@ -337,6 +342,30 @@ pub struct SlotCgroup {
 }
 
 impl SlotCgroup {
+    /// The cgroup another process is in (a container's: its limits can be set here
+    /// without a round trip through the engine). Never removed by this side.
+    pub fn of_process(pid: i32) -> Result<SlotCgroup, String> {
+        let found = cgroups_of(&pid.to_string()).map_err(|e| format!("cannot read process {pid}'s cgroups: {e}"))?;
+        let mounts = mounts().map_err(|e| format!("cannot read the cgroup mounts: {e}"))?;
+        let v2_path = found.iter().find(|(id, ctl, _)| *id == 0 && ctl.is_empty()).map(|(_, _, p)| p.clone());
+        let unified = v2_path.as_ref().and_then(|p| mounts.iter().find(|m| m.v2).map(|m| dir_in(m, p)));
+        // A v1 controller's directory, if that controller is mounted as v1.
+        let v1 = |name: &str| {
+            let (_, _, path) = found.iter().find(|(id, ctl, _)| *id != 0 && ctl.iter().any(|c| c == name))?;
+            let m = mounts.iter().find(|m| !m.v2 && m.controllers.iter().any(|c| c == name))?;
+            Some(dir_in(m, path))
+        };
+        let (memory, pids, cpu, v2) = match (v1("memory"), v1("pids")) {
+            (Some(memory), Some(pids)) => (memory, pids, v1("cpu"), false),
+            _ => {
+                let d = unified.clone().ok_or_else(|| format!("process {pid} has no cgroup with the memory and pids controllers"))?;
+                let cpu = d.join("cpu.max").exists().then(|| d.clone());
+                (d.clone(), d, cpu, true)
+            }
+        };
+        Ok(SlotCgroup { memory, pids, cpu, unified, v2, procs: Vec::new(), last: Default::default(), owned: Vec::new() })
+    }
+
     /// A cgroup inside this one for one exec of a session (`name`): its processes are
     /// held by this slot's limits and can be killed, and waited for, apart from the
     /// slot's other processes. Made in the v2 hierarchy (or, without one, in the v1

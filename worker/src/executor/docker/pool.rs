@@ -27,6 +27,7 @@ use std::time::Duration;
 use berth_shared::ids::LeaseId;
 use berth_shared::job::Executor;
 use berth_shared::wire::Assignment;
+use bollard::query_parameters::InspectContainerOptions;
 use tokio::sync::watch;
 
 use super::container::{stop, wait_exit};
@@ -63,6 +64,9 @@ pub struct Sandbox {
     /// The workspace directory bound at `/workspace`.
     pub ws: PathBuf,
     pub image: ImageCfg,
+    /// The container's cgroup, where a session's limits are set at once (the engine is
+    /// told after, for its own record).
+    pub cgroup: Option<crate::contain::SlotCgroup>,
     /// Notices the container ending while it waits.
     watch: Option<tokio::task::JoinHandle<()>>,
 }
@@ -160,7 +164,18 @@ impl Warm {
         let (dir, ws) = (run_dir(&self.containers, &tag), self.root.join(&id));
         std::fs::create_dir_all(&ws).map_err(|e| format!("cannot make {}: {e}", ws.display()))?;
         match start_sandbox(&self.engine, &c, (&ws, WORKSPACE_IN_CONTAINER), &dir, Vec::new(), None).await {
-            Ok(image) => Ok(Sandbox { name: c.name, dir, ws, image, watch: None }),
+            Ok(image) => {
+                let cgroup = match self.engine.client().inspect_container(&c.name, None::<InspectContainerOptions>).await {
+                    Ok(i) => match i.state.and_then(|s| s.pid).filter(|p| *p > 0) {
+                        Some(pid) => crate::contain::SlotCgroup::of_process(pid as i32)
+                            .map_err(|e| tracing::debug!(error = %e, "a warm container's limits go through the engine"))
+                            .ok(),
+                        None => None,
+                    },
+                    Err(_) => None,
+                };
+                Ok(Sandbox { name: c.name, dir, ws, image, cgroup, watch: None })
+            }
             Err(e) => {
                 remove(&self.engine, &c.name, &dir).await;
                 let _ = std::fs::remove_dir_all(&ws);

@@ -193,7 +193,25 @@ async fn warmed(
 ) -> Ended {
     let adopted = async {
         std::fs::rename(&sandbox.ws, &launch.workspace).map_err(|e| format!("cannot hand the warm container's workspace to the slot: {e}"))?;
-        resize(engine, &sandbox.name, c.nano_cpus, c.memory_bytes, c.pids_limit).await
+        let limits = crate::contain::Limits {
+            millicpus: c.nano_cpus.map_or(0, |n| (n / 1_000_000) as u32),
+            mem_mib: c.memory_bytes.map_or(0, |b| (b / (1024 * 1024)) as u64),
+            pids: c.pids_limit as u64,
+        };
+        // Set in the container's cgroup at once; the engine's record follows (the same
+        // values, so a `docker inspect` agrees). Without the cgroup, through the engine.
+        match sandbox.cgroup.as_ref().map(|cg| cg.limit(limits)) {
+            Some(Ok(())) => {
+                let (engine, name, c) = (engine.clone(), sandbox.name.clone(), c.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = resize(&engine, &name, c.nano_cpus, c.memory_bytes, c.pids_limit).await {
+                        tracing::warn!(container = %name, error = %e, "the engine did not take the session's limits (its cgroup has them)");
+                    }
+                });
+                Ok(())
+            }
+            _ => resize(engine, &sandbox.name, c.nano_cpus, c.memory_bytes, c.pids_limit).await,
+        }
     };
     if let Err(why) = adopted.await {
         tracing::warn!(container = %sandbox.name, reason = %why, "a warm container could not be used; making one for the session");
