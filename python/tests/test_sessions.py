@@ -4,6 +4,7 @@ out; close (idempotent, and on the way out of a ``with`` that raised)."""
 
 import os
 import threading
+import time
 
 import pytest
 
@@ -79,6 +80,19 @@ def test_several_execs_at_once_and_cancel(client):
         assert r.exit_code != 0 and r.stdout.startswith(b"tick\n"), r
         execs = {e["exec"]: e for e in s.status()["execs"]}
         assert execs[ticking.exec_no]["ended_at"] is not None
+
+
+def test_cancel_ends_a_command_that_prints_nothing(client):
+    with client.session(**FREE) as s:
+        silent = s.start("sleep 300")
+        started = time.monotonic()
+        silent.cancel()
+        r = silent.wait()
+        assert r.exit_code != 0, r
+        assert time.monotonic() - started < 30
+        execs = {e["exec"]: e for e in s.status()["execs"]}
+        assert execs[silent.exec_no]["ended_at"] is not None
+        assert s.exec("echo still").stdout == b"still\n"
 
 
 def test_upload_download_and_syncs(client, tmp_path):

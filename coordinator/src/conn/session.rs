@@ -187,6 +187,10 @@ async fn stream_exec(
     // Whether the store must be read before trusting notices (at the start, and after
     // a gap or a lag).
     let mut reread = true;
+    // The client stopping its stream (a cancelled handle, a dropped one) ends the wait,
+    // even for an exec that prints nothing.
+    let stopped = send.stopped();
+    tokio::pin!(stopped);
     loop {
         if reread {
             reread = false;
@@ -208,7 +212,11 @@ async fn stream_exec(
                 return send_frame(send, &Response::End).await;
             }
         }
-        match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+        let got = tokio::select! {
+            got = tokio::time::timeout(Duration::from_secs(1), rx.recv()) => got,
+            _ = &mut stopped => return Err(ApiError::new(ErrorKind::Invalid, "the client stopped reading the exec's output")),
+        };
+        match got {
             Ok(Ok(n)) => match &*n {
                 Notice::Output { job: j, exec: e, stream, seq: s, data, .. } if *j == job && *e == exec => {
                     let next = at(&mut pos, *stream);
