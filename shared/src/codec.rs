@@ -181,7 +181,14 @@ mod tests {
 
     #[test]
     fn round_trip_assignment() {
-        let a = Assignment { lease: LeaseId::new(), job: JobId::new(), index: Some(7), attempt: 2, spec: JobSpec::new(Command::Script("echo hi".into())), owner: "alice".into() };
+        let a = Assignment {
+            lease: LeaseId::new(),
+            job: JobId::new(),
+            index: Some(7),
+            attempt: 2,
+            spec: JobSpec::new(Command::Script("echo hi".into())),
+            owner: "alice".into(),
+        };
         let buf = encode(&CoordMsg::Assign(vec![a.clone()])).expect("encodes");
         let back: CoordMsg = decode(&buf[4..]).expect("decodes");
         assert_eq!(back, CoordMsg::Assign(vec![a]));
