@@ -326,6 +326,7 @@ async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>, id: u64, handsha
     match hello.kind {
         PeerKind::Client => {
             let _ = send.finish();
+            conn.set_max_concurrent_bi_streams(berth_shared::tls::CLIENT_BI_STREAMS.into());
             conn::client::serve(conn, shared, name, role).await
         }
         PeerKind::Enrol => {

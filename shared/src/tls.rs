@@ -204,6 +204,11 @@ fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
 /// was about 0.5 MiB a connection.
 pub const PEER_BI_STREAMS: u32 = 32;
 pub const PEER_UNI_STREAMS: u32 = 16;
+/// Requests an authenticated client may have open at once (raised from
+/// `PEER_BI_STREAMS` once its certificate is checked): a harness's hundred trajectories
+/// on one connection each hold an exec's stream, and a long exec must not make the
+/// others wait.
+pub const CLIENT_BI_STREAMS: u32 = 512;
 
 /// Copies into and out of sessions a worker serves at once (streams the coordinator
 /// opens to it).

@@ -92,7 +92,7 @@ pub fn scenario_8(env: &Env) -> Result<Vec<Row>> {
     let raw = env.rt.block_on(Raw::connect(&c.profile))?;
     let docker = bollard::Docker::connect_with_defaults()?;
     let p = |v: &[f64]| (percentile(v, 50.0), percentile(v, 99.0));
-    let (mut exec_p, mut dexec_p, mut open_p, mut raw_p, mut warm_p): (Vec<P>, Vec<P>, Vec<P>, Vec<P>, Vec<P>) = Default::default();
+    let (mut exec_p, mut dexec_p, mut open_p, mut raw_p, mut warm_p) = (Vec::<P>::new(), Vec::<P>::new(), Vec::<P>::new(), Vec::<P>::new(), Vec::<P>::new());
     let mut rounds = Rounds::new(env.rounds, end);
     while let Some(r) = rounds.next_round() {
         let round = (|| -> Result<()> {
