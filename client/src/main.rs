@@ -191,6 +191,7 @@ enum Cmd {
     /// containers run this binary as their PID 1 (not for people).
     #[command(hide = true)]
     Agent {
+        /// Where the agent listens (a unix socket in the session's directory).
         #[arg(long)]
         socket: std::path::PathBuf,
     },
