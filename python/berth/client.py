@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 from . import _berth
@@ -32,7 +33,7 @@ from ._common import (
     session_kwargs,
     submit_kwargs,
 )
-from .errors import BerthError, InvalidSpec
+from .errors import BerthError, InvalidSpec, WaitTimeout
 
 __all__ = ["Client", "Job", "Session", "CommandHandle"]
 
@@ -452,8 +453,10 @@ class CommandHandle:
     def done(self) -> bool:
         return self._reader.end is not None
 
-    def _more(self, lines: Optional[List[OutputLine]]) -> bool:
-        items = self._stream.next()
+    def _more(self, lines: Optional[List[OutputLine]], timeout_ms: Optional[int] = None) -> bool:
+        items = self._stream.next(None, timeout_ms)
+        if items and items[0][0] == "timeout":
+            return False
         if not items:
             if self._reader.end is None:
                 raise BerthError(f"the exec's stream ended before it did (exec {self.exec_no}: Client.sessions shows it)")
@@ -486,17 +489,21 @@ class CommandHandle:
         self._native.close_stdin()
 
     def wait(self, timeout: Duration = None) -> CommandResult:
-        """Waits for the command's end and returns its ``CommandResult``."""
-        _ = timeout  # the exec's own timeout bounds it; see Session.start
+        """Waits for the command's end and returns its ``CommandResult``;
+        ``WaitTimeout`` after ``timeout`` seconds (the command goes on)."""
+        limit = duration_ms("timeout", timeout)
+        deadline = None if limit is None else time.monotonic() + limit / 1000
         with self._lock:
             while self._reader.end is None:
-                self._more(None)
+                left = None if deadline is None else int((deadline - time.monotonic()) * 1000)
+                if left is not None and left <= 0:
+                    raise WaitTimeout(f"exec {self.exec_no} did not end within {timeout} (it goes on)")
+                self._more(None, left)
         return self._reader.result()
 
     def cancel(self) -> None:
         """Stops following the command and closes its stdin; the coordinator then
-        kills its process tree (once it next writes output: a silent command runs on
-        until it ends or its timeout). ``wait()`` afterwards gives its end."""
+        kills its process tree. ``wait()`` afterwards gives its end."""
         with self._lock:
             if self._cancelled or self._reader.end is not None:
                 return

@@ -224,16 +224,29 @@ const BATCH_BYTES: usize = 4 << 20;
 
 #[pymethods]
 impl Stream {
-    #[pyo3(signature = (done=None))]
-    fn next(&self, py: Python<'_>, done: Option<PyObject>) -> PyResult<PyObject> {
+    /// The next batch of items (empty: the stream ended). With `timeout_ms`, the one
+    /// item `("timeout",)` when nothing came within it (the stream goes on).
+    #[pyo3(signature = (done=None, timeout_ms=None))]
+    fn next(&self, py: Python<'_>, done: Option<PyObject>, timeout_ms: Option<u64>) -> PyResult<PyObject> {
         let rx = self.rx.clone();
         drive(py, done, async move {
             let mut rx = rx.lock().await;
             let mut items = Vec::new();
-            match rx.recv().await {
-                None => {}
-                Some(Err(f)) => return Err(f),
-                Some(Ok(i)) => items.push(i),
+            let first = match timeout_ms {
+                None => Some(rx.recv().await),
+                Some(ms) => tokio::time::timeout(std::time::Duration::from_millis(ms), rx.recv()).await.ok(),
+            };
+            match first {
+                None => {
+                    return Ok(Box::new(|py: Python<'_>| {
+                        let list = pyo3::types::PyList::empty(py);
+                        list.append(("timeout",))?;
+                        Ok(list.into_any().unbind())
+                    }) as Out)
+                }
+                Some(None) => {}
+                Some(Some(Err(f))) => return Err(f),
+                Some(Some(Ok(i))) => items.push(i),
             }
             let mut bytes = 0;
             while bytes < BATCH_BYTES {

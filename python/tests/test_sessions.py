@@ -85,6 +85,8 @@ def test_several_execs_at_once_and_cancel(client):
 def test_cancel_ends_a_command_that_prints_nothing(client):
     with client.session(**FREE) as s:
         silent = s.start("sleep 300")
+        with pytest.raises(berth.WaitTimeout):
+            silent.wait(timeout=0.3)
         started = time.monotonic()
         silent.cancel()
         r = silent.wait()
