@@ -18,7 +18,7 @@ use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOp
 use serde_json::json;
 
 use crate::env::Env;
-use crate::sessions::{close, exec_true, ms, open_spec, session_spec, P};
+use crate::sessions::{close, exec_round_trips, ms, open_spec, session_spec, P};
 use crate::table::{Row, Verdict};
 
 const WARM: usize = 4;
@@ -99,18 +99,7 @@ pub fn scenario_8(env: &Env) -> Result<Vec<Row>> {
             // (a) exec round trips on one open session, and `docker exec` into its container.
             let id: JobId = env.rt.block_on(open_spec(&raw, spec(&img, "cold")))?;
             let container = docker::containers_with(&format!("berth.job={id}"))?.into_iter().next().context("the session's container")?;
-            env.rt.block_on(async {
-                for _ in 0..5 {
-                    exec_true(&raw, id).await?;
-                }
-                Ok::<_, anyhow::Error>(())
-            })?;
-            let mut lat = Vec::with_capacity(n_exec);
-            for _ in 0..n_exec {
-                let t = Instant::now();
-                env.rt.block_on(exec_true(&raw, id))?;
-                lat.push(t.elapsed().as_secs_f64() * 1e3);
-            }
+            let lat = exec_round_trips(env, &raw, id, n_exec)?;
             let dexec: Vec<f64> = (0..n_exec.min(50)).map(|_| docker_exec(&container)).collect::<Result<_>>()?;
             env.rt.block_on(close(&raw, id))?;
             exec_p.push(p(&lat));

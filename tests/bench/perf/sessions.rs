@@ -65,6 +65,20 @@ pub(crate) async fn exec_true(raw: &Raw, id: JobId) -> Result<()> {
     }
 }
 
+/// `n` round trips of `true` on an open session (after 5 not timed), in ms.
+pub(crate) fn exec_round_trips(env: &Env, raw: &Raw, id: JobId, n: usize) -> Result<Vec<f64>> {
+    for _ in 0..5 {
+        env.rt.block_on(exec_true(raw, id))?;
+    }
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        env.rt.block_on(exec_true(raw, id))?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(lat)
+}
+
 /// The harness spawning `true` and waiting for it: the floor under any exec.
 fn spawn_floor() -> Result<f64> {
     let t = Instant::now();
@@ -100,18 +114,7 @@ pub fn scenario_7(env: &Env) -> Result<Vec<Row>> {
         let round = (|| -> Result<()> {
             // (a) exec round trips on one open session.
             let id = env.rt.block_on(open(&raw))?;
-            env.rt.block_on(async {
-                for _ in 0..5 {
-                    exec_true(&raw, id).await?;
-                }
-                Ok::<_, anyhow::Error>(())
-            })?;
-            let mut lat = Vec::with_capacity(n_exec);
-            for _ in 0..n_exec {
-                let t = Instant::now();
-                env.rt.block_on(exec_true(&raw, id))?;
-                lat.push(t.elapsed().as_secs_f64() * 1e3);
-            }
+            let lat = exec_round_trips(env, &raw, id, n_exec)?;
             env.rt.block_on(close(&raw, id))?;
             let floor: Vec<f64> = (0..50).map(|_| spawn_floor()).collect::<Result<_>>()?;
             exec_p.push(p(&lat));

@@ -214,3 +214,16 @@ pub(crate) async fn kill_asked(kill: &mut watch::Receiver<Option<KillReason>>) -
         }
     }
 }
+
+/// Resolves with the tag once a freeze is asked for (at once if it already was); never
+/// if the asking side is gone.
+pub(crate) async fn freeze_asked(freeze: &mut watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(tag) = freeze.borrow_and_update().clone() {
+            return tag;
+        }
+        if freeze.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}

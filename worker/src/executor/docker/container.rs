@@ -131,16 +131,7 @@ async fn attempt(engine: &Engine, launch: &Launch, c: &ContainerSpec, spool: &Ar
     tokio::pin!(exited);
     let timer = crate::executor::deadline_passed(launch.max_runtime.map(|d| tokio::time::Instant::now() + d));
     let killed = crate::executor::kill_asked(&mut kill);
-    let frozen = async {
-        loop {
-            if let Some(tag) = freeze.borrow_and_update().clone() {
-                return tag;
-            }
-            if freeze.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-        }
-    };
+    let frozen = crate::executor::freeze_asked(&mut freeze);
     let end = tokio::select! {
         r = &mut exited => End::Exited(r),
         _ = timer => End::TimedOut,

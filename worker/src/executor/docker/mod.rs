@@ -182,7 +182,7 @@ impl Executor for DockerExecutor {
     }
 
     fn session_workspace(&self, a: &berth_shared::wire::Assignment, slot: usize) -> Option<PathBuf> {
-        self.packs.place(self.engine.cluster(), a, slot)
+        self.packs.place(a, slot)
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {

@@ -329,7 +329,7 @@ impl Packs {
 
     /// Places a session that may be packed in a pack with room (or a new one), and
     /// returns its workspace there; `None`: it is not packed.
-    pub fn place(&self, cluster: &str, a: &Assignment, slot: usize) -> Option<PathBuf> {
+    pub fn place(&self, a: &Assignment, slot: usize) -> Option<PathBuf> {
         let Executor::Docker { image, network } = &a.spec.executor else { return None };
         if self.max < 2 || a.spec.session.is_none() || a.spec.resources.gpus > 0 {
             return None;
@@ -361,7 +361,7 @@ impl Packs {
                     state: watch::Sender::new(PackState::Starting),
                     resizing: tokio::sync::Mutex::new(()),
                 });
-                tracing::debug!(pack = %p.name, cluster, "a new packed container");
+                tracing::debug!(pack = %p.name, "a new packed container");
                 t.open.push(p.clone());
                 p
             }

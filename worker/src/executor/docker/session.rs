@@ -30,7 +30,7 @@ use super::freeze::{freeze_into, seed_workspace};
 use super::pool::{Pack, Packs, Sandbox, PACK_ROOT_IN_CONTAINER};
 use super::{message, status, ContainerSpec, DockerExecutor, Engine, LABEL_ROLE, LABEL_WORKSPACE, WORKSPACE_IN_CONTAINER};
 use crate::agent::proto::{Bytes, Request, ToAgent};
-use crate::executor::{deadline_passed, kill_asked, not_started, spawn_attempt, Controls, Ended, ExecJob, Job, Launch, Report, Reports};
+use crate::executor::{deadline_passed, freeze_asked, kill_asked, not_started, spawn_attempt, Controls, Ended, ExecJob, Job, Launch, Report, Reports};
 use crate::spool::Spool;
 use berth_shared::ids::LeaseId;
 
@@ -252,18 +252,11 @@ async fn packed(
             let member = Some(lease.to_string());
             ready(Place { socket: pack.dir.join(SOCKET), host_root: pack.ws_root.clone(), root_in_container: PACK_ROOT_IN_CONTAINER, member });
             let crate::executor::Controls { mut kill, mut freeze } = controls;
-            let outcome = |reason: Option<KillReason>, error: Option<String>| Outcome {
-                exit_code: None,
-                signal: None,
-                timed_out: reason == Some(KillReason::TimedOut),
-                killed: reason.is_some_and(|r| r != KillReason::TimedOut),
-                runtime_ms: begin.elapsed().as_millis() as u64,
-                error,
-            };
+            let outcome = |reason, error| session_outcome(begin, None, reason, error);
             tokio::select! {
                 r = kill_asked(&mut kill) => Ended { outcome: outcome(Some(r), None), frozen: None },
                 why = pack.gone() => Ended { outcome: outcome(None, Some(why)), frozen: None },
-                _ = frozen(&mut freeze) => Ended {
+                _ = freeze_asked(&mut freeze) => Ended {
                     outcome: outcome(None, Some("freeze failed: a packed session shares its container with its neighbours, so it cannot be frozen (open it on a worker without --docker-pack)".into())),
                     frozen: None,
                 },
@@ -274,15 +267,16 @@ async fn packed(
     ended
 }
 
-/// Resolves with the tag once a freeze is asked for; never if the asking side is gone.
-async fn frozen(freeze: &mut tokio::sync::watch::Receiver<Option<String>>) -> String {
-    loop {
-        if let Some(tag) = freeze.borrow_and_update().clone() {
-            return tag;
-        }
-        if freeze.changed().await.is_err() {
-            return std::future::pending().await;
-        }
+/// How a session held since `begin` ended: killed for `reason` (a timeout is not a
+/// kill), or by itself with `exit_code` and `error`.
+fn session_outcome(begin: Instant, exit_code: Option<i32>, reason: Option<KillReason>, error: Option<String>) -> Outcome {
+    Outcome {
+        exit_code,
+        signal: None,
+        timed_out: reason == Some(KillReason::TimedOut),
+        killed: reason.is_some_and(|r| r != KillReason::TimedOut),
+        runtime_ms: begin.elapsed().as_millis() as u64,
+        error,
     }
 }
 
@@ -421,14 +415,7 @@ async fn said(engine: &Engine, name: &str) -> String {
 async fn hold(engine: &Engine, c: &ContainerSpec, launch: &Launch, controls: Controls, image: &ImageCfg, begin: Instant) -> Ended {
     let Controls { mut kill, mut freeze } = controls;
     let docker = engine.client();
-    let outcome = |exit_code: Option<i32>, reason: Option<KillReason>, error: Option<String>| Outcome {
-        exit_code,
-        signal: None,
-        timed_out: reason == Some(KillReason::TimedOut),
-        killed: reason.is_some_and(|r| r != KillReason::TimedOut),
-        runtime_ms: begin.elapsed().as_millis() as u64,
-        error,
-    };
+    let outcome = |exit_code, reason, error| session_outcome(begin, exit_code, reason, error);
     tokio::select! {
         r = kill_asked(&mut kill) => {
             stop(docker, &c.name, launch.grace).await;
@@ -442,7 +429,7 @@ async fn hold(engine: &Engine, c: &ContainerSpec, launch: &Launch, controls: Con
             tracing::warn!(reason = %why, "session ended");
             Ended { outcome: outcome(code, None, Some(why)), frozen: None }
         }
-        tag = frozen(&mut freeze) => {
+        tag = freeze_asked(&mut freeze) => {
             stop(docker, &c.name, launch.grace).await;
             let env = blank_env(&launch.env, &image.env);
             let launch = Launch { argv: image.cmd.clone(), ..launch.clone() };
