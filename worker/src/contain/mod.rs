@@ -9,6 +9,7 @@
 
 pub mod cgroup;
 pub mod identity;
+pub mod spawn;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -11,7 +11,6 @@
 //! groups its previous run left (`kill_left_over`) and empties the slots' cgroups.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use berth_shared::job::Outcome;
 use berth_shared::wire::{Containment as Summary, KillReason, OutStream};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -229,45 +228,6 @@ fn base_env(workspace: &Path, id: Option<&JobIdentity>) -> Vec<(String, String)>
     env
 }
 
-/// Runs in the child between fork and exec (so only async-signal-safe calls, nothing
-/// allocated): joins the slot's cgroups (each descriptor is a `cgroup.procs`, and `0`
-/// is the writer itself), so nothing it starts can be outside them, then becomes the
-/// attempt's user, with no supplementary groups and no way to gain privileges (setuid
-/// programs do not raise it).
-///
-/// The one place of unsafe code in berth: a child must join its cgroup before it can
-/// fork, so this runs in `pre_exec`, and the system calls are libc's.
-#[allow(unsafe_code)]
-fn enter(procs: &[RawFd], id: Option<&JobIdentity>) -> std::io::Result<()> {
-    let check = |r: libc::c_int| if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
-    for fd in procs {
-        // SAFETY: writes one byte from a static buffer to a descriptor the parent opened.
-        if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } != 1 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    if let Some(id) = id {
-        // SAFETY: plain system calls on values, valid in a forked child.
-        unsafe {
-            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-            check(libc::setgroups(0, std::ptr::null()))?;
-            check(libc::setgid(id.gid))?;
-            check(libc::setuid(id.uid))?;
-        }
-    }
-    Ok(())
-}
-
-/// Has the child `enter` its cgroups and identity before it execs.
-#[allow(unsafe_code)]
-fn contained(cmd: &mut tokio::process::Command, procs: Vec<RawFd>, id: Option<JobIdentity>) {
-    // SAFETY: `enter` makes only async-signal-safe system calls and allocates nothing;
-    // `procs` stay open in the parent (the slot's cgroup holds them) until the spawn returns.
-    unsafe {
-        cmd.pre_exec(move || enter(&procs, id.as_ref()));
-    }
-}
-
 /// Runs one attempt to its end. `started` is called with the process group id once
 /// the child runs; `kill` asks for the attempt to be killed.
 pub async fn run(launch: Launch, confine: Confine, spool: Arc<Spool>, kill: watch::Receiver<Option<KillReason>>, started: impl FnOnce(i32)) -> Outcome {
@@ -327,44 +287,34 @@ async fn run_inner(
         Some(io) => (io.cwd, io.stdin),
         None => (launch.workspace.clone(), None),
     };
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(&launch.argv[1..])
-        .current_dir(&cwd)
-        .env_clear()
-        .envs(base_env(&launch.workspace, identity.as_ref()))
-        .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(if stdin_rx.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(false);
     let procs = cgroup.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
-    if !procs.is_empty() || identity.is_some() {
-        contained(&mut cmd, procs, identity.clone());
-    }
-    let mut child = match cmd.spawn() {
+    let env: Vec<(String, String)> = base_env(&launch.workspace, identity.as_ref()).into_iter().chain(launch.env.iter().cloned()).collect();
+    let path = env.iter().rfind(|(k, _)| k == "PATH").map(|(_, v)| v.clone());
+    let spawned = crate::contain::spawn::spawn(crate::contain::spawn::Spawn {
+        argv: &launch.argv,
+        env,
+        cwd: &cwd,
+        stdin: stdin_rx.is_some(),
+        procs: &procs,
+        identity: identity.as_ref().map(|i| (i.uid, i.gid)),
+    });
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             spool.close();
             // A PATH search reports EACCES when any directory on the PATH was not
             // searchable by the job's user, even if the program is in none of them.
-            let path = base_env(&launch.workspace, identity.as_ref())
-                .into_iter()
-                .chain(launch.env.iter().cloned())
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rfind(|(k, _)| k == "PATH");
-            let missing = !program.contains('/') && path.is_some_and(|(_, p)| !std::env::split_paths(&p).any(|d| d.join(program).exists()));
+            let missing = !program.contains('/') && path.is_some_and(|p| !std::env::split_paths(&p).any(|d| d.join(program).exists()));
             if e.kind() == std::io::ErrorKind::PermissionDenied && !missing {
                 return fail(126, format!("cannot start `{program}`: {e}"));
             }
-            if missing {
+            if missing || e.kind() == std::io::ErrorKind::NotFound && !program.contains('/') {
                 return fail(127, format!("cannot start `{program}`: not found on the PATH"));
             }
             return fail(127, format!("cannot start `{program}`: {e}"));
         }
     };
-    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let pgid = child.id();
     if let Some(path) = &launch.record {
         record_group(path, pgid);
     }
