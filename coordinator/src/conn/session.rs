@@ -132,7 +132,8 @@ pub async fn exec(
             }
         });
     }
-    let r = stream_exec(shared, send, &mut rx, order.job, exec, (0, 0), true).await;
+    // Followed from before the exec was stored: its notices are all there is, from the start.
+    let r = stream_exec(shared, send, &mut rx, (order.job, order.job_seq), exec, (0, 0), Fresh::Yes).await;
     if r.is_err() {
         // The client went away (or the coordinator stops): end what it ran.
         a.registry.do_send(registry::Tell { worker, msg: CoordMsg::KillExec { lease, exec } });
@@ -151,11 +152,11 @@ pub async fn exec_output(
 ) -> Result<(), ApiError> {
     let a = &shared.actors;
     let mut rx = follow(shared).await?;
-    let (_, id) = {
+    let (seq, id) = {
         let sel = session.clone();
         query(&a.reader, move |r| r.resolve(&sel, &Scope::All)).await.map_err(api)?
     };
-    stream_exec(shared, send, &mut rx, id, exec, after, follow_it).await
+    stream_exec(shared, send, &mut rx, (id, seq), exec, after, if follow_it { Fresh::No } else { Fresh::Once }).await
 }
 
 /// The sequence number sent last on one stream.
@@ -166,27 +167,38 @@ fn at(pos: &mut (u64, u64), s: OutStream) -> &mut u64 {
     }
 }
 
-/// Sends exec `exec`'s output after `pos` (per-stream sequence numbers) and its end.
-/// Live output goes straight from the store's notices when they follow on from what
-/// was sent; anything else (a gap, a lag, the start) is read from the store, so nothing
-/// is skipped or sent twice.
+/// How `stream_exec` starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fresh {
+    /// The exec was just stored, with the notices followed from before: nothing of it
+    /// is in the store that the notices will not bring, so the store is not read first.
+    Yes,
+    /// Read the store, then follow the notices.
+    No,
+    /// Read the store once and stop there (`End` unless it has ended).
+    Once,
+}
+
+/// Sends exec `exec` (of session `job`, stored as `seq`)'s output after `pos` (per-stream
+/// sequence numbers) and its end. Live output goes straight from the store's notices
+/// when they follow on from what was sent; anything else (a gap, a lag, the start of an
+/// exec stored before) is read from the store, so nothing is skipped or sent twice. Its
+/// end, when every notice before it was sent, goes at once: its output was all stored
+/// (and published) before its end was.
 async fn stream_exec(
     shared: &Shared,
     send: &mut quinn::SendStream,
     rx: &mut broadcast::Receiver<Arc<Notice>>,
-    job: JobId,
+    (job, seq): (JobId, i64),
     exec: u32,
     mut pos: (u64, u64),
-    follow_it: bool,
+    fresh: Fresh,
 ) -> Result<(), ApiError> {
     let a = &shared.actors;
-    let (seq, _) = {
-        let sel = JobSelector { prefix: job.to_string(), index: None };
-        query(&a.reader, move |r| r.resolve(&sel, &Scope::All)).await.map_err(api)?
-    };
+    let follow_it = fresh != Fresh::Once;
     // Whether the store must be read before trusting notices (at the start, and after
     // a gap or a lag).
-    let mut reread = true;
+    let mut reread = fresh != Fresh::Yes;
     // The client stopping its stream (a cancelled handle, a dropped one) ends the wait,
     // even for an exec that prints nothing.
     let stopped = send.stopped();
@@ -227,8 +239,10 @@ async fn stream_exec(
                         reread = true;
                     }
                 }
-                // Its output was all stored before its end was: read what is left.
-                Notice::ExecEnded { job: j, end } if *j == job && end.exec == exec => reread = true,
+                // Its output was all stored, and published, before its end was.
+                Notice::ExecEnded { job: j, end } if *j == job && end.exec == exec => {
+                    return send_frame(send, &Response::ExecEnded(end.clone())).await;
+                }
                 Notice::Job { job: j, state, .. } if *j == job && state.is_terminal() => reread = true,
                 _ => {}
             },

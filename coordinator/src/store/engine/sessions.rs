@@ -13,6 +13,8 @@ pub struct ExecOrder {
     pub job: JobId,
     pub worker: String,
     pub lease: LeaseId,
+    /// The session's row, for reading the exec's output back.
+    pub job_seq: i64,
 }
 
 /// Output of exec `exec` is stored under this stream code (the session's own task
@@ -76,7 +78,7 @@ impl<D: Db> Store<D> {
             "INSERT INTO execs(job_seq, exec, lease, argv, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             p![job_seq, exec, lease.to_string(), argv, ms(now)],
         )?;
-        Ok(ExecOrder { exec, job: id, worker, lease })
+        Ok(ExecOrder { exec, job: id, worker, lease, job_seq })
     }
 
     /// Records how an exec ended, if `lease` is still its session's (or the session was
