@@ -532,3 +532,30 @@ fn a_detached_exec_survives_a_coordinator_killed_under_it_with_its_output_once()
         Ok(())
     })
 }
+
+#[test]
+fn slots_of_closed_sessions_are_claimed_again_by_sessions_opened_at_once() {
+    let mut c = Cluster::start().expect("cluster");
+    c.add_worker("w", 64).expect("worker");
+    on(c, |c| {
+        for _ in 0..11 {
+            let sid = open(c, &[])?;
+            for _ in 0..5 {
+                exec_ok(c, &sid, &["--", "true"])?;
+            }
+            let out = c.berth(&["session", "close", &sid]);
+            ensure!(out.status.success(), "close: {}", shown(&out));
+        }
+        // Every slot again, at once.
+        let ids: Vec<Result<String>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..64).map(|_| s.spawn(|| open(c, &[]))).collect();
+            hs.into_iter().map(|h| h.join().expect("thread")).collect()
+        });
+        for id in ids {
+            let id = id?;
+            let out = c.berth(&["session", "close", &id]);
+            ensure!(out.status.success(), "close: {}", shown(&out));
+        }
+        Ok(())
+    });
+}
