@@ -281,6 +281,7 @@ on_both_backends!(
     reads_see_only_the_jobs_in_scope,
     million_task_array_is_one_row,
     claim_leases_distinct_tasks_within_caps_and_drain,
+    a_claim_that_looked_at_part_of_a_long_queue_says_there_is_more,
     finish_records_once_and_only_with_the_live_lease,
     heartbeat_renews_leases,
     expiry_requeues_then_fails_and_fences_old_leases,
@@ -479,6 +480,32 @@ fn claim_leases_distinct_tasks_within_caps_and_drain(h: &mut Harness) {
     assert_eq!((s.counts.queued, s.counts.running), (0, 10));
     let s = h.summary(gpu_job);
     assert_eq!((s.counts.queued, s.counts.running, s.state), (0, 1, JobState::Running));
+}
+
+fn a_claim_that_looked_at_part_of_a_long_queue_says_there_is_more(h: &mut Harness) {
+    // Many one-task jobs of one account (64 sessions a harness opens at once, say).
+    let jobs: HashSet<JobId> = (0..40).map(|_| h.submit(&job())).collect();
+    let claim = |h: &mut Harness, n: u32| {
+        let (worker, caps) = ("w1".to_string(), Arc::new(cpu_worker()));
+        h.call(|reply| Op::Claim { worker, n, caps, free: None, now: at(1), ttl: TTL, reply }).expect("claim")
+    };
+    let mut got = HashSet::new();
+    let mut claims = 0;
+    loop {
+        let c = claim(h, 64);
+        claims += 1;
+        got.extend(c.tasks.iter().map(|a| a.job));
+        assert!(c.tasks.len() < 64, "[{}] there are only 40", h.backend);
+        if !c.more {
+            break;
+        }
+        assert!(!c.tasks.is_empty(), "[{}] `more` only after a claim that took something", h.backend);
+        assert!(claims < 10, "[{}] claims must come to an end", h.backend);
+    }
+    assert_eq!(got, jobs, "[{}] claiming while the store says `more` takes every queued job", h.backend);
+    assert!(claims > 1, "[{}] one claim looks at part of the queue", h.backend);
+    let c = claim(h, 64);
+    assert!(c.tasks.is_empty() && !c.more, "[{}] nothing is left, and the store says so", h.backend);
 }
 
 fn finish_records_once_and_only_with_the_live_lease(h: &mut Harness) {

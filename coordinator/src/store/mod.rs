@@ -94,12 +94,15 @@ pub use berth_shared::resources::FreeResources as Free;
 
 use crate::scheduler::WorkerCaps;
 
-/// What a claim took: the tasks (with the GPU indices each was given), and when to
-/// ask again if some task is waiting for a cheaper pool's spill delay.
+/// What a claim took: the tasks (with the GPU indices each was given), when to ask
+/// again if some task is waiting for a cheaper pool's spill delay, and whether it took
+/// some of a bounded look at the queue with more queued behind it (so fewer than asked
+/// does not mean the queue is empty: claim again).
 #[derive(Clone, Debug, Default)]
 pub struct Claimed {
     pub tasks: Vec<Assignment>,
     pub retry_in: Option<Duration>,
+    pub more: bool,
 }
 
 /// One output chunk to store.

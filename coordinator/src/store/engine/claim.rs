@@ -4,6 +4,11 @@
 use super::*;
 use crate::scheduler::{Candidate, Kind, Round};
 
+/// Jobs with unclaimed indices one claim looks at per account (an array is one job).
+const JOBS_PER_ACCOUNT: usize = 16;
+/// Accounts one claim looks at.
+const ACCOUNTS: usize = 1000;
+
 impl<D: Db> Store<D> {
     pub(super) fn drained(&mut self, worker: &str) -> Result<bool, StoreError> {
         Ok(match self.db.query_opt("SELECT drained FROM workers WHERE name = ?1", p![worker])? {
@@ -38,25 +43,34 @@ impl<D: Db> Store<D> {
         // Candidates per account: re-queued tasks first (they have waited longest), then
         // jobs with unclaimed indices behind their cursor.
         let mut candidates = Vec::new();
+        // Whether a look at the queue stopped at its bound with more behind it.
+        let mut truncated = false;
         let sql = format!(
             "SELECT t.job_seq, t.idx, t.attempt, COALESCE(t.queued_at, j.created_at), j.account, j.owner FROM tasks t JOIN jobs j ON j.seq = t.job_seq
              WHERE t.state = 'queued' ORDER BY j.priority DESC, t.job_seq, t.idx LIMIT ?1{}",
             self.db.skip_locked_of("t")
         );
-        for r in self.db.query(&sql, p![(i64::from(n)).clamp(1, 256) * 4])? {
+        let requeued_limit = i64::from(n).clamp(1, 256) * 4;
+        let requeued = self.db.query(&sql, p![requeued_limit])?;
+        truncated |= requeued.len() as i64 >= requeued_limit;
+        for r in requeued {
             let (job_seq, account) = (r.i64(0)?, r.opt_str(4)?.unwrap_or(r.str(5)?));
             let spec = self.meta(job_seq)?.spec.clone();
             candidates.push(Candidate { job_seq, account, spec, queued_at_ms: r.i64(3)?, kind: Kind::Requeued { idx: r.i64(1)?, attempt: r.u32(2)? } });
         }
-        let accounts = self.db.query("SELECT DISTINCT account FROM jobs WHERE next_idx <= idx_end AND held = 0 AND blocked = 0 LIMIT 1000", p![])?;
+        let accounts =
+            self.db.query(&format!("SELECT DISTINCT account FROM jobs WHERE next_idx <= idx_end AND held = 0 AND blocked = 0 LIMIT {ACCOUNTS}"), p![])?;
+        truncated |= accounts.len() >= ACCOUNTS;
         let sql = format!(
             "SELECT seq, next_idx, idx_end, created_at FROM jobs WHERE account = ?1 AND next_idx <= idx_end AND held = 0 AND blocked = 0
-             ORDER BY priority DESC, seq LIMIT 16{}",
+             ORDER BY priority DESC, seq LIMIT {JOBS_PER_ACCOUNT}{}",
             self.db.skip_locked()
         );
         for a in accounts {
             let account = a.str(0)?;
-            for r in self.db.query(&sql, p![account.as_str()])? {
+            let jobs = self.db.query(&sql, p![account.as_str()])?;
+            truncated |= jobs.len() >= JOBS_PER_ACCOUNT;
+            for r in jobs {
                 let job_seq = r.i64(0)?;
                 let spec = self.meta(job_seq)?.spec.clone();
                 candidates.push(Candidate {
@@ -116,6 +130,9 @@ impl<D: Db> Store<D> {
             self.db.exec("UPDATE jobs SET next_idx = ?1 WHERE seq = ?2", p![next, job_seq])?;
         }
         out.retry_in = end.retry_in;
+        // Only when it took something: a bounded look whose every task fits nowhere
+        // here must not be claimed again and again.
+        out.more = truncated && !out.tasks.is_empty();
         Ok(out)
     }
 }

@@ -220,8 +220,9 @@ impl Link {
             }
         };
         let got = claimed.tasks;
-        // A full claim may have left more behind it.
-        if got.len() as u32 == asked {
+        // A full claim may have left more behind it; so may one that took some of a
+        // bounded look at the queue.
+        if got.len() as u32 == asked || claimed.more {
             self.hint = true;
         }
         if let Some(f) = self.free.as_mut() {

@@ -26,7 +26,7 @@ fn feed(link: &mut Link, input: Input) -> Vec<Action> {
 }
 
 fn claimed(tasks: Vec<Assignment>, retry_in: Option<Duration>) -> Result<Claimed, StoreError> {
-    Ok(Claimed { tasks, retry_in })
+    Ok(Claimed { tasks, retry_in, more: false })
 }
 
 #[tokio::test(start_paused = true)]
@@ -48,11 +48,15 @@ async fn one_claim_at_a_time_for_no_more_than_was_asked() {
     assert_eq!(link.claim_due(Instant::now(), true), None);
     feed(&mut link, Input::Work);
     assert_eq!(link.claim_due(Instant::now(), true), Some(Action::Claim { n: 2, free: None }));
+    // Unless the store says it looked at part of the queue only: claimed again at once.
+    let more = Ok(Claimed { tasks: vec![assignment(0)], retry_in: None, more: true });
+    feed(&mut link, Input::Claimed { asked: 2, result: more });
+    assert_eq!(link.claim_due(Instant::now(), true), Some(Action::Claim { n: 1, free: None }));
     // A closed connection claims nothing.
-    feed(&mut link, Input::Claimed { asked: 2, result: Err(StoreError::Stopped) });
+    feed(&mut link, Input::Claimed { asked: 1, result: Err(StoreError::Stopped) });
     feed(&mut link, Input::Work);
     assert_eq!(link.claim_due(Instant::now(), false), None);
-    assert_eq!(link.claim_due(Instant::now(), true), Some(Action::Claim { n: 2, free: None }), "a failed claim is tried again");
+    assert_eq!(link.claim_due(Instant::now(), true), Some(Action::Claim { n: 1, free: None }), "a failed claim is tried again");
 }
 
 #[tokio::test(start_paused = true)]
