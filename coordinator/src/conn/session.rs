@@ -341,6 +341,15 @@ async fn copy_stream(
     }
 }
 
+/// Passes one stream's bytes on to another as the chunks QUIC received them, without
+/// copying them through a buffer of its own.
+async fn relay(from: &mut quinn::RecvStream, to: &mut quinn::SendStream) -> std::io::Result<()> {
+    while let Some(chunk) = from.read_chunk(usize::MAX, true).await? {
+        to.write_chunk(chunk.bytes).await?;
+    }
+    Ok(())
+}
+
 /// Copies a tar stream from the client into a session's workspace, through its worker.
 pub async fn copy_in(
     shared: &Shared,
@@ -356,7 +365,7 @@ pub async fn copy_in(
     let (mut wsend, mut wrecv) = copy_stream(shared, scope, session, |lease| CopyRequest::In { lease, dest, name }).await?;
     send_frame(send, &Response::CopyReady).await?;
     let lost = |e: std::io::Error| ApiError::new(ErrorKind::Internal, format!("the copy was cut off: {e}"));
-    if let Err(e) = tokio::io::copy(&mut recv, &mut wsend).await {
+    if let Err(e) = relay(&mut recv, &mut wsend).await {
         let _ = wsend.reset(1u32.into());
         return Err(lost(e));
     }
@@ -373,7 +382,7 @@ pub async fn copy_out(shared: &Shared, send: &mut quinn::SendStream, scope: &Sco
     check_copy(&path, None)?;
     let (_wsend, mut wrecv) = copy_stream(shared, scope, session, |lease| CopyRequest::Out { lease, path }).await?;
     send_frame(send, &Response::CopyReady).await?;
-    if let Err(e) = tokio::io::copy(&mut wrecv, send).await {
+    if let Err(e) = relay(&mut wrecv, send).await {
         // Cut off: the client must not take what it got for the whole.
         let _ = send.reset(1u32.into());
         return Err(ApiError::new(ErrorKind::Internal, format!("the copy was cut off: {e}")));
