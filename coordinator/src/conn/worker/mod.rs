@@ -41,6 +41,10 @@ use crate::store::StoreError;
 /// for the link, or the end of the control stream.
 enum Event {
     Input(Input),
+    /// A frame, with when it was read: a link busy under load hears it later, and a
+    /// worker killed meanwhile must not seem to have spoken then (its link would claim
+    /// for it).
+    Frame(WorkerMsg, Instant),
     Closed(String),
 }
 
@@ -226,7 +230,7 @@ async fn link(
             let why = loop {
                 match read_frame::<_, WorkerMsg>(&mut recv).await {
                     Ok(Some(m)) => {
-                        if ev_tx.send(Event::Input(Input::Frame(m))).is_err() {
+                        if ev_tx.send(Event::Frame(m, Instant::now())).is_err() {
                             return;
                         }
                     }
@@ -272,9 +276,14 @@ async fn link(
         if !act(&mut actions, &a, &name, &caps, &ev_tx, &conn, &mut pending) {
             break;
         }
+        let mut at = None;
         let input = tokio::select! {
             e = ev.recv() => match e {
                 Some(Event::Input(i)) => i,
+                Some(Event::Frame(m, read)) => {
+                    at = Some(read);
+                    Input::Frame(m)
+                }
                 Some(Event::Closed(why)) => {
                     tracing::info!(reason = %why, "worker disconnected");
                     break;
@@ -292,7 +301,7 @@ async fn link(
                 Input::Work
             }
         };
-        link.handle(input, Instant::now(), &mut actions);
+        link.handle(input, at.unwrap_or_else(Instant::now), &mut actions);
         if !act(&mut actions, &a, &name, &caps, &ev_tx, &conn, &mut pending) {
             break;
         }
