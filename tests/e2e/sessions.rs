@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use berth_e2e::raw::session_spec;
 use berth_e2e::{bin, group_members, wait_until, Cluster};
 use serde_json::Value;
 
@@ -533,65 +534,23 @@ fn a_detached_exec_survives_a_coordinator_killed_under_it_with_its_output_once()
     })
 }
 
-#[test]
-fn slots_of_closed_sessions_are_claimed_again_by_sessions_opened_at_once() {
-    let mut c = Cluster::start().expect("cluster");
-    c.add_worker("w", 64).expect("worker");
-    on(c, |c| {
-        for _ in 0..11 {
-            let sid = open(c, &[])?;
-            for _ in 0..5 {
-                exec_ok(c, &sid, &["--", "true"])?;
-            }
-            let out = c.berth(&["session", "close", &sid]);
-            ensure!(out.status.success(), "close: {}", shown(&out));
-        }
-        // Every slot again, at once.
-        let ids: Vec<Result<String>> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..64).map(|_| s.spawn(|| open(c, &[]))).collect();
-            hs.into_iter().map(|h| h.join().expect("thread")).collect()
-        });
-        for id in ids {
-            let id = id?;
-            let out = c.berth(&["session", "close", &id]);
-            ensure!(out.status.success(), "close: {}", shown(&out));
-        }
-        Ok(())
-    });
-}
-
 /// A harness opening its trajectories at once on one connection, after some came and
 /// went: every one is claimed (each claim looks at 16 jobs of an account, and said
 /// nothing of the rest behind them, so 48 of these waited for news that never came).
 #[test]
 fn sessions_opened_at_once_on_one_connection_all_open() {
-    use berth_shared::wire::{Request, Response};
     let mut c = Cluster::start().expect("cluster");
     c.add_worker("w", 64).expect("worker");
     on(c, |c| {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async {
             let raw = berth_e2e::raw::Raw::connect(&c.profile).await?;
-            let mut spec = berth_shared::job::JobSpec::new(berth_shared::job::Command::Argv(Vec::new()));
-            spec.session = Some(berth_shared::session::SessionSpec { idle_ttl_ms: 600_000, max_lifetime_ms: 3_600_000 });
-            spec.max_runtime_ms = Some(3_600_000);
-            spec.max_attempts = 1;
-            let open = |spec: berth_shared::job::JobSpec| {
-                let raw = &raw;
-                async move {
-                    let r = raw.request(&Request::OpenSession { spec, idempotency_key: uuid::Uuid::new_v4() }).await?;
-                    match r.as_slice() {
-                        [.., Response::SessionReady { session, .. }] => Ok(*session),
-                        other => bail!("open answered {other:?}"),
-                    }
-                }
-            };
             for _ in 0..11 {
-                let id = open(spec.clone()).await?;
-                raw.request(&Request::CloseSession { session: berth_shared::ids::JobSelector { prefix: id.to_string(), index: None } }).await?;
+                let id = raw.open_session(session_spec()).await?;
+                raw.close_session(id).await?;
             }
             // Far more one-task jobs than one claim looks at: every one opens.
-            futures::future::try_join_all((0..64).map(|_| open(spec.clone()))).await?;
+            futures::future::try_join_all((0..64).map(|_| raw.open_session(session_spec()))).await?;
             Ok::<_, anyhow::Error>(())
         })
     });

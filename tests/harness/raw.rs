@@ -7,10 +7,22 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use berth_shared::codec::{read_frame, write_frame};
 use berth_shared::dial::{client_endpoint, dial, Dialed};
-use berth_shared::ids::LeaseId;
+use berth_shared::ids::{JobId, JobSelector, LeaseId};
+use berth_shared::job::{Command as JobCommand, JobSpec};
 use berth_shared::profile::Profile;
+use berth_shared::session::SessionSpec;
 use berth_shared::tls::client_config;
 use berth_shared::wire::{CoordMsg, Hello, HelloReply, HostInfo, OutputFrame, PeerKind, Request, Response, WorkerMsg, PROTOCOL_VERSION};
+
+/// A process session with nothing asked for: an idle TTL of 10 minutes, a lifetime of an hour.
+pub fn session_spec() -> JobSpec {
+    let mut spec = JobSpec::new(JobCommand::Argv(Vec::new()));
+    let s = SessionSpec { idle_ttl_ms: 600_000, max_lifetime_ms: 3_600_000 };
+    spec.max_runtime_ms = Some(s.max_lifetime_ms);
+    spec.max_attempts = 1;
+    spec.session = Some(s);
+    spec
+}
 
 pub struct Raw {
     pub endpoint: quinn::Endpoint,
@@ -30,6 +42,23 @@ impl Raw {
         match read_frame::<_, HelloReply>(&mut r).await? {
             Some(HelloReply::Welcome { .. }) => Ok(Raw { endpoint, conn }),
             other => Err(anyhow!("hello failed: {other:?}")),
+        }
+    }
+
+    /// Opens a session of `spec`; its id once it is ready.
+    pub async fn open_session(&self, spec: JobSpec) -> Result<JobId> {
+        let resps = self.request(&Request::OpenSession { spec, idempotency_key: uuid::Uuid::new_v4() }).await?;
+        match resps.as_slice() {
+            [.., Response::SessionReady { session, .. }] => Ok(*session),
+            other => Err(anyhow!("open answered {other:?}")),
+        }
+    }
+
+    /// Closes session `id`.
+    pub async fn close_session(&self, id: JobId) -> Result<()> {
+        match self.request(&Request::CloseSession { session: JobSelector { prefix: id.to_string(), index: None } }).await?.as_slice() {
+            [Response::SessionClosed { .. }] => Ok(()),
+            other => Err(anyhow!("close answered {other:?}")),
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use berth_e2e::bench::{median, percentile, Rounds};
-use berth_e2e::raw::Raw;
+use berth_e2e::raw::{session_spec, Raw};
 use berth_e2e::{docker, run_timeout, wait_until, Cluster};
 use berth_shared::ids::JobId;
 use berth_shared::job::{Executor, JobSpec};
@@ -18,7 +18,7 @@ use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOp
 use serde_json::json;
 
 use crate::env::Env;
-use crate::sessions::{close, exec_round_trips, ms, open_spec, session_spec, P};
+use crate::sessions::{exec_round_trips, ms, P};
 use crate::table::{Row, Verdict};
 
 const WARM: usize = 4;
@@ -97,20 +97,20 @@ pub fn scenario_8(env: &Env) -> Result<Vec<Row>> {
     while let Some(r) = rounds.next_round() {
         let round = (|| -> Result<()> {
             // (a) exec round trips on one open session, and `docker exec` into its container.
-            let id: JobId = env.rt.block_on(open_spec(&raw, spec(&img, "cold")))?;
+            let id: JobId = env.rt.block_on(raw.open_session(spec(&img, "cold")))?;
             let container = docker::containers_with(&format!("berth.job={id}"))?.into_iter().next().context("the session's container")?;
             let lat = exec_round_trips(env, &raw, id, n_exec)?;
             let dexec: Vec<f64> = (0..n_exec.min(50)).map(|_| docker_exec(&container)).collect::<Result<_>>()?;
-            env.rt.block_on(close(&raw, id))?;
+            env.rt.block_on(raw.close_session(id))?;
             exec_p.push(p(&lat));
             dexec_p.push(p(&dexec));
             // (b) cold opens, against raw create + start.
             let (mut opens, mut raws) = (Vec::new(), Vec::new());
             for i in 0..n_open {
                 let t = Instant::now();
-                let id = env.rt.block_on(open_spec(&raw, spec(&img, "cold")))?;
+                let id = env.rt.block_on(raw.open_session(spec(&img, "cold")))?;
                 opens.push(t.elapsed().as_secs_f64() * 1e3);
-                env.rt.block_on(close(&raw, id))?;
+                env.rt.block_on(raw.close_session(id))?;
                 raws.push(env.rt.block_on(raw_start(&docker, &img, i))?);
             }
             open_p.push(p(&opens));
@@ -120,9 +120,9 @@ pub fn scenario_8(env: &Env) -> Result<Vec<Row>> {
             for _ in 0..n_open {
                 wait_until("the warm pool to be full", Duration::from_secs(60), || warm_ready(&c, "warm") >= WARM)?;
                 let t = Instant::now();
-                let id = env.rt.block_on(open_spec(&raw, spec(&img, "warm")))?;
+                let id = env.rt.block_on(raw.open_session(spec(&img, "warm")))?;
                 warm.push(t.elapsed().as_secs_f64() * 1e3);
-                env.rt.block_on(close(&raw, id))?;
+                env.rt.block_on(raw.close_session(id))?;
             }
             warm_p.push(p(&warm));
             eprintln!(

@@ -10,45 +10,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use berth_e2e::bench::{executor_rate, median, percentile, Rounds};
-use berth_e2e::raw::Raw;
+use berth_e2e::raw::{session_spec, Raw};
 use berth_e2e::Cluster;
 use berth_shared::ids::{JobId, JobSelector};
-use berth_shared::job::{Command as JobCommand, JobSpec};
-use berth_shared::session::{ExecSpec, SessionSpec};
+use berth_shared::session::ExecSpec;
 use berth_shared::wire::{Request, Response};
 use serde_json::json;
 
 use crate::env::Env;
 use crate::table::{list, num, RatioStyle, Row, Verdict};
 
-pub(crate) fn session_spec() -> JobSpec {
-    let mut spec = JobSpec::new(JobCommand::Argv(Vec::new()));
-    let s = SessionSpec { idle_ttl_ms: 600_000, max_lifetime_ms: 3_600_000 };
-    spec.max_runtime_ms = Some(s.max_lifetime_ms);
-    spec.max_attempts = 1;
-    spec.session = Some(s);
-    spec
-}
-
 /// Opens a session on an open connection; its id once it is ready.
 async fn open(raw: &Raw) -> Result<JobId> {
-    open_spec(raw, session_spec()).await
-}
-
-/// Opens a session of `spec`; its id once it is ready.
-pub(crate) async fn open_spec(raw: &Raw, spec: JobSpec) -> Result<JobId> {
-    let resps = raw.request(&Request::OpenSession { spec, idempotency_key: uuid::Uuid::new_v4() }).await?;
-    match resps.as_slice() {
-        [.., Response::SessionReady { session, .. }] => Ok(*session),
-        other => bail!("open answered {other:?}"),
-    }
-}
-
-pub(crate) async fn close(raw: &Raw, id: JobId) -> Result<()> {
-    match raw.request(&Request::CloseSession { session: sel(id) }).await?.as_slice() {
-        [Response::SessionClosed { .. }] => Ok(()),
-        other => bail!("close answered {other:?}"),
-    }
+    raw.open_session(session_spec()).await
 }
 
 fn sel(id: JobId) -> JobSelector {
@@ -115,7 +89,7 @@ pub fn scenario_7(env: &Env) -> Result<Vec<Row>> {
             // (a) exec round trips on one open session.
             let id = env.rt.block_on(open(&raw))?;
             let lat = exec_round_trips(env, &raw, id, n_exec)?;
-            env.rt.block_on(close(&raw, id))?;
+            env.rt.block_on(raw.close_session(id))?;
             let floor: Vec<f64> = (0..50).map(|_| spawn_floor()).collect::<Result<_>>()?;
             exec_p.push(p(&lat));
             floor_p.push(p(&floor));
@@ -125,7 +99,7 @@ pub fn scenario_7(env: &Env) -> Result<Vec<Row>> {
                 let t = Instant::now();
                 let id = env.rt.block_on(open(&raw))?;
                 opens.push(t.elapsed().as_secs_f64() * 1e3);
-                env.rt.block_on(close(&raw, id))?;
+                env.rt.block_on(raw.close_session(id))?;
             }
             open_p.push(p(&opens));
             // (c) the rollout: 64 sessions at once, 50 execs each.
@@ -144,7 +118,7 @@ pub fn scenario_7(env: &Env) -> Result<Vec<Row>> {
                 .await
             })?;
             let rate = (sessions * per) as f64 / t.elapsed().as_secs_f64();
-            env.rt.block_on(async { futures::future::try_join_all(ids.iter().map(|id| close(&raw, *id))).await })?;
+            env.rt.block_on(async { futures::future::try_join_all(ids.iter().map(|id| raw.close_session(*id))).await })?;
             let base = executor_rate(&env.rt, scratch.path(), sessions, sessions * per, Duration::from_secs(60))?;
             rollout.push(rate);
             raw_rate.push(base.per_sec());
@@ -240,7 +214,7 @@ fn copy_rounds(env: &Env, c: &Cluster, raw: &Raw, dir: &std::path::Path, end: In
             }
             std::fs::remove_file(&back)?;
         }
-        env.rt.block_on(close(raw, id))?;
+        env.rt.block_on(raw.close_session(id))?;
         if ins.is_empty() {
             return Err(anyhow!("no round fitted in the time left"));
         }

@@ -25,7 +25,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
@@ -66,8 +66,27 @@ struct Args {
     stdio: [RawFd; 3],
     procs: Vec<RawFd>,
     identity: Option<(u32, u32)>,
-    /// The errno of the step that failed, set by the child.
+    /// The errno of the step that failed, and which step (`Step`), set by the child.
     err: AtomicI32,
+    step: AtomicU8,
+}
+
+/// The steps the child takes before it execs, for saying which one failed.
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum Step {
+    Group = 1,
+    Cgroup,
+    Stdio,
+    Cwd,
+    User,
+    Exec,
+}
+
+impl Step {
+    fn of(n: u8) -> Step {
+        [Step::Group, Step::Cgroup, Step::Stdio, Step::Cwd, Step::User].into_iter().find(|s| *s as u8 == n).unwrap_or(Step::Exec)
+    }
 }
 
 const SH: &std::ffi::CStr = c"/bin/sh";
@@ -77,12 +96,12 @@ fn cstring(what: &str, s: &[u8]) -> io::Result<CString> {
 }
 
 /// Finds `program` on `path` as `execvp` would (a name with a `/` is taken as it is).
-pub fn resolve(program: &str, path: Option<&str>) -> io::Result<PathBuf> {
+fn resolve(program: &str, path: Option<&str>) -> io::Result<PathBuf> {
     if program.contains('/') {
         return Ok(PathBuf::from(program));
     }
     if program.is_empty() {
-        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        return Err(io::Error::new(io::ErrorKind::NotFound, "the command is empty"));
     }
     let mut denied = false;
     for dir in std::env::split_paths(OsStr::new(path.unwrap_or("/usr/local/bin:/usr/bin:/bin"))) {
@@ -103,7 +122,11 @@ pub fn resolve(program: &str, path: Option<&str>) -> io::Result<PathBuf> {
             Err(_) => {}
         }
     }
-    Err(io::Error::from_raw_os_error(if denied { libc::EACCES } else { libc::ENOENT }))
+    Err(if denied {
+        io::Error::new(io::ErrorKind::PermissionDenied, "found on the PATH, but not executable")
+    } else {
+        io::Error::new(io::ErrorKind::NotFound, "not found on the PATH")
+    })
 }
 
 /// A descriptor numbered above 2 (so placing the three in 0, 1, 2 clobbers none).
@@ -125,7 +148,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `Args` the parent keeps alive (it is suspended until the
     // child execs or exits). Only system calls follow: no allocation, no locks.
     unsafe {
-        unsafe fn fail(a: &Args) -> ! {
+        unsafe fn fail(a: &Args, step: Step) -> ! {
+            a.step.store(step as u8, Ordering::SeqCst);
             a.err.store((*libc::__errno_location()).max(1), Ordering::SeqCst);
             libc::_exit(127)
         }
@@ -143,20 +167,20 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         if libc::setpgid(0, 0) != 0 {
-            fail(a);
+            fail(a, Step::Group);
         }
         for fd in &a.procs {
             if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
-                fail(a);
+                fail(a, Step::Cgroup);
             }
         }
         for (i, fd) in a.stdio.iter().enumerate() {
             if libc::dup2(*fd, i as libc::c_int) < 0 {
-                fail(a);
+                fail(a, Step::Stdio);
             }
         }
         if libc::chdir(a.cwd.as_ptr()) != 0 {
-            fail(a);
+            fail(a, Step::Cwd);
         }
         if let Some((uid, gid)) = a.identity {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
@@ -164,22 +188,22 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
                 || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
             {
-                fail(a);
+                fail(a, Step::User);
             }
         }
         libc::execve(a.program.as_ptr(), a.argv_ptrs.as_ptr(), a.envp.as_ptr());
         if *libc::__errno_location() == libc::ENOEXEC {
             libc::execve(SH.as_ptr(), a.sh_ptrs.as_ptr(), a.envp.as_ptr());
         }
-        fail(a)
+        fail(a, Step::Exec)
     }
 }
 
 /// The child's stack: it runs only `child_main`, which makes system calls.
 const STACK_BYTES: usize = 64 * 1024;
 
-/// Starts the child. Errors are those of the step that failed (`ENOENT` for a
-/// program not found, `EACCES` for one not executable, …).
+/// Starts the child. An error says which step failed (the program not found on the
+/// PATH, the working directory, the cgroup, the user…), of the kind of its errno.
 pub fn spawn(s: Spawn<'_>) -> io::Result<Child> {
     let program = s.argv.first().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the command is empty"))?;
     // The environment, a name's last value winning.
@@ -219,6 +243,7 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<Child> {
         procs: s.procs.to_vec(),
         identity: s.identity,
         err: AtomicI32::new(0),
+        step: AtomicU8::new(0),
     };
     args.argv_ptrs = args.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
     args.sh_ptrs = std::iter::once(SH.as_ptr())
@@ -251,16 +276,25 @@ pub fn spawn(s: Spawn<'_>) -> io::Result<Child> {
         if pid < 0 {
             return Err(e);
         }
-        (pid, OwnedFd::from_raw_fd(pidfd), args.err.load(Ordering::SeqCst))
+        (pid, OwnedFd::from_raw_fd(pidfd), (args.err.load(Ordering::SeqCst), Step::of(args.step.load(Ordering::SeqCst))))
     };
     drop(stack);
     drop((stdin_child, out_child, err_child));
-    if err != 0 {
+    if err.0 != 0 {
         // It exited without exec'ing: reap it and say why.
         let mut st = 0;
         // SAFETY: waits for this function's own child.
         unsafe { libc::waitpid(pid, &mut st, 0) };
-        return Err(io::Error::from_raw_os_error(err));
+        let os = io::Error::from_raw_os_error(err.0);
+        let what = match err.1 {
+            Step::Group => "cannot start its own process group".to_string(),
+            Step::Cgroup => "cannot join the slot's cgroup".to_string(),
+            Step::Stdio => "cannot take its stdin, stdout and stderr".to_string(),
+            Step::Cwd => format!("cannot enter the working directory {}", s.cwd.display()),
+            Step::User => "cannot become the slot's user".to_string(),
+            Step::Exec => return Err(os),
+        };
+        return Err(io::Error::new(os.kind(), format!("{what}: {os}")));
     }
     // SAFETY: the `OwnedFd` keeps its descriptor open and unchanged while the `AsyncFd`
     // holds it.
@@ -366,10 +400,14 @@ mod tests {
     async fn a_missing_program_and_a_missing_directory_are_errors_not_children() {
         let argv = vec!["no-such-program-berth".to_string()];
         let e = spawn(Spawn { argv: &argv, env: env(), cwd: Path::new("/"), stdin: false, procs: &[], identity: None }).err().unwrap();
-        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!((e.kind(), e.to_string()), (io::ErrorKind::NotFound, "not found on the PATH".to_string()));
         let argv = vec!["true".to_string()];
         let e = spawn(Spawn { argv: &argv, env: env(), cwd: Path::new("/no/such/dir"), stdin: false, procs: &[], identity: None }).err().unwrap();
-        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().starts_with("cannot enter the working directory /no/such/dir: No such file"), "{e}");
+        let argv = vec!["/no/such/program".to_string()];
+        let e = spawn(Spawn { argv: &argv, env: env(), cwd: Path::new("/"), stdin: false, procs: &[], identity: None }).err().unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "an exec that fails says so as it is");
     }
 
     #[tokio::test]

@@ -289,7 +289,6 @@ async fn run_inner(
     };
     let procs = cgroup.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
     let env: Vec<(String, String)> = base_env(&launch.workspace, identity.as_ref()).into_iter().chain(launch.env.iter().cloned()).collect();
-    let path = env.iter().rfind(|(k, _)| k == "PATH").map(|(_, v)| v.clone());
     let spawned = crate::contain::spawn::spawn(crate::contain::spawn::Spawn {
         argv: &launch.argv,
         env,
@@ -302,16 +301,9 @@ async fn run_inner(
         Ok(c) => c,
         Err(e) => {
             spool.close();
-            // A PATH search reports EACCES when any directory on the PATH was not
-            // searchable by the job's user, even if the program is in none of them.
-            let missing = !program.contains('/') && path.is_some_and(|p| !std::env::split_paths(&p).any(|d| d.join(program).exists()));
-            if e.kind() == std::io::ErrorKind::PermissionDenied && !missing {
-                return fail(126, format!("cannot start `{program}`: {e}"));
-            }
-            if missing || e.kind() == std::io::ErrorKind::NotFound && !program.contains('/') {
-                return fail(127, format!("cannot start `{program}`: not found on the PATH"));
-            }
-            return fail(127, format!("cannot start `{program}`: {e}"));
+            // As a shell says it: 126 found but not runnable, 127 not found (or not started).
+            let code = if e.kind() == std::io::ErrorKind::PermissionDenied { 126 } else { 127 };
+            return fail(code, format!("cannot start `{program}`: {e}"));
         }
     };
     let pgid = child.id();
