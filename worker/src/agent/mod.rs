@@ -584,6 +584,11 @@ mod tests {
         let (mut b, b_ready) = run("b");
         a_ready.await.expect("a runs");
         b_ready.await.expect("b runs");
+        // `ready` is printed before the last `sleep` is started: wait for all three.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while (marked(MEMBER_VAR, "a").len(), marked(MEMBER_VAR, "b").len()) != (3, 3) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert_eq!((marked(MEMBER_VAR, "a").len(), marked(MEMBER_VAR, "b").len()), (3, 3), "sh and two sleeps each");
         let mut k = req("");
         (k.member, k.kill_member, k.grace_ms) = (Some("a".into()), true, 500);
